@@ -1,0 +1,338 @@
+"""The run configuration: one frozen, typed tree; YAML files in ``configs/`` are values for it.
+
+    cfg = load_config("configs/gpt2_alpaca.yaml", ["train.steps=200", "mesh.shape=[1,-1,1]"])
+
+Sources, later wins: the dataclass defaults, the YAML file (default: the packaged
+``sft_jax/configs/demo.yaml``), then dotted ``key=value`` overrides whose values are parsed
+as YAML scalars (``5`` is an int, ``1e-4`` a float, ``[2,2,2]`` a list, ``null`` None).
+Unknown keys and wrong types raise ``ConfigError`` naming the valid keys; an override
+given twice with different values is an error (MaxText's rule). Derived numbers are
+methods, not keys.
+
+The canonical YAMLs live in ``sft_jax/configs/`` (package data, so an installed
+``python -m sft_jax.train`` finds its demo); the top-level ``configs/`` holds symlinks to
+them so users browse and pass ``configs/NAME.yaml`` from a checkout. ``--config NAME``
+(without ``.yaml``) also finds a packaged config by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.resources
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from sft_jax.data.config import DataConfig
+from sft_jax.distributed import DistributedConfig
+from sft_jax.model import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: unknown key, wrong type, impossible value."""
+
+
+# --- sections ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    init_from: str = "scratch"  # HF directory, hub name (gpt2, gpt2-medium, ...), or 'scratch'
+    preset: str = "demo"  # size for init_from=scratch: one of model.PRESETS
+    tokenizer: Optional[str] = None  # HF dir/hub name, or 'demo'; null = init_from's own ('demo' for scratch)
+    n_positions: int = 1024  # context length for init_from=scratch (HF models bring their own)
+    dtype: str = "bfloat16"  # compute dtype (weights stay float32): float32 | bfloat16 | float16
+    remat: str = "none"  # rematerialisation: none | full | save_dots | offload
+    attention: str = "xla"  # xla (reference) | cudnn (fused, GPU only)
+    scan_layers: bool = True  # scan the layer stack (one compiled block) instead of unrolling
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 0  # optimizer steps; 0 means derive from train.epochs
+    epochs: float = 0.0  # passes over the training rows, used when train.steps is 0
+    global_batch_size: int = 32  # rows per optimizer step, all devices and hosts together
+    micro_batch_size: int = 0  # rows per accumulation micro-step (global); 0 = global_batch_size
+    seed: int = 0  # seeds the parameter init and the data order
+    log_every: int = 10  # host reads the on-device metrics every this many steps
+    eval_every: int = 200  # eval loss/perplexity (and samples) every this many steps; 0 = end only
+    eval_at_start: bool = False  # also evaluate before the first step (a baseline for the curves)
+    eval_max_batches: int = 50  # cap on eval batches per evaluation; 0 = the whole eval split
+    eval_samples: int = 3  # generated samples written to the log at each evaluation
+    exact_match_examples: int = 0  # held-out prompts scored by greedy exact match (demo); 0 = off
+    max_new_tokens: int = 64  # generation length for samples and exact match
+    loss_chunk: int = 0  # positions per float32 logits chunk in the loss; 0 = whole sequence
+    resume: str = "auto"  # auto (newest complete checkpoint in run.output_dir) | never | PATH
+    compilation_cache: Optional[str] = "~/.cache/sft_jax/xla"  # persistent XLA cache dir; null = off
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-4  # peak learning rate
+    warmup_steps: int = 100  # linear warmup from 0 to lr over this many applied steps
+    final_lr_fraction: float = 0.1  # cosine decays to lr * this at the last step
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.999  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.0  # decoupled (AdamW) decay on matmul kernels only
+    decay_embeddings: bool = False  # also decay wte/wpe (biases and LayerNorm never decay)
+    clip_norm: float = 1.0  # clip gradients to this global L2 norm; 0 = no clipping
+    max_nonfinite_steps: int = 10  # stop after this many consecutive skipped (NaN/inf) steps
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    # sizes of the (data, fsdp, tensor) axes; a dict or [data, fsdp, tensor]; -1 = the rest
+    shape: tuple = (-1, 1, 1)
+
+    def sizes(self, n_devices: int) -> tuple[int, int, int]:
+        """Concrete axis sizes for ``n_devices``; raises ConfigError if they do not fit."""
+        shape = list(self.shape)
+        known = 1
+        for s in shape:
+            if s != -1:
+                known *= s
+        if -1 in shape:
+            if n_devices % known:
+                raise ConfigError(f"mesh.shape={_mesh_str(self.shape)} does not fit {n_devices} devices: "
+                                  f"{n_devices} is not divisible by {known}")
+            shape[shape.index(-1)] = n_devices // known
+        if shape[0] * shape[1] * shape[2] != n_devices:
+            raise ConfigError(f"mesh.shape={_mesh_str(self.shape)} needs {known} devices but {n_devices} are "
+                              f"available; use -1 on one axis to take the rest")
+        return tuple(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 500  # save every this many steps (and at the end); 0 = only at the end
+    keep: int = 3  # newest checkpoints kept on disk
+    async_save: bool = True  # write in the background while training continues
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    output_dir: str = "runs/demo"  # run directory: config.yaml, metrics, report, checkpoints/, hf/
+    export: bool = True  # export the final model to output_dir/hf (self-verifying)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSection = ModelSection()  # what to train
+    data: DataConfig = DataConfig()  # what to train on (sft_jax.data)
+    train: TrainSection = TrainSection()  # how long, batch sizes, evaluation, resume
+    optim: OptimSection = OptimSection()  # AdamW + clipping + warmup-cosine
+    mesh: MeshSection = MeshSection()  # device mesh
+    checkpoint: CheckpointSection = CheckpointSection()  # orbax checkpoints
+    run: RunSection = RunSection()  # where outputs go
+    distributed: DistributedConfig = DistributedConfig()  # multi-process settings (sft_jax.distributed)
+
+    # --- derived numbers -------------------------------------------------------
+    def micro_batch_size(self) -> int:
+        return self.train.micro_batch_size or self.train.global_batch_size
+
+    def accumulation_steps(self) -> int:
+        return self.train.global_batch_size // self.micro_batch_size()
+
+    def to_dict(self) -> dict:
+        d = _plain(dataclasses.asdict(self))
+        d["mesh"]["shape"] = dict(zip(MESH_AXES, self.mesh.shape))
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- loading ---------------------------------------------------------------------
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped in the package, e.g. ``packaged_config('demo')``."""
+    return Path(str(importlib.resources.files("sft_jax") / "configs" / f"{name}.yaml"))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """YAML file (default: the packaged demo) plus ``key=value`` overrides -> validated Config."""
+    file = _resolve_path(path)
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping of sections, got {type(raw).__name__}")
+    seen: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        if key in seen and seen[key] != value:
+            raise ConfigError(f"{key} is given twice with different values: {seen[key]!r} and {value!r}")
+        seen[key] = value
+        _set_dotted(raw, key.split("."), value)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from nested plain values (the YAML shape)."""
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def _resolve_path(path) -> Path:
+    if path is None:
+        return packaged_config("demo")
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.suffix == "" and packaged_config(str(p)).is_file():
+        return packaged_config(str(p))
+    shipped = sorted(q.stem for q in packaged_config("demo").parent.glob("*.yaml"))
+    raise ConfigError(f"config file {str(path)!r} not found (packaged configs: {shipped})")
+
+
+def _set_dotted(tree: dict, keys: list[str], value) -> None:
+    for k in keys[:-1]:
+        child = tree.get(k)
+        if child is None:
+            child = tree[k] = {}
+        elif isinstance(child, list) and k == "shape":  # mesh.shape.data=2 on a list-form shape
+            child = tree[k] = dict(zip(MESH_AXES, child))
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {k} is a value, not a section")
+        tree = child
+    tree[keys[-1]] = value
+
+
+def _build(cls, raw, where: str):
+    if dataclasses.is_dataclass(raw):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    if cls is DataConfig:
+        return _build_data(raw)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key {_join(where, unknown[0])!r}; valid keys in "
+                          f"{where or 'the top level'}: {sorted(fields)}")
+    values = {}
+    for name, value in raw.items():
+        key = _join(where, name)
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            values[name] = _build(t, value, key)
+        elif cls is MeshSection and name == "shape":
+            values[name] = _mesh_shape(value)
+        else:
+            values[name] = _coerce(value, t, key)
+    return cls(**values)
+
+
+def _build_data(raw: dict) -> DataConfig:
+    try:
+        return DataConfig.from_dict(raw)
+    except (ValueError, TypeError, KeyError) as e:  # DataError is a ValueError
+        msg = str(e) if str(e).startswith("data") else f"data: {e}"
+        raise ConfigError(msg) from None
+
+
+def _coerce(value, t, key: str):
+    """Check ``value`` against the annotation ``t`` (int, float, bool, str, Optional[...])."""
+    origin = typing.get_origin(t)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        (t,) = [a for a in args if a is not type(None)]
+    if t is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(t)
+    if not ok:
+        raise ConfigError(f"{key}={value!r} has type {type(value).__name__}, expected {t.__name__}")
+    return float(value) if t is float else value
+
+
+def _mesh_shape(value) -> tuple:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(MESH_AXES))
+        if unknown:
+            raise ConfigError(f"unknown mesh axis {unknown[0]!r} in mesh.shape; valid axes: {list(MESH_AXES)}")
+        value = [value.get(a, 1) for a in MESH_AXES]
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ConfigError(f"mesh.shape={value!r}: give a dict with keys {list(MESH_AXES)} or a list of 3 sizes")
+    for axis, s in zip(MESH_AXES, value):
+        if isinstance(s, bool) or not isinstance(s, int) or not (s == -1 or s >= 1):
+            raise ConfigError(f"mesh.shape.{axis}={s!r}: expected a positive int or -1 (the rest)")
+    if list(value).count(-1) > 1:
+        raise ConfigError(f"mesh.shape={list(value)}: at most one axis can be -1")
+    return tuple(value)
+
+
+def _validate(cfg: Config) -> None:
+    m, t, o, c = cfg.model, cfg.train, cfg.optim, cfg.checkpoint
+    if m.init_from == "scratch" and m.preset not in PRESETS:
+        raise ConfigError(f"model.preset={m.preset!r}: choose one of {sorted(PRESETS)}")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}: choose float32, bfloat16 or float16")
+    if m.remat not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat={m.remat!r}: choose one of {list(REMAT_POLICIES)}")
+    if m.attention not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention={m.attention!r}: choose one of {list(ATTENTION_IMPLS)}")
+    if t.steps < 0 or t.epochs < 0 or (t.steps == 0 and t.epochs == 0):
+        raise ConfigError("set train.steps > 0 (optimizer steps) or train.epochs > 0")
+    if t.global_batch_size < 1 or t.micro_batch_size < 0:
+        raise ConfigError("train.global_batch_size must be >= 1 and train.micro_batch_size >= 0")
+    if t.global_batch_size % cfg.micro_batch_size():
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size}")
+    for name in ("log_every",):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1")
+    for name in ("eval_every", "eval_max_batches", "eval_samples", "exact_match_examples", "loss_chunk"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0")
+    if not t.resume:
+        raise ConfigError("train.resume: use auto, never, or a checkpoint directory")
+    if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.final_lr_fraction <= 1:
+        raise ConfigError("optim.lr must be > 0, optim.warmup_steps >= 0, optim.final_lr_fraction in [0, 1]")
+    if o.clip_norm < 0 or o.weight_decay < 0 or o.max_nonfinite_steps < 1:
+        raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0, optim.max_nonfinite_steps >= 1")
+    if c.every < 0 or c.keep < 1:
+        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+
+
+def _plain(x):
+    """Tuples to lists, recursively, so the tree dumps as plain YAML."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _mesh_str(shape) -> str:
+    return "{" + ", ".join(f"{a}: {s}" for a, s in zip(MESH_AXES, shape)) + "}"

@@ -1,0 +1,66 @@
+"""Convert between HF GPT-2 directories and sft_jax orbax checkpoints.
+
+  python -m sft_jax.convert hf-to-orbax SRC DST            # SRC: HF dir or hub name; writes step 0
+  python -m sft_jax.convert orbax-to-hf SRC DST [--dtype bfloat16] [--overwrite]
+
+orbax-to-hf takes any training checkpoint (root = newest step, or a step dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sft_jax import checkpoint, hf
+
+
+def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False) -> None:
+    if checkpoint.latest_step(dst) is not None and not overwrite:
+        raise hf.HFFormatError(f"{dst} already holds checkpoints; pass --overwrite to add step 0 anyway")
+    cfg, params = hf.load_hf(src)
+    tokenizer = hf.load_tokenizer(src)
+    manager = checkpoint.make_manager(dst, async_save=False)
+    checkpoint.save(manager, 0, params=params, model_config=cfg, tokenizer=tokenizer, force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def orbax_to_hf(src: str, dst: str, *, dtype: str = "float32", overwrite: bool = False,
+                chat_template: str | None = None) -> hf.ExportReport:
+    cfg, params, tokenizer = checkpoint.load_model(src)
+    return hf.export_hf(params, cfg, dst, tokenizer=tokenizer, chat_template=chat_template,
+                        dtype=dtype, overwrite=overwrite)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sft_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-orbax", help="HF dir or hub name -> orbax checkpoint (step 0)")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("orbax-to-hf", help="orbax checkpoint -> verified HF dir")
+    b.add_argument("src")
+    b.add_argument("dst")
+    b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--chat-template", type=Path, help="file whose text replaces the tokenizer's chat template")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hf-to-orbax":
+            hf_to_orbax(args.src, args.dst, overwrite=args.overwrite)
+            print(f"wrote {args.dst} (step 0)")
+        else:
+            template = args.chat_template.read_text() if args.chat_template else None
+            report = orbax_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, chat_template=template)
+            print(f"wrote {report.out_dir} ({report.dtype}); verified: " + "; ".join(report.checks))
+    except (ValueError, OSError) as e:  # HFFormatError, CheckpointError, missing files: user errors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""sft_jax data pipeline: sources -> chat messages -> token documents with loss masks -> packed batches.
+
+    train, eval, report = build_datasets(cfg, tokenizer, n_positions=1024, vocab_size=50257, seed=0)
+    batches = BatchIterator(train, global_batch_size=32, seed=0, mode=cfg.batching, max_length=cfg.max_length)
+    print(report_to_markdown(report))
+
+Modules: config (DataConfig, DataError), sources (reading, bad rows, build_datasets), formats (formats,
+chat template, segment tokenization), pack (documents, packing and bucket plans), iterator (BatchIterator,
+eval_batches), report, demo (built-in tasks, tokenizer, exact match).
+"""
+
+from sft_jax.data.config import DataConfig, DataError
+from sft_jax.data.demo import demo_tokenizer, exact_match, make_demo_examples
+from sft_jax.data.formats import BUILTIN_TEMPLATE, chat_template, decode, encode_prompt, messages_of
+from sft_jax.data.iterator import BatchIterator, eval_batches
+from sft_jax.data.pack import SFTDataset
+from sft_jax.data.report import DataReport, report_to_dict, report_to_markdown
+from sft_jax.data.sources import build_datasets
+
+__all__ = [
+    "BUILTIN_TEMPLATE",
+    "BatchIterator",
+    "DataConfig",
+    "DataError",
+    "DataReport",
+    "SFTDataset",
+    "build_datasets",
+    "chat_template",
+    "decode",
+    "demo_tokenizer",
+    "encode_prompt",
+    "eval_batches",
+    "exact_match",
+    "make_demo_examples",
+    "messages_of",
+    "report_to_dict",
+    "report_to_markdown",
+]

@@ -1,0 +1,95 @@
+"""The `data:` section of the training config, and the one error every data problem raises."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+
+class DataError(ValueError):
+    """Bad data or data config; the message names the file, the line or row, and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to train and evaluate on, how to render it, and how to cut and batch it."""
+
+    # "demo", a hub name "owner/name[:config[:split]]", a local .json/.jsonl/.parquet/.csv file, or a list of
+    # those; a weight multiplies how often a source is seen per epoch: "file.jsonl@2" or {"path":..., "weight": 2}.
+    train: str | tuple = "demo"
+    eval: str | tuple | None = None  # same syntax; None -> carve eval_fraction off train by a content hash
+    eval_fraction: float = 0.05  # share of train examples held out when eval is None (0 -> no eval)
+    format: str = "auto"  # auto | alpaca | prompt_completion | chat | demo (auto: from the column names)
+    template: str | None = None  # None -> built-in plain-text template; else a Jinja string or a .jinja path
+    max_length: int = 512  # tokens per document and per packed row; must be <= model n_positions
+    batching: str = "packing"  # packing | buckets
+    buckets: tuple[int, ...] = (128, 256, 512, 1024)  # pad lengths for `buckets` (capped at max_length)
+    train_on_prompt: bool = False  # also put loss on prompt tokens
+    last_turn_only: bool = False  # chat: supervise only the last assistant turn
+    truncation: str = "prompt_left"  # prompt_left: keep the whole last response, cut the prompt's left | drop
+    on_bad_example: str = "error"  # error: raise DataError at the first bad row | skip: drop and count it
+    shuffle: bool = True  # shuffle rows (packing) or batches (buckets) each epoch
+    prefetch: int = 2  # batches prepared ahead in a background thread (0 = synchronous)
+    demo_train_examples: int = 20000  # size of the built-in demo training set
+    demo_eval_examples: int = 500  # size of the built-in demo held-out set
+
+    def __post_init__(self):
+        choices = {
+            "format": ("auto", "alpaca", "prompt_completion", "chat", "demo"),
+            "batching": ("packing", "buckets"),
+            "truncation": ("prompt_left", "drop"),
+            "on_bad_example": ("error", "skip"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise DataError(f"data.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise DataError(f"data.eval_fraction={self.eval_fraction}: expected 0 <= eval_fraction < 1")
+        if self.max_length < 2:
+            raise DataError(f"data.max_length={self.max_length}: expected >= 2")
+        if self.prefetch < 0:
+            raise DataError(f"data.prefetch={self.prefetch}: expected >= 0")
+        if not self.buckets or any(b < 2 for b in self.buckets):
+            raise DataError(f"data.buckets={self.buckets}: expected a non-empty list of lengths >= 2")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataConfig:
+        """Build from a YAML `data:` mapping; unknown keys or wrong types raise DataError listing valid keys."""
+        hints = typing.get_type_hints(cls)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise DataError(f"data: unknown key(s) {unknown}; valid keys: {valid}")
+        kwargs = {}
+        for key, value in d.items():
+            if isinstance(value, list):  # YAML lists -> tuples, so the config stays immutable
+                value = tuple(value)
+            if not _has_type(value, hints[key]):
+                raise DataError(f"data.{key}={value!r}: expected {hints[key]}; valid keys: {valid}")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists for tuples), e.g. for writing next to a checkpoint."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _has_type(value, hint) -> bool:
+    """Shallow isinstance check against a type hint (unions, tuples, None); ints are accepted as floats."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return True
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if origin in (str, bool, tuple) and isinstance(value, origin):
+            if origin is tuple and typing.get_args(option)[:1] == (int,):
+                return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            return True
+    return False
+
+
+_UnionType = type(int | None)

@@ -1,0 +1,308 @@
+"""Example formats, the chat template, and segment tokenization that yields the loss mask by construction.
+
+Every format is first mapped to chat messages ({"role", "content"}, roles system/user/assistant):
+
+    alpaca             user = instruction, or instruction + "\\n\\n" + input when input is non-empty;
+                       assistant = output
+    prompt_completion  user = prompt; assistant = completion
+    chat               the `messages` list as given (multi-turn; system messages allowed anywhere)
+    demo               the built-in demo tasks, alpaca-style
+
+Built-in template (GPT-2 has none). Message contents are stripped of surrounding whitespace; messages are
+joined by a blank line; each assistant message ends with the eos token; the generation prompt is the
+assistant header. A single-turn alpaca example renders as
+
+    ### User:
+    {instruction}
+
+    {input}
+
+    ### Assistant:
+    {output}<|endoftext|>
+
+and a chat as "### System:\\n{system}\\n\\n### User:\\n{u1}\\n\\n### Assistant:\\n{a1}<|endoftext|>\\n\\n### User:\\n{u2}..."
+
+The sequence is assembled from pieces that are tokenized separately and labelled as they are placed: a prompt
+piece is all text from the previous response's end up to and including "### Assistant:\\n"; a response piece
+is the stripped assistant content followed by the eos token. No token stream is searched for a marker.
+
+Why this matches `apply_chat_template(messages, add_generation_prompt=True)` token for token: that call
+tokenizes the whole rendered prefix at once, while training tokenizes pieces apart. The two agree when no
+byte-level BPE pre-token spans a piece boundary. The only boundaries are (a) prompt -> response: the prompt
+ends in ":\\n", a lone newline after a non-space, and the response starts with a non-space (it is stripped),
+so GPT-2's pre-tokenizer regex splits right there; (b) response -> next prompt: the eos special token sits
+between them, and special tokens split the text before pre-tokenization. A user Jinja template gets its
+pieces by rendering prefixes of the conversation (prompt k = render(messages[:k], add_generation_prompt),
+response k = render(messages[:k+1]) minus that prefix), and `check_prompt_tokens` verifies the agreement on
+real examples because an arbitrary template can put a boundary inside a pre-token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sft_jax.data.config import DataConfig, DataError
+from sft_jax.tokenizer import read_template
+
+ROLES = ("system", "user", "assistant")
+FORMATS = ("alpaca", "prompt_completion", "chat", "demo")
+_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+_SEPARATOR = "\n\n"
+
+# HF renders chat templates with trim_blocks and lstrip_blocks; every tag here uses "-" so layout never leaks.
+BUILTIN_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first -%}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ '### System:\\n' + (message['content'] | trim) }}"
+    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + (message['content'] | trim) }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '### Assistant:\\n' + (message['content'] | trim) + eos_token }}"
+    "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if messages -%}{{ '\\n\\n' }}{%- endif -%}{{ '### Assistant:\\n' }}"
+    "{%- endif -%}"
+)
+
+
+class FieldError(Exception):
+    """A bad field in one example; the caller adds the file and line and raises DataError or counts it."""
+
+    def __init__(self, reason: str, field: str, message: str):
+        super().__init__(f"field '{field}': {message}")
+        self.reason = reason  # key of the drop counter in the report, e.g. "missing_field"
+        self.field = field
+        self.detail = message
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(columns, where: str) -> str:
+    """Pick the format from the column names present in a source."""
+    columns = set(columns)
+    if "messages" in columns:
+        return "chat"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    raise DataError(
+        f"{where}: cannot detect the format from columns {sorted(columns)}; expected 'messages' (chat), "
+        "'instruction'+'output' (alpaca) or 'prompt'+'completion' (prompt_completion), or set data.format"
+    )
+
+
+def _text(row: dict, field: str, *, required: bool = True) -> str:
+    value = row.get(field)
+    if value is None:
+        if required:
+            raise FieldError("missing_field", field, "missing")
+        return ""
+    if not isinstance(value, str):
+        raise FieldError("wrong_type", field, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _response(row: dict, field: str) -> str:
+    value = _text(row, field)
+    if not value.strip():
+        raise FieldError("empty_response", field, "empty response")
+    return value
+
+
+def to_messages(row: dict, fmt: str) -> list[dict]:
+    """Validate one example of format `fmt` and return its chat messages; raises FieldError."""
+    if not isinstance(row, dict):
+        raise FieldError("wrong_type", "<row>", f"expected an object, got {type(row).__name__}")
+    if fmt in ("alpaca", "demo"):
+        instruction, extra = _text(row, "instruction").strip(), _text(row, "input", required=False).strip()
+        user = instruction + _SEPARATOR + extra if extra else instruction
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": _response(row, "output")}]
+    if fmt == "prompt_completion":
+        return [
+            {"role": "user", "content": _text(row, "prompt")},
+            {"role": "assistant", "content": _response(row, "completion")},
+        ]
+    if fmt == "chat":
+        return _chat_messages(row)
+    raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def _chat_messages(row: dict, require_response: bool = True) -> list[dict]:
+    messages = row.get("messages")
+    if messages is None:
+        raise FieldError("missing_field", "messages", "missing")
+    if not isinstance(messages, list):
+        raise FieldError("wrong_type", "messages", f"expected a list, got {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise FieldError("wrong_type", where, f"expected an object, got {type(message).__name__}")
+        try:
+            role = _text(message, "role")
+            if role not in ROLES:
+                raise FieldError("unknown_role", "role", f"unknown role {role!r}; expected one of {ROLES}")
+            content = _response(message, "content") if role == "assistant" else _text(message, "content")
+        except FieldError as e:  # re-raise with the full path of the field, e.g. messages[2].role
+            raise FieldError(e.reason, f"{where}.{e.field}", e.detail) from None
+        out.append({"role": role, "content": content})
+    if require_response and not any(m["role"] == "assistant" for m in out):
+        raise FieldError("no_response", "messages", "no assistant message to train on")
+    return out
+
+
+def messages_of(example, fmt: str = "auto") -> list[dict]:
+    """Messages from a messages list or an example dict of any format (auto-detected from its keys)."""
+    if isinstance(example, list):
+        return _chat_messages({"messages": example}, require_response=False)
+    if fmt == "auto":
+        fmt = detect_format(example.keys(), "example")
+    return to_messages(example, fmt)
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+
+def chat_template(cfg: DataConfig) -> str:
+    """The Jinja chat template to store on the tokenizer for export: the user's, or the built-in one."""
+    return BUILTIN_TEMPLATE if cfg.template is None else read_template(cfg.template)
+
+
+@dataclasses.dataclass(frozen=True)
+class Renderer:
+    """Splits a conversation into (text, is_response) pieces under one template."""
+
+    tokenizer: object
+    template: str | None  # None: built-in template, rendered in Python (fast); else a Jinja string
+
+    def pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """Prompt and response pieces up to the last assistant message (later messages teach nothing)."""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if self.template is None:
+            return self._builtin_pieces(messages[: last + 1])
+        return self._jinja_pieces(messages[: last + 1])
+
+    def generation_prompt(self, messages: list[dict]) -> str:
+        """The text the model continues to answer after `messages` (the assistant header at the end)."""
+        if self.template is None:
+            body = _SEPARATOR.join(_HEADERS[m["role"]] + self._builtin_content(m) for m in messages)
+            return body + (_SEPARATOR if messages else "") + _HEADERS["assistant"]
+        return self._render(messages, add_generation_prompt=True)
+
+    def _builtin_content(self, message: dict) -> str:
+        content = message["content"].strip()
+        return content + self.tokenizer.eos_token if message["role"] == "assistant" else content
+
+    def _builtin_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        pieces, prompt = [], []
+        for i, message in enumerate(messages):
+            prompt.append((_SEPARATOR if i else "") + _HEADERS[message["role"]])
+            if message["role"] == "assistant":
+                pieces.append(("".join(prompt), False))
+                pieces.append((self._builtin_content(message), True))
+                prompt = []
+            else:
+                prompt.append(self._builtin_content(message))
+        return pieces
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def _jinja_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        pieces, done = [], ""  # done: rendered text already split into pieces
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:k], add_generation_prompt=True)
+            full = self._render(messages[: k + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise DataError(
+                    "template: rendering a conversation prefix does not extend the shorter prefix; the template "
+                    "must render messages left to right so each generation prompt is a prefix of the next turn"
+                )
+            response = full[len(prompt) :]
+            if self.tokenizer.eos_token not in response:
+                raise DataError(
+                    f"template: an assistant turn renders as {response!r}, which lacks the eos token "
+                    f"{self.tokenizer.eos_token!r}; the model must learn to stop, so end assistant turns with it"
+                )
+            pieces += [(prompt[len(done) :], False), (response, True)]
+            done = full
+        return pieces
+
+
+# ------------------------------------------------------------------------------------------- tokenization
+
+
+@dataclasses.dataclass
+class EncodedDocs:
+    """Tokenized documents before the length policy: lists of python lists, one per example."""
+
+    tokens: list[list[int]]
+    supervised: list[list[bool]]  # token is a training target (response token or closing eos)
+    response: list[list[bool]]  # token belongs to a response piece (for L_Q/L_A stats and truncation)
+    last_response_start: list[int]  # index of the last response's first token
+
+
+def encode_documents(
+    conversations: list[list[dict]], renderer: Renderer, *, train_on_prompt: bool, last_turn_only: bool
+) -> EncodedDocs:
+    """Tokenize every piece of every conversation in one batched call and assemble documents."""
+    all_pieces = [renderer.pieces(messages) for messages in conversations]
+    texts = [text for pieces in all_pieces for text, _ in pieces]
+    ids = renderer.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out = EncodedDocs([], [], [], [])
+    cursor = 0
+    for pieces in all_pieces:
+        tokens, supervised, response = [], [], []
+        last = max(i for i, (_, is_response) in enumerate(pieces) if is_response)
+        start = 0
+        for i, (_, is_response) in enumerate(pieces):
+            piece = ids[cursor + i]
+            if i == last:
+                start = len(tokens)
+            learn = train_on_prompt or (is_response and (i == last or not last_turn_only))
+            tokens += piece
+            supervised += [learn] * len(piece)
+            response += [is_response] * len(piece)
+        cursor += len(pieces)
+        out.tokens.append(tokens)
+        out.supervised.append(supervised)
+        out.response.append(response)
+        out.last_response_start.append(start)
+    return out
+
+
+def check_prompt_tokens(conversations: list[list[dict]], docs: EncodedDocs, renderer: Renderer, n: int = 8):
+    """Verify on a few examples that tokenizing the rendered prompt reproduces the training prompt tokens."""
+    for messages, tokens, start in zip(conversations[:n], docs.tokens, docs.last_response_start):
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = renderer.generation_prompt(messages[:last])
+        expected = renderer.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if expected != tokens[:start]:
+            raise DataError(
+                "template: tokenizing the rendered generation prompt gives different tokens than the pieces used "
+                f"in training (prompt {prompt[-80:]!r}); a piece boundary falls inside a BPE pre-token. End the "
+                "generation prompt with a newline and start assistant content right after it"
+            )
+
+
+def encode_prompt(tokenizer, cfg: DataConfig, messages_or_example) -> list[int]:
+    """Generation prompt tokens for an example (its last response is what the model must produce)."""
+    messages = messages_of(messages_or_example, cfg.format)
+    if any(m["role"] == "assistant" for m in messages):
+        messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+    renderer = Renderer(tokenizer, None if cfg.template is None else chat_template(cfg))
+    return tokenizer(renderer.generation_prompt(messages), add_special_tokens=False)["input_ids"]
+
+
+def decode(tokenizer, ids) -> str:
+    """Exact text of `ids` (special tokens kept, no space clean-up)."""
+    return tokenizer.backend_tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)

@@ -1,0 +1,104 @@
+"""Batched KV-cache decoding: left-padded prefill in one call, then a while_loop of one-token steps.
+
+Layout of a batch of prompts of different lengths (B rows, T0 = longest prompt):
+  tokens      pad pad a b c          pad slots hold eos and segment 0, so no real token sees them
+  segment_ids 0   0   1 1 1
+  positions   0   0   0 1 2          positions count from each prompt's first real token
+Each decode step writes one token per row at cache slot T0 + i with position len_b + i.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sft_jax.model import GPT2, GPT2Config, init_cache
+
+Array = jax.Array
+
+
+def filter_logits(logits: Array, top_k: int, top_p: Array | float) -> Array:
+    """Mask to -inf everything outside the top-k, then outside the top-p nucleus. (B,V) float32.
+
+    Padded-vocab logits arrive as -inf and stay there, so they are never sampled.
+    """
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # (B,1)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep = before < top_p  # always keeps the top token
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def _next_token(logits: Array, rng: Array, temperature: Array, top_p: Array, *, greedy: bool, top_k: int) -> Array:
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k"))
+def _decode(params, tokens, lengths, rng, temperature, top_p, eos_id, *, cfg: GPT2Config,
+            max_new_tokens: int, greedy: bool, top_k: int) -> Array:
+    """tokens (B,T0) left-padded, lengths (B,) -> new tokens (B, max_new_tokens), eos after a row stops."""
+    model = GPT2(cfg)
+    B, T0 = tokens.shape
+    slot = jnp.arange(T0)[None, :]
+    first_real = T0 - lengths[:, None]  # (B,1)
+    segment_ids = (slot >= first_real).astype(jnp.int32)
+    positions = jnp.maximum(slot - first_real, 0)
+    cache = init_cache(cfg, B, T0 + max_new_tokens)
+    logits, cache = model.apply(params, tokens, positions, segment_ids, cache=cache)
+    state = dict(cache=cache, logits=logits[:, -1], rng=rng, i=jnp.array(0, jnp.int32),
+                 done=jnp.zeros((B,), bool), out=jnp.full((B, max_new_tokens), eos_id, jnp.int32))
+
+    def cond(s):
+        return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        rng, step_rng = jax.random.split(s["rng"])
+        token = _next_token(s["logits"], step_rng, temperature, top_p, greedy=greedy, top_k=top_k)
+        token = jnp.where(s["done"], eos_id, token)
+        out = jax.lax.dynamic_update_slice_in_dim(s["out"], token[:, None], s["i"], axis=1)
+        done = s["done"] | (token == eos_id)
+        positions = (lengths + s["i"])[:, None]
+        logits, cache = model.apply(params, token[:, None], positions, jnp.ones((B, 1), jnp.int32), cache=s["cache"])
+        return dict(cache=cache, logits=logits[:, 0], rng=rng, i=s["i"] + 1, done=done, out=out)
+
+    return jax.lax.while_loop(cond, body, state)["out"]
+
+
+def generate(params, cfg: GPT2Config, prompt_token_lists, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int, seed: int = 0) -> list[list[int]]:
+    """New tokens for each prompt, up to and including the first ``eos_id`` (as HF returns them).
+
+    ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature) restricted to
+    the top-k (0 = all) and the top-p nucleus.
+    """
+    prompts = [list(map(int, p)) for p in prompt_token_lists]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.n_positions:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"{cfg.n_positions} positions")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    T0 = min(-(-longest // 8) * 8, cfg.n_positions - max_new_tokens)  # round up: fewer recompiles
+    tokens = np.full((len(prompts), T0), eos_id, np.int32)
+    for row, p in zip(tokens, prompts):
+        row[T0 - len(p):] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    out = _decode(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(eos_id),
+                  cfg=cfg, max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=top_k)
+    results = []
+    for row in np.asarray(out).tolist():
+        results.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+    return results

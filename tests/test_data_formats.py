@@ -1,0 +1,155 @@
+"""Templates, masks and token-exactness with HF apply_chat_template."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from data_fixtures import chats, long_text, nonblank, reloaded, small_tokenizer, text
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sft_jax.data import DataConfig, encode_prompt
+from sft_jax.data.formats import BUILTIN_TEMPLATE, Renderer, decode, encode_documents, to_messages
+
+PROPERTY = settings(max_examples=40, deadline=None)
+
+# A user template in ChatML-like style. Its generation prompt ends in a newline and assistant content follows
+# directly, so piece boundaries are BPE-safe, like the built-in one.
+USER_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """(built-in, user-template) tokenizers, each saved and reloaded through AutoTokenizer."""
+    return (
+        reloaded(small_tokenizer(BUILTIN_TEMPLATE), tmp_path_factory.mktemp("builtin")),
+        reloaded(small_tokenizer(USER_TEMPLATE), tmp_path_factory.mktemp("user")),
+    )
+
+
+def _encode(tokenizer, messages, template=None, **kw):
+    renderer = Renderer(tokenizer, template)
+    docs = encode_documents([messages], renderer, train_on_prompt=kw.get("train_on_prompt", False),
+                            last_turn_only=kw.get("last_turn_only", False))
+    return np.array(docs.tokens[0]), np.array(docs.supervised[0]), renderer
+
+
+def _supervised_runs(tokenizer, tokens, supervised) -> list[str]:
+    """Decoded runs of consecutive supervised tokens."""
+    runs, start = [], None
+    for t in range(len(tokens) + 1):
+        on = t < len(tokens) and supervised[t]
+        if on and start is None:
+            start = t
+        if not on and start is not None:
+            runs.append(decode(tokenizer, tokens[start:t]))
+            start = None
+    return runs
+
+
+def _check_conversation(tokenizer, messages, template, last_turn_only=False):
+    tokens, supervised, _ = _encode(tokenizer, messages, template, last_turn_only=last_turn_only)
+    eos = tokenizer.eos_token
+    responses = [m["content"].strip() + eos for m in messages if m["role"] == "assistant"]
+    expected = responses[-1:] if last_turn_only else responses
+    if template is None:  # built-in: supervised runs are exactly the responses and their eos
+        assert _supervised_runs(tokenizer, tokens, supervised) == expected
+    else:  # user template: each run is the rendered assistant turn, which holds the response and eos
+        runs = _supervised_runs(tokenizer, tokens, supervised)
+        assert len(runs) == len(expected) and all(r.startswith(e) for r, e in zip(runs, expected))
+    # the whole row is the template applied to the conversation
+    assert decode(tokenizer, tokens) == tokenizer.apply_chat_template(messages, tokenize=False).rstrip("\n")
+    # the generation prompt of every assistant turn is exactly the training prefix before that turn
+    starts = [0] + [t for t in range(1, len(tokens)) if supervised[t] and not supervised[t - 1]]
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if not last_turn_only:
+        for k, start in zip(turns, starts[1:]):
+            prompt = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=True)
+            assert prompt["input_ids"] == tokens[:start].tolist()
+
+
+@PROPERTY
+@given(instruction=text, extra=text, output=nonblank)
+def test_alpaca_masks_and_prompt_tokens(tokenizers, instruction, extra, output):
+    builtin, _ = tokenizers
+    messages = to_messages({"instruction": instruction, "input": extra, "output": output}, "alpaca")
+    _check_conversation(builtin, messages, None)
+    tokens, _, _ = _encode(builtin, messages)
+    cfg = DataConfig()
+    prompt = encode_prompt(builtin, cfg, {"instruction": instruction, "input": extra, "output": output})
+    assert prompt == builtin.apply_chat_template(messages[:1], add_generation_prompt=True)["input_ids"]
+    assert tokens[: len(prompt)].tolist() == prompt
+
+
+@PROPERTY
+@given(prompt=st.one_of(text, long_text), completion=nonblank)
+def test_prompt_completion_masks(tokenizers, prompt, completion):
+    builtin, _ = tokenizers
+    _check_conversation(builtin, to_messages({"prompt": prompt, "completion": completion}, "prompt_completion"), None)
+
+
+@PROPERTY
+@given(messages=chats(), last_turn_only=st.booleans())
+def test_chat_masks_builtin_template(tokenizers, messages, last_turn_only):
+    builtin, _ = tokenizers
+    _check_conversation(builtin, messages, None, last_turn_only)
+
+
+@PROPERTY
+@given(messages=chats())
+def test_chat_masks_user_template(tokenizers, messages):
+    _, user = tokenizers
+    _check_conversation(user, messages, USER_TEMPLATE)
+
+
+@PROPERTY
+@given(messages=chats())
+def test_python_rendering_matches_jinja(tokenizers, messages):
+    builtin, _ = tokenizers
+    fast, jinja = Renderer(builtin, None), Renderer(builtin, BUILTIN_TEMPLATE)
+    assert fast.pieces(messages) == jinja.pieces(messages)
+    assert fast.generation_prompt(messages) == jinja.generation_prompt(messages)
+
+
+@PROPERTY
+@given(messages=chats(max_turns=2))
+def test_train_on_prompt_supervises_everything_but_the_first_token(tokenizers, messages):
+    builtin, _ = tokenizers
+    tokens, supervised, _ = _encode(builtin, messages, train_on_prompt=True)
+    assert supervised.all()
+
+
+def test_template_without_eos_is_rejected():
+    from sft_jax.data import DataError
+
+    tokenizer = small_tokenizer(None)
+    no_eos = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}A:\n{% endif %}{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}A:\n{% endif %}"
+    )
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(DataError, match="eos"):
+        Renderer(tokenizer, no_eos).pieces(messages)
+
+
+def test_unsafe_user_template_is_caught(tmp_path):
+    """A prompt ending in a space merges with the response in BPE, so turn 2's prompt differs from training."""
+    from data_fixtures import write_jsonl
+
+    from sft_jax.data import DataError, build_datasets
+
+    tokenizer = small_tokenizer(None)
+    unsafe = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    turns = ["hi", "the end.", "and?", "the other end."]  # " the" is one token in context
+    chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(turns)]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": chat}] * 3)
+    cfg = DataConfig(train=path, template=unsafe, eval_fraction=0.0)
+    with pytest.raises(DataError, match="BPE"):
+        build_datasets(cfg, tokenizer, n_positions=1024, vocab_size=len(tokenizer), seed=0)

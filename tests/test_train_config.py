@@ -1,0 +1,104 @@
+"""Config: shipped YAMLs validate (full-size models by shape only), user errors fail early
+with one clear line and exit 2, leaving no run directory behind."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from sft_jax import sharding as shd
+from sft_jax import train
+from sft_jax import train_step as ts
+from sft_jax.config import ConfigError, from_dict, load_config
+from sft_jax.model import GPT2Config
+from sft_jax.optim import make_optimizer
+from train_fixtures import read_yaml, shipped_configs, write_tiny_yaml
+
+HF_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
+
+
+def test_top_level_configs_are_the_packaged_ones():
+    from train_fixtures import REPO
+
+    top = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    assert top == [p.name for p in shipped_configs()]
+    for p in shipped_configs():
+        assert (REPO / "configs" / p.name).read_text() == p.read_text()
+    names = {p.stem for p in shipped_configs()}
+    assert {"demo", "gpt2_alpaca", "gpt2_large_alpaca", "gpt2_xl_alpaca", "gpt2_medium_chat"} <= names
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.stem)
+def test_shipped_config_validates_and_shards_on_8_devices(path):
+    cfg = load_config(path)
+    assert set(read_yaml(path)) <= {"model", "data", "train", "optim", "mesh", "checkpoint", "run", "distributed"}
+    m = cfg.model
+    if m.init_from == "scratch":
+        model_cfg = GPT2Config.preset(m.preset, vocab_size=512, n_positions=m.n_positions, dtype=m.dtype, remat=m.remat)
+    else:
+        model_cfg = GPT2Config.preset(HF_PRESETS[m.init_from], dtype=m.dtype, remat=m.remat)
+    assert cfg.data.max_length <= model_cfg.n_positions
+    mesh = shd.make_mesh(cfg.mesh, jax.devices())
+    shd.check_batch_fits(mesh, cfg.micro_batch_size())
+    tx, _ = make_optimizer(cfg.optim, 1000)
+    abstract, shardings = ts.state_shardings(model_cfg, tx, mesh)  # eval_shape only: nothing allocated
+    n = sum(x.size for x in jax.tree.leaves(abstract.params))
+    assert n == model_cfg.num_params(include_vocab_padding=True)
+    # the resolved config round-trips through the YAML written into the run directory
+    assert from_dict(read_yaml_text(cfg.to_yaml())) == cfg
+
+
+def read_yaml_text(text):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def test_overrides_parse_as_yaml_scalars():
+    cfg = load_config(None, ["train.steps=7", "optim.lr=1e-4", "mesh.shape=[1,-1,2]", "model.tokenizer=null",
+                             "data.buckets=[64,128]", "run.export=false"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1e-4 and cfg.mesh.shape == (1, -1, 2)
+    assert cfg.data.buckets == (64, 128) and cfg.run.export is False
+    assert load_config(None, ["mesh.shape.fsdp=2"]).mesh.shape == (-1, 2, 1)
+    assert load_config("demo", ["train.steps=3", "train.steps=3"]).train.steps == 3  # same value twice is fine
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stepz=5"], "valid keys in train: ["),
+    (["trian.steps=5"], "valid keys in the top level"),
+    (["train.steps=five"], "train.steps='five' has type str, expected int"),
+    (["optim.lr=[1]"], "expected float"),
+    (["data.formatt=chat"], "valid keys"),
+    (["train.steps=5", "train.steps=6"], "given twice"),
+    (["mesh.shape={data: 2, pipeline: 2}"], "valid axes"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "not a multiple"),
+    (["model.remat=sometimes"], "model.remat"),
+])
+def test_config_errors_name_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_impossible_mesh_is_a_config_error():
+    with pytest.raises(ConfigError, match="needs 12 devices but 8"):
+        shd.make_mesh((2, 3, 2), jax.devices())
+    with pytest.raises(ConfigError, match="not divisible by 3"):
+        shd.make_mesh((-1, 3, 1), jax.devices())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.nope=1"], "unknown config key 'train.nope'"),
+    (["train.seed=abc"], "train.seed='abc' has type str, expected int"),
+    (["mesh.shape=[3,1,1]"], "mesh.shape"),
+    (["data.train=/no/such/file.jsonl", "data.format=alpaca"], "/no/such/file.jsonl"),
+    (["train.global_batch_size=6"], "do not split over the 8 data-parallel devices"),
+])
+def test_user_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    config = write_tiny_yaml(tmp_path / "tiny.yaml", out, "train.steps=2")
+    code = train.main(["--config", str(config), *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()

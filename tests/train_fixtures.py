@@ -1,0 +1,96 @@
+"""Shared helpers for the training tests: a tiny demo-like config, fixed batches, runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from sft_jax.config import load_config, packaged_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The demo, shrunk: the tiny preset on short rows and a small slice of the demo tasks.
+TINY_OVERRIDES = [
+    "model.preset=tiny",
+    "model.n_positions=64",
+    "data.max_length=64",
+    "data.demo_train_examples=600",
+    "data.demo_eval_examples=32",
+    "data.prefetch=0",
+    "train.global_batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_at_start=false",
+    "train.eval_samples=1",
+    "train.exact_match_examples=0",
+    "train.max_new_tokens=4",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.every=0",
+    "run.export=false",
+]
+
+
+def tiny_config(output_dir, *overrides, cache_dir=None):
+    cache = f"train.compilation_cache={cache_dir}" if cache_dir else "train.compilation_cache=null"
+    return load_config(None, TINY_OVERRIDES + [f"run.output_dir={output_dir}", cache, *overrides])
+
+
+def write_tiny_yaml(path: Path, output_dir, *overrides, cache_dir=None) -> Path:
+    """The tiny config as a YAML file, for runs through the real command line."""
+    path.write_text(tiny_config(output_dir, *overrides, cache_dir=cache_dir).to_yaml())
+    return path
+
+
+def metrics(output_dir, split: str = "train") -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
+
+
+def losses(output_dir) -> dict[int, float]:
+    return {r["step"]: r["last_loss"] for r in metrics(output_dir)}
+
+
+def train_cli(args, env_extra=None, devices: int | None = 8, timeout=600, **popen):
+    """``python -m sft_jax.train ARGS`` in a subprocess with ``devices`` fake CPU devices
+    (None: the plain single CPU device, as a user runs it)."""
+    env = dict(os.environ, **(env_extra or {}))
+    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    if devices is not None:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = flags.strip()
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = [sys.executable, "-m", "sft_jax.train", *map(str, args)]
+    if popen.pop("background", False):
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def fixed_batches(n: int, rows: int, length: int, vocab: int, seed: int = 0, supervised_fraction=0.5) -> list[dict]:
+    """Random full rows (one document each) with random 0/1 loss weights."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, vocab, (rows, length + 1)).astype(np.int32)
+        out.append({
+            "tokens": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "weights": (rng.random((rows, length)) < supervised_fraction).astype(np.float32),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+            "segment_ids": np.ones((rows, length), np.int32),
+        })
+    return out
+
+
+def shipped_configs() -> list[Path]:
+    return sorted(packaged_config("demo").parent.glob("*.yaml"))
+
+
+def read_yaml(path) -> dict:
+    return yaml.safe_load(Path(path).read_text())
