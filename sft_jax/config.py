@@ -311,6 +311,11 @@ def _validate(cfg: Config) -> None:
     for name in ("eval_every", "eval_max_batches", "eval_samples", "exact_match_examples", "loss_chunk"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0")
+    if t.loss_chunk:
+        lengths = [cfg.data.max_length] + ([b for b in cfg.data.buckets if b < cfg.data.max_length]
+                                           if cfg.data.batching == "buckets" else [])
+        if any(n % t.loss_chunk for n in lengths):
+            raise ConfigError(f"train.loss_chunk={t.loss_chunk} must divide every row length {sorted(set(lengths))}")
     if not t.resume:
         raise ConfigError("train.resume: use auto, never, or a checkpoint directory")
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.final_lr_fraction <= 1:

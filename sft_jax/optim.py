@@ -51,4 +51,4 @@ def applied_steps(opt_state) -> jax.Array:
 
 
 def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree).astype(jnp.float32)
+    return optax.tree.norm(tree).astype(jnp.float32)

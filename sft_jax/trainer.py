@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 import os
 import signal
@@ -47,7 +46,6 @@ from sft_jax.model import GPT2Config
 from sft_jax.optim import make_optimizer
 from sft_jax.report import write_report
 
-log = logging.getLogger(__name__)
 
 ARCH_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 GENERATE_BATCH = 64  # prompts per generate call (a fixed shape, so it compiles once per prompt length)
@@ -159,7 +157,8 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
         if saved and diff:
             raise ConfigError(f"checkpoint {source} holds a different model than model.* describes: {diff}")
     train_ds, eval_ds, data_report = build_datasets(config.data, tokenizer, n_positions=model_cfg.n_positions,
-                                                    vocab_size=model_cfg.vocab_size, seed=config.train.seed)
+                                                    vocab_size=model_cfg.vocab_size, seed=config.train.seed,
+                                                    global_batch_size=G)
     d = config.data
     iterator = BatchIterator(train_ds, global_batch_size=G, seed=config.train.seed, mode=d.batching,
                              max_length=d.max_length, buckets=d.buckets, process_index=jax.process_index(),
@@ -324,6 +323,8 @@ class _Loop:
                 f"optim.clip_norm protection, or inspect the data")
 
     def save(self, step: int, force: bool = False) -> None:
+        if step in self.manager.all_steps():  # e.g. rerunning a finished run: nothing new to save
+            return
         counters = jax.device_get({"nonfinite_total": self.state.nonfinite_total,
                                    "nonfinite_run": self.state.nonfinite_run,
                                    "nonfinite_tripped": self.state.nonfinite_tripped})

@@ -27,7 +27,7 @@ TINY_OVERRIDES = [
     "train.log_every=1",
     "train.eval_every=0",
     "train.eval_at_start=false",
-    "train.eval_samples=1",
+    "train.eval_samples=0",
     "train.exact_match_examples=0",
     "train.max_new_tokens=4",
     "optim.warmup_steps=2",
@@ -39,7 +39,8 @@ TINY_OVERRIDES = [
 
 def tiny_config(output_dir, *overrides, cache_dir=None):
     cache = f"train.compilation_cache={cache_dir}" if cache_dir else "train.compilation_cache=null"
-    return load_config(None, TINY_OVERRIDES + [f"run.output_dir={output_dir}", cache, *overrides])
+    merged = dict(o.split("=", 1) for o in TINY_OVERRIDES + [f"run.output_dir={output_dir}", cache, *overrides])
+    return load_config(None, [f"{k}={v}" for k, v in merged.items()])
 
 
 def write_tiny_yaml(path: Path, output_dir, *overrides, cache_dir=None) -> Path:

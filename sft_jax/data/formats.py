@@ -20,7 +20,8 @@ assistant header. A single-turn alpaca example renders as
     ### Assistant:
     {output}<|endoftext|>
 
-and a chat as "### System:\\n{system}\\n\\n### User:\\n{u1}\\n\\n### Assistant:\\n{a1}<|endoftext|>\\n\\n### User:\\n{u2}..."
+and a chat as
+    "### System:\\n{system}\\n\\n### User:\\n{u1}\\n\\n### Assistant:\\n{a1}<|endoftext|>\\n\\n### User:\\n{u2}..."
 
 The sequence is assembled from pieces that are tokenized separately and labelled as they are placed: a prompt
 piece is all text from the previous response's end up to and including "### Assistant:\\n"; a response piece

@@ -94,7 +94,20 @@ def marked_example(dataset: SFTDataset, tokenizer, i: int = 0) -> str:
 
 
 def split_report(
-    dataset: SFTDataset, tokenizer, *, read, dropped, truncated, kept, errors, mode, max_length, buckets, batch_size, seed, shuffle
+    dataset: SFTDataset,
+    tokenizer,
+    *,
+    read: int,
+    dropped: dict,
+    truncated: int,
+    kept: int,
+    errors: list,
+    mode: str,
+    max_length: int,
+    buckets,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
 ) -> SplitReport:
     """Statistics of one split's final dataset."""
     responses = dataset.response_tokens

@@ -1,0 +1,160 @@
+"""Sharded training on 8 fake CPU devices: same losses as one device, the intended
+shardings, one compile per run, and checkpoints that move between device counts."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from sft_jax import checkpoint as ckpt
+from sft_jax import sharding as shd
+from sft_jax import train_step as ts
+from sft_jax import trainer
+from sft_jax.model import GPT2Config
+from sft_jax.optim import make_optimizer
+from train_fixtures import losses, tiny_config
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def test_intended_param_and_optimizer_shardings():
+    cfg = GPT2Config.preset("tiny", vocab_size=300)
+    mesh = shd.make_mesh((2, 2, 2), jax.devices())
+    tx, _ = make_optimizer(tiny_config("unused").optim, 10)
+    _, sh = ts.state_shardings(cfg, tx, mesh)
+    p = jax.tree.map(lambda s: s.spec, sh.params)["params"]
+    assert p["wte"] == P("tensor", "fsdp")  # (vocab, embed)
+    assert p["wpe"] == P(None, "fsdp")  # (positions, embed)
+    assert p["h"]["attn"]["c_attn_kernel"] == P(None, "fsdp", None, "tensor", None)  # (L, D, qkv, H, K)
+    assert p["h"]["attn"]["c_proj_kernel"] == P(None, "tensor", None, "fsdp")  # (L, H, K, D)
+    assert p["h"]["mlp"]["c_fc_kernel"] == P(None, "fsdp", "tensor")  # (L, D, F)
+    assert p["h"]["mlp"]["c_proj_kernel"] == P(None, "tensor", "fsdp")  # (L, F, D)
+    assert p["h"]["ln_1"]["scale"] == P(None, "fsdp")
+    adam = sh.opt_state[1][0]
+    for moment in (adam.mu, adam.nu):  # Adam moments follow their parameters: ZeRO-3
+        assert jax.tree.map(lambda s: s.spec, moment) == jax.tree.map(lambda s: s.spec, sh.params)
+    assert adam.count.spec == P()
+    # a dimension the axis does not divide stays whole on it (25 heads of gpt2-xl on tensor=2)
+    _, xl = ts.state_shardings(GPT2Config.preset("gpt2-xl"), tx, mesh)
+    assert xl.params["params"]["h"]["attn"]["c_attn_kernel"].spec == P(None, "fsdp", None, None, None)
+
+
+def test_mesh_2x2x2_matches_one_device_and_compiles_once(tmp_path, cache):
+    """10 steps on (data=2, fsdp=2, tensor=2) vs one device. Tolerance 1e-5 relative on the
+    losses (measured 1e-7): the sharded program sums in a different order (float32)."""
+    runs = {}
+    for name, devices, shape in [("one", jax.devices()[:1], "[1,1,1]"), ("mesh", jax.devices(), "[2,2,2]")]:
+        cfg = tiny_config(tmp_path / name, "train.steps=10", f"mesh.shape={shape}", "train.micro_batch_size=4",
+                          cache_dir=cache)
+        before = ts.TRACE_COUNTS["train"]
+        result = trainer.run(cfg, devices=devices)
+        assert ts.TRACE_COUNTS["train"] - before == 1  # one trace (so one compile) for the whole packed run
+        assert result.status == "done" and result.step == 10
+        runs[name] = losses(tmp_path / name)
+    assert sorted(runs["one"]) == list(range(1, 11))
+    np.testing.assert_allclose([runs["mesh"][s] for s in range(1, 11)], [runs["one"][s] for s in range(1, 11)],
+                               rtol=1e-5)
+    assert runs["one"][10] < runs["one"][1]
+
+
+def test_bucket_mode_compiles_once_per_bucket_length(tmp_path, cache):
+    widths = set()
+
+    def record(step, batch):
+        widths.add(batch["tokens"].shape[1])
+        return batch
+
+    cfg = tiny_config(tmp_path / "b", "train.steps=12", "data.batching=buckets", "data.buckets=[24,32,48,64]",
+                      "train.global_batch_size=8", cache_dir=cache)
+    before = ts.TRACE_COUNTS["train"]
+    trainer.run(cfg, batch_transform=record)
+    assert len(widths) >= 2, widths  # the test means something only with several lengths
+    assert ts.TRACE_COUNTS["train"] - before == len(widths)
+
+
+def test_injected_nan_is_skipped_then_too_many_stop_the_run(tmp_path, cache):
+    def poison(steps):
+        def transform(step, batch):
+            if step in steps:
+                batch = dict(batch, weights=batch["weights"].copy())
+                batch["weights"][0, 0] = np.nan
+            return batch
+        return transform
+
+    cfg = tiny_config(tmp_path / "one", "train.steps=6", "optim.max_nonfinite_steps=2", cache_dir=cache)
+    trainer.run(cfg, batch_transform=poison({2}))
+    records = {r["step"]: r for r in __import__("train_fixtures").metrics(tmp_path / "one")}
+    assert records[2]["nonfinite_total"] == 0 and records[3]["nonfinite_total"] == 1  # step index 2 is logged as 3
+    assert records[6]["nonfinite_total"] == 1
+
+    cfg = tiny_config(tmp_path / "many", "train.steps=8", "optim.max_nonfinite_steps=2", "checkpoint.every=2",
+                      cache_dir=cache)
+    with pytest.raises(trainer.NonFiniteError, match="2 consecutive .* last good checkpoint is step 2"):
+        trainer.run(cfg, batch_transform=poison({2, 3}))
+    assert ckpt.latest_step(tmp_path / "many" / "checkpoints") == 2  # nothing after the skips was saved
+
+
+def test_checkpoint_from_4_devices_restores_on_2_and_8(tmp_path, cache):
+    cfg = tiny_config(tmp_path / "r", "train.steps=3", "mesh.shape=[1,2,2]", "train.global_batch_size=4",
+                      cache_dir=cache)
+    trainer.run(cfg, devices=jax.devices()[:4])
+    root = tmp_path / "r" / "checkpoints"
+    saved = ckpt.restore(root, with_opt_state=True)  # on one device: the reference values
+    model_cfg = saved["model_config"]
+    tx, _ = make_optimizer(cfg.optim, 3)
+    for devices, shape in [(jax.devices()[:2], (1, 2, 1)), (jax.devices(), (2, 2, 2))]:
+        mesh = shd.make_mesh(shape, devices)
+        abstract, sh = ts.state_shardings(model_cfg, tx, mesh)
+        out = ckpt.restore(root, params_target=abstract.params, opt_state_target=abstract.opt_state)
+        for got, want, s in zip(jax.tree.leaves(out["params"]), jax.tree.leaves(saved["params"]),
+                                jax.tree.leaves(sh.params)):
+            assert got.sharding == s and len(got.sharding.device_set) == len(devices)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        for got, want in zip(jax.tree.leaves(out["opt_state"]), jax.tree.leaves(saved["opt_state"])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # and training resumes from it on all 8 devices
+    cfg8 = tiny_config(tmp_path / "r", "train.steps=5", "mesh.shape=[2,2,2]", "train.global_batch_size=4",
+                       cache_dir=cache)
+    result = trainer.run(cfg8)
+    assert result.step == 5 and sorted(losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
+
+
+def test_hf_init_on_the_mesh_exports_what_it_loaded(tmp_path, cache):
+    """init_from an HF directory: weights load straight into their shards on the
+    (2,2,2) mesh, train (at a vanishing lr) on a local alpaca file, export to HF."""
+    import json
+
+    import transformers
+    from hf_fixtures import make_hf_model, save_hf_model, train_tokenizer
+
+    hf_dir = save_hf_model(make_hf_model(seed=0), tmp_path / "hf_in")
+    train_tokenizer().save_pretrained(hf_dir)
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."}
+            for i in range(60)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tmp_path / "run", f"model.init_from={hf_dir}", f"data.train={data}", "data.format=alpaca",
+                      "data.eval_fraction=0.1", "train.steps=3", "mesh.shape=[2,2,2]", "optim.lr=1e-12",
+                      "run.export=true", "model.dtype=float32", cache_dir=cache)
+    result = trainer.run(cfg)
+    assert result.status == "done" and "eval_loss" in result.eval
+    before = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
+    after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf").state_dict()
+    for key, value in before.items():
+        np.testing.assert_allclose(after[key].numpy(), value.numpy(), atol=1e-6, err_msg=key)
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, cache):
+    from sft_jax.data import BatchIterator, build_datasets
+
+    cfg = tiny_config(tmp_path / "e", "train.steps=0", "train.epochs=0.1", cache_dir=cache)
+    model_cfg, tokenizer, _ = trainer.model_and_tokenizer(cfg)
+    train_ds, _, _ = build_datasets(cfg.data, tokenizer, n_positions=64, vocab_size=model_cfg.vocab_size, seed=0)
+    it = BatchIterator(train_ds, global_batch_size=8, seed=0, max_length=64)
+    result = trainer.run(cfg)
+    assert result.step == int(np.ceil(0.1 * it.steps_per_epoch)) >= 2
