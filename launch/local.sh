@@ -49,9 +49,11 @@ echo "sft_jax local: $NUM_PROCESSES processes x $DEVICES_PER_PROCESS CPU devices
 
 status=0
 for pid in "${pids[@]}"; do
-  if ! wait "$pid"; then
-    rc=$?
-    if [[ $status -eq 0 ]]; then status=$rc; cleanup; fi
+  rc=0
+  wait "$pid" || rc=$?
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then
+    status=$rc
+    cleanup
   fi
 done
 exit "$status"

@@ -174,6 +174,8 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
         start_step = int(train_state.get("step", restored["step"]))
         state = ts.state_from_restored(restored["params"], restored["opt_state"], train_state, shardings)
         iterator.restore(train_state.get("data", {"step": start_step}))
+        if main:
+            print(f"sft_jax: resuming from step {start_step} of {source}", file=sys.stderr, flush=True)
     else:
         params = None
         if hf_dir is not None:
@@ -217,6 +219,11 @@ def _sigterm_flag():
     def handler(signum, frame):
         flag[0] = True
 
+    if jax.process_count() > 1:
+        # JAX's preemption notifier owns SIGTERM and agrees on one step with every host
+        # (distributed.preemption_requested); a Python handler would replace it.
+        yield flag
+        return
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: no handler, no preemption support
@@ -380,27 +387,42 @@ class _Loop:
     def generate(self, prompts: list[list[int]]) -> list[str]:
         from sft_jax.sampling import generate
 
+        params = self.host_params()
+        if jax.process_index() != 0:  # samples and exact match are logged by process 0 alone
+            return [""] * len(prompts)
+        if jax.process_count() > 1:  # generate on process 0's first device, outside the global mesh
+            params = jax.device_put(params, jax.local_devices()[0])
         eos = self.tokenizer.eos_token_id
         max_new = min(self.config.train.max_new_tokens, self.model_cfg.n_positions - max(map(len, prompts)))
         texts = []
         for lo in range(0, len(prompts), GENERATE_BATCH):
             chunk = prompts[lo:lo + GENERATE_BATCH]
             padded = chunk + [chunk[-1]] * (GENERATE_BATCH - len(chunk)) if len(prompts) > GENERATE_BATCH else chunk
-            outs = generate(self.state.params, self.model_cfg, padded, max_new_tokens=max_new, eos_id=eos)
+            outs = generate(params, self.model_cfg, padded, max_new_tokens=max_new, eos_id=eos)
             for ids in outs[:len(chunk)]:
                 ids = ids[:-1] if ids and ids[-1] == eos else ids
                 texts.append(decode(self.tokenizer, ids))
         return texts
+
+    def host_params(self):
+        """Parameters every process can read whole: the sharded ones with one process; with
+        several, gathered from all of them (a collective: every process must call this)."""
+        if jax.process_count() == 1:
+            return self.state.params
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(self.state.params, tiled=True)
 
     # --- the end --------------------------------------------------------------------------
     def final_outputs(self, out: Path, data_report, t_start: float) -> dict:
         results = self.evaluate(self.total_steps)
         main = jax.process_index() == 0
         export_dir = out / "hf"
+        params = self.host_params() if self.config.run.export else None
         if self.config.run.export and main:
             from sft_jax.hf import export_hf
 
-            export_hf(self.state.params, self.model_cfg.replace(dtype="float32", remat="none"), export_dir,
+            export_hf(params, self.model_cfg.replace(dtype="float32", remat="none"), export_dir,
                       tokenizer=self.tokenizer, chat_template=chat_template(self.config.data), verify=True,
                       overwrite=True)
         if main:

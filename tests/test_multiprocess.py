@@ -34,7 +34,7 @@ COMMON = [
     "model.preset=tiny", "model.n_positions=64", "model.dtype=float32",
     "data.max_length=64", "train.global_batch_size=8", "train.log_every=1", "train.eval_every=0",
     "train.exact_match_examples=0", "train.eval_samples=0", "train.eval_max_batches=2",
-    "optim.lr=1e-3", "optim.warmup_steps=2", "checkpoint.every=5", "checkpoint.async_save=true",
+    "optim.lr=1e-3", "optim.warmup_steps=2", "checkpoint.async_save=true",
     "mesh.shape=[-1,2,1]",
 ]
 
@@ -55,7 +55,9 @@ def _env(cache: Path, **extra) -> dict:
 
 
 def _train_args(out: Path, cache: Path, steps: int = STEPS, *extra: str) -> list[str]:
-    return [*COMMON, f"train.steps={steps}", f"run.output_dir={out}", f"train.compilation_cache={cache}", *extra]
+    every = [] if any(e.startswith("checkpoint.every=") for e in extra) else ["checkpoint.every=5"]
+    return [*COMMON, *every, f"train.steps={steps}", f"run.output_dir={out}", f"train.compilation_cache={cache}",
+            *extra]
 
 
 def _launch(out: Path, cache: Path, *, processes: int, steps: int = STEPS, extra=(), logs: Path) -> subprocess.Popen:
@@ -164,6 +166,18 @@ def _process_pids(proc: subprocess.Popen) -> list[int]:
     return [p for p in pids if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
 
 
+def _group_empty(pgid: int, within: float) -> bool:
+    """No process of the launcher's group is alive (a log tee may take a moment to drain)."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        alive = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+        if not alive:
+            return True
+        time.sleep(0.2)
+    print(subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(pgid)], capture_output=True, text=True).stdout)
+    return False
+
+
 def test_killed_peer_stops_the_survivor(runs, tmp_path):
     _, cache = runs
     out = tmp_path / "kill"
@@ -178,8 +192,7 @@ def test_killed_peer_stops_the_survivor(runs, tmp_path):
     waited = time.time() - t0
     assert rc != 0
     assert waited < HEARTBEAT + 60, waited  # the stated bound: heartbeat timeout plus a minute of slack
-    leftover = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.strip()
-    assert leftover == "", f"processes left running: {leftover}"
+    assert _group_empty(proc.pid, within=10), "processes of the job were left running"
 
 
 def test_sigterm_to_one_process_saves_everywhere_and_resumes(runs, tmp_path):
