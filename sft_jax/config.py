@@ -26,6 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import yaml
 
 from sft_jax.data.config import DataConfig
@@ -88,11 +89,27 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    # sizes of the (data, fsdp, tensor) axes; a dict or [data, fsdp, tensor]; -1 = the rest
+    # sizes of the (data, fsdp, tensor) axes; a dict or [data, fsdp, tensor]; -1 = the rest.
+    # With dcn_shape, these are the sizes within one slice (ICI).
     shape: tuple = (-1, 1, 1)
+    # multi-slice TPU: how many slices each axis spans over the data-center network (DCN),
+    # like MaxText's dcn_* parallelism; keep DCN for data. (1, 1, 1) = one slice.
+    dcn_shape: tuple = (1, 1, 1)
+
+    @property
+    def num_slices(self) -> int:
+        return int(np.prod(self.dcn_shape))
 
     def sizes(self, n_devices: int) -> tuple[int, int, int]:
-        """Concrete axis sizes for ``n_devices``; raises ConfigError if they do not fit."""
+        """Concrete axis sizes over all ``n_devices`` (ICI x DCN); ConfigError if they do not fit."""
+        if n_devices % self.num_slices:
+            raise ConfigError(f"mesh.dcn_shape={_mesh_str(self.dcn_shape)} asks for {self.num_slices} slices, "
+                              f"which do not divide {n_devices} devices")
+        ici = self.ici_sizes(n_devices // self.num_slices)
+        return tuple(i * d for i, d in zip(ici, self.dcn_shape))
+
+    def ici_sizes(self, n_devices: int) -> tuple[int, int, int]:
+        """Axis sizes within one slice of ``n_devices`` devices."""
         shape = list(self.shape)
         known = 1
         for s in shape:
@@ -143,6 +160,7 @@ class Config:
     def to_dict(self) -> dict:
         d = _plain(dataclasses.asdict(self))
         d["mesh"]["shape"] = dict(zip(MESH_AXES, self.mesh.shape))
+        d["mesh"]["dcn_shape"] = dict(zip(MESH_AXES, self.mesh.dcn_shape))
         return d
 
     def to_yaml(self) -> str:
@@ -235,8 +253,8 @@ def _build(cls, raw, where: str):
         t = hints[name]
         if dataclasses.is_dataclass(t):
             values[name] = _build(t, value, key)
-        elif cls is MeshSection and name == "shape":
-            values[name] = _mesh_shape(value)
+        elif cls is MeshSection and name in ("shape", "dcn_shape"):
+            values[name] = _mesh_shape(value, key, allow_rest=name == "shape")
         else:
             values[name] = _coerce(value, t, key)
     return cls(**values)
@@ -272,19 +290,20 @@ def _coerce(value, t, key: str):
     return float(value) if t is float else value
 
 
-def _mesh_shape(value) -> tuple:
+def _mesh_shape(value, key: str = "mesh.shape", allow_rest: bool = True) -> tuple:
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(MESH_AXES))
         if unknown:
-            raise ConfigError(f"unknown mesh axis {unknown[0]!r} in mesh.shape; valid axes: {list(MESH_AXES)}")
+            raise ConfigError(f"unknown mesh axis {unknown[0]!r} in {key}; valid axes: {list(MESH_AXES)}")
         value = [value.get(a, 1) for a in MESH_AXES]
     if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise ConfigError(f"mesh.shape={value!r}: give a dict with keys {list(MESH_AXES)} or a list of 3 sizes")
+        raise ConfigError(f"{key}={value!r}: give a dict with keys {list(MESH_AXES)} or a list of 3 sizes")
     for axis, s in zip(MESH_AXES, value):
-        if isinstance(s, bool) or not isinstance(s, int) or not (s == -1 or s >= 1):
-            raise ConfigError(f"mesh.shape.{axis}={s!r}: expected a positive int or -1 (the rest)")
+        if isinstance(s, bool) or not isinstance(s, int) or not ((s == -1 and allow_rest) or s >= 1):
+            expected = "a positive int or -1 (the rest)" if allow_rest else "a positive int"
+            raise ConfigError(f"{key}.{axis}={s!r}: expected {expected}")
     if list(value).count(-1) > 1:
-        raise ConfigError(f"mesh.shape={list(value)}: at most one axis can be -1")
+        raise ConfigError(f"{key}={list(value)}: at most one axis can be -1")
     return tuple(value)
 
 

@@ -67,6 +67,20 @@ def make_mesh(shape: MeshSection | Sequence[int], devices: Sequence[jax.Device] 
     section = shape if isinstance(shape, MeshSection) else MeshSection(tuple(shape))
     sizes = section.sizes(len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if section.num_slices > 1:
+        # Multi-slice: axes split within a slice ride the fast ICI links, the dcn_shape split
+        # crosses slices over the data-center network (process_is_granule lets the same
+        # layout run with processes standing in for slices off TPU).
+        from jax.experimental import mesh_utils
+
+        ici = section.ici_sizes(len(devices) // section.num_slices)
+        on_tpu = devices[0].platform == "tpu"
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(ici, section.dcn_shape, devices,
+                                                        process_is_granule=not on_tpu)
+        except ValueError as e:  # e.g. 2 slices asked for, 1 present
+            raise ConfigError(f"mesh.dcn_shape={list(section.dcn_shape)} does not fit the devices: {e}") from None
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
     return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
 
 

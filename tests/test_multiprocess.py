@@ -100,7 +100,9 @@ def runs(tmp_path_factory):
     cache = base / "xla_cache"
     one = _single(base / "one", cache)
     assert one.returncode == 0, one.stderr[-3000:]
-    proc = _launch(base / "two", cache, processes=2, logs=base / "two_logs")
+    # The two processes stand in for two slices: data crosses them (DCN), fsdp stays inside
+    # (ICI); the global mesh is the reference's (data=4, fsdp=2, tensor=1).
+    proc = _launch(base / "two", cache, processes=2, logs=base / "two_logs", extra=("mesh.dcn_shape=[2,1,1]",))
     rc, text = _finish(proc, 600)
     assert rc == 0, text[-3000:]
     return base, cache
@@ -230,3 +232,18 @@ def test_launch_scripts_lint(script):
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
     res = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
+
+
+def test_multislice_mesh_config():
+    """mesh.dcn_shape multiplies the per-slice (ICI) sizes; one slice cannot fake two."""
+    import jax
+    from sft_jax import sharding
+    from sft_jax.config import ConfigError, load_config
+
+    cfg = load_config(None, ["mesh.dcn_shape={data: 2}", "mesh.shape={fsdp: -1}"])
+    assert cfg.mesh.ici_sizes(4) == (1, 4, 1) and cfg.mesh.sizes(8) == (2, 4, 1)
+    assert cfg.to_dict()["mesh"]["dcn_shape"] == {"data": 2, "fsdp": 1, "tensor": 1}
+    with pytest.raises(ConfigError, match="expected a positive int"):
+        load_config(None, ["mesh.dcn_shape=[-1,1,1]"])
+    with pytest.raises(ConfigError, match="dcn_shape"):  # this process is one slice
+        sharding.make_mesh(cfg.mesh, jax.devices())
