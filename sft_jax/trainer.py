@@ -82,10 +82,56 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def resume_source(config: Config) -> Optional[Path]:
+REMOTE_SCHEMES = ("gs://", "s3://")  # object stores orbax writes to through etils.epath
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+def run_dirs(config: Config):
+    """(local directory for logs, report and export; checkpoint root, local or remote).
+
+    Object stores have no append and no atomic directory rename, which metrics.jsonl and
+    the self-verifying export rely on; so with a gs:// output_dir those files are written to
+    a local staging directory and copied up (``upload_outputs``), while orbax writes the
+    checkpoints to the bucket directly from every process."""
+    out = config.run.output_dir
+    if not is_remote(out):
+        return Path(out), Path(out) / "checkpoints"
+    from etils import epath
+
+    name = out.split("://", 1)[1].strip("/").replace("/", "__")
+    return Path(config.run.staging_dir).expanduser() / name, epath.Path(out) / "checkpoints"
+
+
+def upload_outputs(local: Path, remote) -> None:
+    """Copy every file under ``local`` to the same place under ``remote`` (overwriting)."""
+    from etils import epath
+
+    remote = epath.Path(remote)
+    for src in sorted(local.rglob("*")):
+        if src.is_file():
+            dst = remote / src.relative_to(local).as_posix()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            epath.Path(src).copy(dst, overwrite=True)
+
+
+def download_outputs(remote, local: Path, names=("metrics.jsonl",)) -> None:
+    """On a resume from a fresh machine, bring back the files a run appends to."""
+    from etils import epath
+
+    for name in names:
+        src = epath.Path(remote) / name
+        if src.exists() and not (local / name).exists():
+            local.mkdir(parents=True, exist_ok=True)
+            src.copy(epath.Path(local / name))
+
+
+def resume_source(config: Config):
     """The checkpoint root to resume from, or None for a fresh start."""
     resume = config.train.resume
-    own = Path(config.run.output_dir) / "checkpoints"
+    own = run_dirs(config)[1]
     if resume == "never":
         return None
     if resume == "auto":
@@ -185,12 +231,15 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
         state = ts.init_state(model_cfg, tx, mesh, shardings, seed=config.train.seed, params=params)
 
     # 2. the run directory -----------------------------------------------------------------
-    out = Path(config.run.output_dir)
+    out, checkpoint_root = run_dirs(config)
+    remote = config.run.output_dir if is_remote(config.run.output_dir) else None
     if main:
+        if remote and source is not None:
+            download_outputs(remote, out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config.to_yaml())
         (out / "data_report.md").write_text(report_to_markdown(data_report))
-    manager = ckpt.make_manager(out / "checkpoints", keep=config.checkpoint.keep,
+    manager = ckpt.make_manager(checkpoint_root, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     logger = MetricsLogger(out, enabled=main, total_steps=total_steps,
                            start_step=start_step)
@@ -206,6 +255,9 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
         iterator.close()
         logger.close()
         manager.close()
+    if main and remote:
+        upload_outputs(out, remote)
+        print(f"sft_jax: copied logs, report and export from {out} to {remote}", file=sys.stderr, flush=True)
     result.output_dir = out
     result.wall_time_s = time.perf_counter() - t_start
     return result

@@ -247,3 +247,27 @@ def test_multislice_mesh_config():
         load_config(None, ["mesh.dcn_shape=[-1,1,1]"])
     with pytest.raises(ConfigError, match="dcn_shape"):  # this process is one slice
         sharding.make_mesh(cfg.mesh, jax.devices())
+
+
+def test_remote_output_dir_layout(tmp_path):
+    """gs:// output: checkpoints go to the bucket, the rest is staged locally and copied up.
+    (No bucket is reachable here; the copy is exercised between two local directories.)"""
+    from sft_jax.config import load_config
+    from sft_jax.trainer import download_outputs, run_dirs, upload_outputs
+
+    cfg = load_config(None, ["run.output_dir=gs://bucket/runs/xl", f"run.staging_dir={tmp_path / 'stage'}"])
+    local, checkpoints = run_dirs(cfg)
+    assert local == tmp_path / "stage" / "bucket__runs__xl"
+    assert str(checkpoints) == "gs://bucket/runs/xl/checkpoints"
+    local_cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}"])
+    assert run_dirs(local_cfg) == (tmp_path / "run", tmp_path / "run" / "checkpoints")
+
+    (local / "hf").mkdir(parents=True)
+    (local / "metrics.jsonl").write_text('{"step": 1}\n')
+    (local / "hf" / "config.json").write_text("{}")
+    remote = tmp_path / "bucket"
+    upload_outputs(local, str(remote))
+    assert (remote / "metrics.jsonl").read_text() == '{"step": 1}\n' and (remote / "hf" / "config.json").is_file()
+    fresh = tmp_path / "fresh_vm"
+    download_outputs(str(remote), fresh)
+    assert (fresh / "metrics.jsonl").read_text() == '{"step": 1}\n'

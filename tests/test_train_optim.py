@@ -1,4 +1,5 @@
-"""The optimizer step against HF torch, gradient accumulation, and non-finite skipping."""
+"""The optimizer step against HF torch, the lr schedule in closed form, gradient
+accumulation, the chunked float32 loss, and non-finite skipping."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sft_jax import sharding as shd
 from sft_jax import train_step as ts
 from sft_jax.config import OptimSection
 from sft_jax.hf import to_hf_state_dict
-from sft_jax.model import GPT2, GPT2Config, init_params
+from sft_jax.model import GPT2, GPT2Config, init_params, token_nll
 from sft_jax.optim import decay_mask, make_optimizer
 from train_fixtures import fixed_batches
 
@@ -40,6 +41,26 @@ def test_decay_mask_covers_kernels_only():
     assert with_emb["wte"] and with_emb["wpe"] and not with_emb["ln_f"]["scale"]
 
 
+def test_lr_schedule_is_linear_warmup_then_cosine_in_closed_form():
+    """Written out by hand, not through optax: lr(s) = lr * s / W for s < W, then
+    end + (lr - end) * (1 + cos(pi * (s - W) / (S - W))) / 2, with end = lr * final_lr_fraction."""
+    import math
+
+    optim = OptimSection(lr=2e-3, warmup_steps=10, final_lr_fraction=0.1)
+    total = 50
+    _, schedule = make_optimizer(optim, total)
+    end = optim.lr * optim.final_lr_fraction
+    for s in range(total + 1):
+        if s < optim.warmup_steps:
+            want = optim.lr * s / optim.warmup_steps
+        else:
+            want = end + (optim.lr - end) * (1 + math.cos(math.pi * (s - 10) / (total - 10))) / 2
+        assert float(schedule(s)) == pytest.approx(want, rel=1e-5, abs=1e-12), s
+    # warmup longer than the run is cut to the run, so the peak is still reached
+    _, short = make_optimizer(OptimSection(lr=1e-3, warmup_steps=100), 5)
+    assert float(short(4)) == pytest.approx(1e-3)
+
+
 def test_five_steps_match_hf_torch_adamw():
     """5 steps of sft_jax (float32) vs GPT2LMHeadModel + torch.optim.AdamW + clip_grad_norm_ +
     LambdaLR with the same warmup-cosine values and the same decay mask.
@@ -54,10 +75,11 @@ def test_five_steps_match_hf_torch_adamw():
 
     tx, schedule, mesh, shardings, step = one_device_step(CFG, OPTIM, STEPS)
     state = ts.init_state(CFG, tx, mesh, shardings, params=jax.tree.map(jnp.array, params0))
-    jax_losses = []
+    jax_losses, jax_logged = [], []
     for b in batches:
         state, m = step(state, shd.global_batch(b, mesh, 4))
         jax_losses.append(float(m["loss"]))
+        jax_logged.append({k: float(m[k]) for k in ("grad_norm", "clip_ratio", "lr")})
     jax_params = to_hf_state_dict(state.params, CFG)
 
     hf_cfg = transformers.GPT2Config(**{k: v for k, v in CFG.to_hf_config().items()
@@ -76,7 +98,7 @@ def test_five_steps_match_hf_torch_adamw():
                             lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps)
     lr_values = [float(schedule(s)) for s in range(STEPS)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_values[s] / OPTIM.lr if s < STEPS else 0.0)
-    torch_losses = []
+    torch_losses, torch_logged = [], []
     for b in batches:
         logits = model(torch.from_numpy(b["tokens"]).long()).logits.float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -85,13 +107,21 @@ def test_five_steps_match_hf_torch_adamw():
         loss = (nll * w).sum() / w.sum()
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.clip_norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.clip_norm))  # before clipping
+        torch_logged.append({"grad_norm": norm, "clip_ratio": min(1.0, OPTIM.clip_norm / norm),
+                             "lr": opt.param_groups[0]["lr"]})
         opt.step()
         sched.step()
         torch_losses.append(loss.item())
 
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     assert jax_losses[-1] < jax_losses[0]  # it trained (lr of step 0 is 0 by the warmup)
+    # the logged metrics are the ones torch sees: grad norm before clipping, the kept
+    # fraction min(1, c / norm), the lr applied at that step (same 1e-5 tolerance)
+    for key in ("grad_norm", "clip_ratio", "lr"):
+        np.testing.assert_allclose([m[key] for m in jax_logged], [m[key] for m in torch_logged], rtol=1e-5,
+                                   atol=1e-12, err_msg=key)
+    assert min(m["clip_ratio"] for m in torch_logged) < 1.0  # clipping was active on some step
     torch_sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     for key, value in jax_params.items():
         np.testing.assert_allclose(value, torch_sd[key], atol=5e-5, rtol=0, err_msg=key)
@@ -119,6 +149,51 @@ def test_one_batch_of_4b_equals_four_micro_batches_of_b():
     naive = [grads_fn(model, params, mb, 1)[1] for mb in micro]
     naive_wte = sum(np.asarray(g["params"]["wte"]) for g in naive) / 4
     assert not np.allclose(naive_wte, np.asarray(g1["params"]["wte"]), rtol=1e-3, atol=1e-6)
+
+
+def test_chunked_loss_is_float32_equal_and_never_holds_the_whole_logits():
+    """``token_nll`` with ``chunk``: the same float32 NLL and gradients as the one-shot
+    version from bfloat16 hidden states, while the compiled loss+grad needs less scratch
+    memory than one float32 (B,T,V) logits array (XLA's own memory analysis)."""
+    cfg = GPT2Config.preset("tiny", vocab_size=4096, n_positions=512, dtype="bfloat16")
+    B, T, V = 2, 512, cfg.padded_vocab_size
+    rng = np.random.default_rng(0)
+    wte = jnp.asarray(rng.normal(0, 0.02, (V, cfg.n_embd)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(0, 1, (B, T, cfg.n_embd)), jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+
+    def loss_and_grads(chunk):
+        f = lambda w, h: jnp.sum(token_nll(w, h, targets, cfg, chunk=chunk))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    assert jax.eval_shape(lambda w, h: token_nll(w, h, targets, cfg, chunk=64), wte, hidden).dtype == jnp.float32
+    (l0, g0), (l1, g1) = loss_and_grads(0)(wte, hidden), loss_and_grads(64)(wte, hidden)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for a, b in zip(g0, g1):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-6)
+    logits_bytes = B * T * V * 4
+    scratch = {c: loss_and_grads(c).lower(wte, hidden).compile().memory_analysis().temp_size_in_bytes
+               for c in (0, 64)}
+    assert scratch[0] >= logits_bytes  # the test can tell: unchunked holds (B,T,V) float32
+    assert scratch[64] < logits_bytes / 2, scratch  # measured ~7.7 MB vs 16.8 MB of logits
+
+
+def test_train_step_with_loss_chunk_equals_unchunked():
+    batch = fixed_batches(1, rows=4, length=16, vocab=CFG.vocab_size, seed=4)[0]
+    results = []
+    for chunk in (0, 4):
+        tx, schedule = make_optimizer(OPTIM, 10)
+        mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+        _, shardings = ts.state_shardings(CFG, tx, mesh)
+        step = ts.make_train_step(CFG, tx, schedule, mesh=mesh, shardings=shardings, loss_chunk=chunk,
+                                  clip_norm=OPTIM.clip_norm)
+        state = ts.init_state(CFG, tx, mesh, shardings, seed=0)
+        state, m = step(state, shd.global_batch(batch, mesh, 4))
+        results.append((float(m["loss"]), float(m["grad_norm"]), jax.device_get(state.params)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_step_is_skipped_and_counted():
