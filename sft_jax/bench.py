@@ -6,10 +6,13 @@ Both sides run the same computation on the same weights and batch: fp32 master w
 ``--dtype`` compute (bf16 autocast for torch on CUDA), loss on response tokens only (the
 first 30% of each row is prompt: label -100 for torch, weight 0 for JAX), global-norm
 clipping at 1.0, the trainer's AdamW (``sft_jax.optim``; decay 0.1 on matmul weights) on
-its linear-warmup cosine schedule. The JAX step is jitted with scanned layers, the chunked
-``token_nll`` and a donated state; torch is eager ``GPT2LMHeadModel`` with SDPA attention and fused AdamW on CUDA. The torch model
-is built from the JAX initial parameters, so the first-step losses must agree; they are
-reported next to the speed as a check that the two sides do the same work.
+its linear-warmup cosine schedule. The JAX side times the trainer's own step
+(``sft_jax.train_step.make_train_step``: scanned layers, the chunked float32 ``token_nll``,
+the non-finite guard, a donated state) on a one-device mesh, so the number is what
+``python -m sft_jax.train`` runs; torch is eager ``GPT2LMHeadModel`` with SDPA attention
+and fused AdamW on CUDA. The torch model is built from the JAX initial parameters, so the
+first-step losses must agree; they are reported next to the speed as a check that the two
+sides do the same work.
 
 Warmup steps (compilation, allocator growth) are excluded; the timed steps end with a
 device sync. tokens/s counts every position of the batch, prompt included. MFU uses
@@ -37,9 +40,11 @@ import numpy as np
 import optax
 
 from sft_jax import metrics
+from sft_jax import sharding as shd
+from sft_jax import train_step as ts
 from sft_jax.config import OptimSection
 from sft_jax.hf import to_hf_state_dict
-from sft_jax.model import GPT2, GPT2Config, init_params, token_nll
+from sft_jax.model import GPT2Config, init_params
 from sft_jax.optim import make_optimizer
 
 PROMPT_FRACTION = 0.3  # leading share of each row that is prompt (no loss)
@@ -61,9 +66,9 @@ def make_batch(cfg: GPT2Config, batch: int, seq: int, seed: int = 0) -> dict[str
     return {"input_ids": ids, "labels": labels}
 
 
-def jax_batch(hf_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """The same batch in this stack's layout. HF shifts inside the loss (position t predicts
-    label t+1); here targets are shifted up front and the last position gets weight 0."""
+def jax_batch(hf_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same batch in this stack's (numpy) layout. HF shifts inside the loss (position t
+    predicts label t+1); here targets are shifted up front and the last position gets weight 0."""
     ids, labels = hf_batch["input_ids"], hf_batch["labels"]
     B, T = ids.shape
     targets = np.zeros_like(ids)
@@ -71,11 +76,11 @@ def jax_batch(hf_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     weights = np.zeros((B, T), np.float32)
     weights[:, :-1] = labels[:, 1:] != -100
     return {
-        "tokens": jnp.asarray(ids, jnp.int32),
-        "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-        "segment_ids": jnp.ones((B, T), jnp.int32),  # one document a row, no padding
-        "targets": jnp.asarray(targets, jnp.int32),
-        "weights": jnp.asarray(weights),
+        "tokens": ids.astype(np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+        "segment_ids": np.ones((B, T), np.int32),  # one document a row, no padding
+        "targets": targets.astype(np.int32),
+        "weights": weights,
     }
 
 
@@ -110,40 +115,29 @@ def _result(framework: str, cfg: GPT2Config, batch: int, seq: int, first_loss: f
 
 # --- JAX ----------------------------------------------------------------------
 
-def make_jax_step(cfg: GPT2Config, tx: optax.GradientTransformation, loss_chunk: int):
-    """Jitted ((params, opt_state), batch) -> ((params, opt_state), metrics), state donated."""
-    model = GPT2(cfg)
-
-    def loss_fn(params, batch):
-        hidden = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                             return_hidden=True)  # (B,T,D)
-        nll = token_nll(params["wte"], hidden, batch["targets"], cfg, loss_chunk)  # (B,T)
-        w = batch["weights"]
-        return (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
-
-    def step(state, batch):
-        params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    return jax.jit(step, donate_argnums=0)
+def make_jax_step(cfg: GPT2Config, tx: optax.GradientTransformation, schedule: optax.Schedule, loss_chunk: int):
+    """(mesh, shardings, step): the trainer's jitted ``step(state, batch)`` on one device."""
+    mesh = shd.make_mesh((1, 1, 1), jax.local_devices()[:1])
+    _, shardings = ts.state_shardings(cfg, tx, mesh)
+    step = ts.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings, loss_chunk=loss_chunk,
+                              clip_norm=OPTIM.clip_norm)
+    return mesh, shardings, step
 
 
 def run_jax(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup: int, loss_chunk: int = LOSS_CHUNK) -> dict:
     B, T = hf_batch["input_ids"].shape
     chunk = loss_chunk if 0 < loss_chunk < T and T % loss_chunk == 0 else 0
-    tx, _ = make_optimizer(dataclasses.replace(OPTIM, warmup_steps=warmup), warmup + steps)
-    train_step = make_jax_step(cfg, tx, chunk)
-    batch = jax_batch(hf_batch)
-    state = [(params, tx.init(params))]
+    tx, schedule = make_optimizer(dataclasses.replace(OPTIM, warmup_steps=warmup), warmup + steps)
+    mesh, shardings, train_step = make_jax_step(cfg, tx, schedule, chunk)
+    batch = shd.global_batch(jax_batch(hf_batch), mesh, B)
+    state = [ts.init_state(cfg, tx, mesh, shardings, params={"params": params})]
 
     def one_step():
         state[0], out = train_step(state[0], batch)
         return lambda: float(jax.block_until_ready(out)["loss"])
 
     first_loss, step_time = _timed(one_step, warmup, steps)
-    device = jax.local_devices()[0]
+    device = mesh.devices.flat[0]
     memory = metrics.device_memory(device)
     return _result("jax", cfg, B, T, first_loss, step_time, memory and memory["peak_bytes_in_use"],
                    device.device_kind, compute_dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention,

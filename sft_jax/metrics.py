@@ -144,14 +144,14 @@ class MetricsLogger:
             return
         record = self._write(step, "train", metrics)
         self._scalars(record, "train")
-        self._bar.update(max(0, step - self._bar.n))
         postfix = {}
         if record.get("loss") is not None:
             postfix["loss"] = f"{record['loss']:.4f}"
         if record.get("tokens_per_s") is not None:
             postfix["tok/s"] = f"{record['tokens_per_s']:.3g}"
-        if postfix:
+        if postfix:  # before the update, whose redraw then shows this step's numbers
             self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(max(0, step - self._bar.n))  # tqdm's ETA: remaining steps at the recent rate
 
     def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Evaluation metrics (eval_loss, eval_ppl, exact_match, ...) at a training step."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Optional
 
@@ -217,19 +218,39 @@ def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: Array 
     return (same_segment & causal[None])[:, None]
 
 
-def _fused_attention_available() -> bool:
-    return jax.default_backend() == "gpu"
+def _fused_attention_available(dtype) -> bool:
+    """cuDNN's fused attention: a CUDA GPU of compute capability >= 8.0 and a 16-bit dtype."""
+    if jax.default_backend() != "gpu" or dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)  # "9.0" on an H100; absent on ROCm
+    try:
+        return capability is not None and tuple(int(c) for c in str(capability).split(".")) >= (8, 0)
+    except ValueError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    logging.getLogger(__name__).warning("attention=cudnn unavailable here (%s); using the XLA reference", reason)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
     """q (B,T,H,K), k/v (B,S,H,K), mask (B,1,T,S) -> (B,T,H,K).
 
-    ``xla`` is the reference. ``cudnn`` runs the fused kernel where the backend has it and
-    falls back to the reference elsewhere; with an arbitrary (packed) mask cuDNN takes it
-    as a bias, which is correct but not flash-fast (a later issue makes it fast).
+    ``xla`` is the reference. ``cudnn`` runs the fused kernel where the device and shapes
+    allow it and falls back to the reference otherwise (jax checks the cuDNN version,
+    layout and head size while tracing and raises; we catch that, once per reason). With an
+    arbitrary (packed) mask cuDNN takes it as a bias, which is correct but not flash-fast
+    (a later issue makes it fast).
     """
-    if impl == "cudnn" and _fused_attention_available() and q.dtype in (jnp.bfloat16, jnp.float16):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    if impl == "cudnn":
+        if _fused_attention_available(q.dtype):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError) as e:
+                _warn_fallback(f"{type(e).__name__}: {e}")
+        else:
+            _warn_fallback(f"backend {jax.default_backend()}, dtype {q.dtype}")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
@@ -299,6 +320,20 @@ class Block(nn.Module):
         return x, new_cache
 
 
+def _embed(table: Array, ids: Array, rows_axis: str) -> Array:
+    """Row lookup, (R,D)[(B,T)] -> (B,T,D), sharding-friendly.
+
+    The table's embed axis is split over fsdp, the ids' batch axis over data x fsdp: a plain
+    gather would come out split on D and XLA could reach the activations' batch split only
+    by replicating the whole (B,T,D) result ("involuntary full rematerialization"). So the
+    table is first gathered whole on its embed axis (rows keep their split, a vocab-parallel
+    lookup); the output then follows the ids' batch split. ZeRO-3 gathers every weight
+    before use anyway; the gradient is reduce-scattered back onto the table's own split.
+    """
+    table = _constrain(table, (rows_axis, None))
+    return jnp.take(table, ids, axis=0)
+
+
 def _remat_policy(name: str):
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
@@ -349,7 +384,7 @@ class GPT2(nn.Module):
         """
         cfg = self.config
         dt = cfg.compute_dtype
-        x = jnp.take(self.wte, tokens, axis=0) + jnp.take(self.wpe, positions, axis=0)  # (B,T,D)
+        x = _embed(self.wte, tokens, "vocab") + _embed(self.wpe, positions, "positions")  # (B,T,D)
         x = _constrain(x.astype(dt), ("batch", "length", "embed"))
         if cache is None:
             mask = attention_mask(segment_ids, segment_ids)

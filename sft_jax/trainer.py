@@ -74,10 +74,16 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
     """Persistent XLA cache, so a rerun or resume skips compilation; thresholds lowered so
     small CPU programs are cached too."""
     if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
         return
+    from jax.experimental.compilation_cache import compilation_cache
+
     path = os.path.abspath(os.path.expanduser(directory))
     os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_compilation_cache_dir != path:  # jax opens the cache once per process
+        jax.config.update("jax_compilation_cache_dir", path)
+        compilation_cache.reset_cache()
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -369,7 +375,12 @@ class _Loop:
                    self.mesh.devices.flat[0].device_kind)
         if util is not None:
             record["mfu"] = util
-        record.update(device_memory() or {})
+        memory = device_memory()
+        if memory is None:  # CPU backends keep no device allocator stats: report the process's peak
+            import resource
+
+            memory = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        record.update(memory)
         self.logger.log(step, record)
 
     def check_finite(self, latest: dict, step: int) -> None:

@@ -3,7 +3,9 @@
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CPU unless asked otherwise: tests/test_gpu.py runs on a GPU with SFT_JAX_TEST_PLATFORMS=cuda
+# (benchmarks/gpu_check.sh); the rest of the suite assumes the 8 CPU devices.
+os.environ["JAX_PLATFORMS"] = os.environ.get("SFT_JAX_TEST_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

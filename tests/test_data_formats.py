@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from data_fixtures import chats, long_text, nonblank, reloaded, small_tokenizer, text
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sft_jax.data import DataConfig, encode_prompt
@@ -14,10 +14,11 @@ from sft_jax.data.formats import BUILTIN_TEMPLATE, Renderer, decode, encode_docu
 PROPERTY = settings(max_examples=40, deadline=None)
 
 # A user template in ChatML-like style. Its generation prompt ends in a newline and assistant content follows
-# directly, so piece boundaries are BPE-safe, like the built-in one.
+# directly, so piece boundaries are BPE-safe, like the built-in one. Every message ends in a newline, also after
+# the eos of an assistant turn: that newline is template text, never a training target.
 USER_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
@@ -56,13 +57,10 @@ def _check_conversation(tokenizer, messages, template, last_turn_only=False):
     eos = tokenizer.eos_token
     responses = [m["content"].strip() + eos for m in messages if m["role"] == "assistant"]
     expected = responses[-1:] if last_turn_only else responses
-    if template is None:  # built-in: supervised runs are exactly the responses and their eos
-        assert _supervised_runs(tokenizer, tokens, supervised) == expected
-    else:  # user template: each run is the rendered assistant turn, which holds the response and eos
-        runs = _supervised_runs(tokenizer, tokens, supervised)
-        assert len(runs) == len(expected) and all(r.startswith(e) for r, e in zip(runs, expected))
+    # built-in or user template: the supervised runs are exactly the responses, each closed by its eos
+    assert _supervised_runs(tokenizer, tokens, supervised) == expected
     # the whole row is the template applied to the conversation
-    assert decode(tokenizer, tokens) == tokenizer.apply_chat_template(messages, tokenize=False).rstrip("\n")
+    assert decode(tokenizer, tokens) == tokenizer.apply_chat_template(messages, tokenize=False)
     # the generation prompt of every assistant turn is exactly the training prefix before that turn
     starts = [0] + [t for t in range(1, len(tokens)) if supervised[t] and not supervised[t - 1]]
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
@@ -73,7 +71,9 @@ def _check_conversation(tokenizer, messages, template, last_turn_only=False):
 
 
 @PROPERTY
-@given(instruction=text, extra=text, output=nonblank)
+@given(instruction=st.one_of(text, long_text), extra=text, output=nonblank)
+@example(instruction="", extra="", output="x")  # empty instruction and input
+@example(instruction="Translate.", extra="", output=" naïve 東京 🙂 ")  # no input; unicode, padded output
 def test_alpaca_masks_and_prompt_tokens(tokenizers, instruction, extra, output):
     builtin, _ = tokenizers
     messages = to_messages({"instruction": instruction, "input": extra, "output": output}, "alpaca")
@@ -153,3 +153,42 @@ def test_unsafe_user_template_is_caught(tmp_path):
     cfg = DataConfig(train=path, template=unsafe, eval_fraction=0.0)
     with pytest.raises(DataError, match="BPE"):
         build_datasets(cfg, tokenizer, n_positions=1024, vocab_size=len(tokenizer), seed=0)
+
+
+@pytest.mark.parametrize("user_template", [False, True])
+def test_exported_tokenizer_reproduces_the_training_prompts(tmp_path, user_template):
+    """Through the real path: build_datasets on a file (the user template given as a .jinja file),
+    export_hf with the run's chat template, AutoTokenizer on the exported dir: for every example,
+    apply_chat_template(messages before the last response, add_generation_prompt=True) is exactly
+    the token prefix the model was trained on before that response."""
+    import flax.linen as nn
+    import jax
+    from data_fixtures import write_jsonl
+    from transformers import AutoTokenizer
+
+    from sft_jax import hf
+    from sft_jax.data import build_datasets, chat_template
+    from sft_jax.model import GPT2Config, param_shapes
+
+    template = None
+    if user_template:
+        template = str(tmp_path / "chat.jinja")
+        (tmp_path / "chat.jinja").write_text(USER_TEMPLATE)
+    chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"q {i}"},
+                           {"role": "assistant", "content": f"a {i}"}, {"role": "user", "content": "and? ü"},
+                           {"role": "assistant", "content": f" more {i}\n"}]} for i in range(5)]
+    cfg = DataConfig(train=write_jsonl(tmp_path / "chats.jsonl", chats), template=template, eval_fraction=0.0)
+    tokenizer = small_tokenizer(None)
+    train, _, _ = build_datasets(cfg, tokenizer, n_positions=1024, vocab_size=len(tokenizer), seed=0)
+    model_cfg = GPT2Config.preset("tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                  bos_token_id=tokenizer.eos_token_id)
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(param_shapes(model_cfg)))
+    hf.export_hf(params, model_cfg, tmp_path / "hf", tokenizer=tokenizer, chat_template=chat_template(cfg),
+                 verify=False)
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert exported.chat_template == (USER_TEMPLATE if user_template else BUILTIN_TEMPLATE)
+    for i, messages in enumerate(train.examples):
+        tokens, supervised = train.doc(i)
+        last_start = max(t for t in range(1, len(tokens)) if supervised[t] and not supervised[t - 1])
+        prompt = exported.apply_chat_template(messages[:-1], add_generation_prompt=True)["input_ids"]
+        assert prompt == tokens[:last_start].tolist()

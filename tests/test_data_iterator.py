@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sft_jax.data import BatchIterator, SFTDataset, eval_batches
+from sft_jax.model import attention_mask
 
 T = 64
 KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
@@ -29,8 +30,7 @@ def check_rows(ds: SFTDataset, batch: dict) -> None:
     """Every row holds whole documents with correct targets, weights, positions and an isolating mask."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     rows, width = tokens.shape
-    causal = np.tril(np.ones((width, width), bool))
-    mask = (seg[:, :, None] == seg[:, None, :]) & causal  # the rule the model applies
+    mask = np.asarray(attention_mask(seg, seg))[:, 0]  # (rows, T, S): the mask the model builds from the batch
     for r in range(rows):
         for s in np.unique(seg[r]):
             where = np.flatnonzero(seg[r] == s)
@@ -75,6 +75,9 @@ def test_resume_gives_the_uninterrupted_batches(mode):
     full.close()
     for k in (0, 17, 40):
         resumed = BatchIterator(ds, **kw)
+        built = []  # steps the resumed iterator materialises: none before k (O(1) resume, no replay)
+        make = resumed.batch_at
+        resumed.batch_at = lambda step: built.append(step) or make(step)
         resumed.restore({"epoch": resumed.epoch_of(k), "step": k})
         for expected in reference[k : k + 20]:
             got = next(resumed)
@@ -82,6 +85,7 @@ def test_resume_gives_the_uninterrupted_batches(mode):
                 np.testing.assert_array_equal(got[key], expected[key])
         assert resumed.state() == {"epoch": resumed.epoch_of(k + 20), "step": k + 20}
         resumed.close()
+        assert min(built) == k
 
 
 @pytest.mark.parametrize("mode", ["packing", "buckets"])

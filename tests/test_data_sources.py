@@ -155,17 +155,55 @@ def test_report_matches_an_independent_count(tmp_path, tok):
     r = report.train
     assert (r.read, r.kept, r.documents, r.truncated) == (32, 30, 30, 0)
     assert r.dropped == {"empty_response": 1, "too_long": 1}
-    assert r.prompt_lengths["max"] == prompts.max() and r.prompt_lengths["mean"] == round(prompts.mean(), 2)
-    assert r.response_lengths["p50"] == np.percentile(answers, 50) and r.response_lengths["max"] == answers.max()
+    for stats, lengths in ((r.prompt_lengths, prompts), (r.response_lengths, answers)):
+        assert stats == {"mean": round(lengths.mean(), 2), "p50": np.percentile(lengths, 50),
+                         "p95": np.percentile(lengths, 95), "max": lengths.max()}
+    assert prompts.mean() > 0 and answers.mean() > 0 and not np.array_equal(prompts, answers)
     assert r.tokens == (prompts + answers).sum() and r.supervised_tokens == answers.sum()
     assert r.supervised_fraction == round(answers.sum() / (prompts + answers).sum(), 4)
     ds, _, _ = build(tok, train=path, max_length=96, on_bad_example="skip", truncation="drop")
     it = BatchIterator(ds, global_batch_size=1, seed=0, mode="packing", max_length=96, prefetch=0)
     rows_seen = [it.batch_at(s)["segment_ids"] for s in range(it.rows_per_epoch)]
     assert r.efficiency == round(sum(int((s > 0).sum()) for s in rows_seen) / (96 * len(rows_seen)), 4)
-    assert "⟦It is 0.<|endoftext|>⟧" in r.example
+    assert r.efficiency < 1.0  # a real count: some rows have padding
+    # one epoch of batches in bucket mode, counted the same way
+    _, _, bucketed = build(tok, train=path, max_length=96, on_bad_example="skip", truncation="drop",
+                           batching="buckets", buckets=(32, 64))
+    it = BatchIterator(ds, global_batch_size=8, seed=0, mode="buckets", max_length=96, buckets=(32, 64), prefetch=0)
+    batches = [it.batch_at(s)["segment_ids"] for s in range(it.steps_per_epoch)]
+    assert bucketed.train.efficiency == round(sum(int((s > 0).sum()) for s in batches) / sum(s.size for s in batches), 4)
+    # the first document, decoded, with the supervised span (response + eos) marked
+    assert r.example == "### User:\nSay the number 0.\n\nNumber 0\n\n### Assistant:\n⟦It is 0.<|endoftext|>⟧"
     markdown = report_to_markdown(report)
     assert "| examples read | 32 |" in markdown and "empty_response: 1" in markdown
+    # prompt_left truncation: the long-prompt example is kept, cut to max_length, and counted
+    _, _, cut = build(tok, train=path, max_length=96, on_bad_example="skip")
+    long_prompt = len(tok(renderer.generation_prompt(to_messages(rows[31], "alpaca")[:1]))["input_ids"])
+    assert long_prompt > 96 and (cut.train.kept, cut.train.truncated, cut.train.dropped) == (31, 1, {"empty_response": 1})
+    assert cut.train.tokens == r.tokens + 96
+
+
+def test_eos_closing_a_response_is_a_target_in_real_batches(tmp_path, tok):
+    """The filler written at padding is the eos id here (0), yet every eos that closes a response
+    is a weighted target, and nothing at padding (segment 0) is."""
+    eos = tok.eos_token_id
+    assert eos == 0  # == FILLER: a pipeline masking by token id would lose every eos below
+    ds, _, _ = build(tok, train=write_jsonl(tmp_path / "a.jsonl", alpaca_rows(40)), max_length=128)
+    for mode, rows in (("packing", 1), ("buckets", 4)):  # one epoch exactly: a packed batch of 1 row never spills
+        it = BatchIterator(ds, global_batch_size=rows, seed=0, mode=mode, max_length=128, buckets=(64,), prefetch=0)
+        closing = 0
+        for step in range(it.steps_per_epoch):
+            b = it.batch_at(step)
+            real = b["segment_ids"] > 0
+            assert not b["weights"][~real].any() and (b["tokens"][~real] == eos).all()
+            # targets inside a document (the next slot holds the same document; a document's last
+            # slot predicts nothing and holds filler)
+            inside = np.zeros_like(real)
+            inside[:, :-1] = real[:, :-1] & (b["segment_ids"][:, 1:] == b["segment_ids"][:, :-1])
+            eos_targets = (b["targets"] == eos) & inside
+            assert (b["weights"][eos_targets] == 1).all()
+            closing += int(eos_targets.sum())
+        assert closing == 40  # one per response, each a weighted target
 
 
 def test_cli_reads_the_training_yaml(tmp_path, capsys):

@@ -1,12 +1,13 @@
 """KV-cache generation against HF generate, EOS handling, sampling filters, and the CLI."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hf_fixtures import CHAT_TEMPLATE, EOS_ID, make_hf_model, save_hf_model, train_tokenizer
 from sft_jax import convert, generate as generate_cli, hf
-from sft_jax.sampling import filter_logits, generate
+from sft_jax.sampling import _next_token, filter_logits, generate
 
 torch = pytest.importorskip("torch")
 
@@ -83,6 +84,28 @@ def test_filter_logits():
     # softmax(3,2,1,0) = .64,.24,.09,.03: the top-two hold .88 < .9, so the nucleus needs three.
     assert keep(filter_logits(logits, 0, 0.9)) == [True, True, True, False, False, False]
     assert keep(filter_logits(logits, 3, 0.5)) == [True, False, False, False, False, False]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8)])
+def test_sampling_follows_the_tempered_filtered_softmax(temperature, top_k, top_p):
+    """Frequencies of 40,000 draws match softmax(logits / T) restricted to the top-k / top-p set
+    and renormalised (computed here by hand); the -inf vocab-padding column is never drawn."""
+    logits = np.array([2.0, 1.5, 1.0, 0.0, -1.0, -np.inf], np.float32)
+    p = np.exp((logits[:-1] - logits[0]) / temperature)
+    p /= p.sum()
+    keep = np.ones(5, bool)
+    if top_k:
+        keep[top_k:] = False
+    if top_p < 1.0:
+        keep = keep & (np.cumsum(p) - p < top_p)  # logits are sorted: the nucleus is a prefix
+    want = np.where(keep, p, 0.0)
+    want /= want.sum()
+    n = 40_000
+    draws = _next_token(jnp.tile(jnp.asarray(logits), (n, 1)), jax.random.key(0), jnp.float32(temperature),
+                        jnp.float32(top_p), greedy=False, top_k=top_k)
+    freq = np.bincount(np.asarray(draws), minlength=6) / n
+    assert freq[5] == 0
+    np.testing.assert_allclose(freq[:5], want, atol=0.015)  # about 5 standard errors at n=40,000
 
 
 def test_prompt_too_long(models):

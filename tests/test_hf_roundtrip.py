@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -37,14 +39,23 @@ def _bits(a):
     return np.ascontiguousarray(a).view(np.uint8)
 
 
-def test_cli_roundtrip_is_bit_identical_and_loads_in_transformers(source, tmp_path, capsys):
+def _convert(*args) -> subprocess.CompletedProcess:
+    """``python -m sft_jax.convert ARGS`` in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "sft_jax.convert", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_roundtrip_is_bit_identical_and_loads_in_transformers(source, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, src = source
-    assert convert.main(["hf-to-orbax", str(src), str(tmp_path / "ckpt")]) == 0
+    run = _convert("hf-to-orbax", src, tmp_path / "ckpt")
+    assert run.returncode == 0, run.stderr
     assert checkpoint.latest_step(tmp_path / "ckpt") == 0
-    assert convert.main(["orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 0
-    assert "transformers float32 logits" in capsys.readouterr().out
+    run = _convert("orbax-to-hf", tmp_path / "ckpt", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert "jax reload: float32 logits bit-identical" in run.stdout
+    assert "transformers float32 logits" in run.stdout
 
     before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     before.pop("lm_head.weight", None)
@@ -123,7 +134,7 @@ def test_pytorch_bin_and_unprefixed_keys(source, loaded, tmp_path):
 # --- bad inputs ----------------------------------------------------------------------
 
 def _copy_with(src, dst, mutate=None, config=None):
-    dst.mkdir()
+    dst.mkdir(parents=True)
     shutil.copy(src / "config.json", dst / "config.json")
     if config is not None:
         (dst / "config.json").write_text(json.dumps(config))
@@ -198,6 +209,69 @@ def test_export_verification_failure_leaves_nothing(loaded, tmp_path, monkeypatc
     with pytest.raises(hf.HFFormatError, match="verification failed.*max abs diff"):
         hf.export_hf(params, cfg, tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+def _bad_sources(src, tmp):
+    """name -> (HF dir with one defect, text the error line must contain)."""
+    config = json.loads((src / "config.json").read_text())
+    out = {"not_gpt2": (_copy_with(src, tmp / "llama", config=dict(config, model_type="llama")), "'llama'"),
+           "no_config": (_copy_with(src, tmp / "no_config"), "config.json"),
+           "missing_tensor": (_copy_with(src, tmp / "missing", lambda t: t.pop("transformer.wpe.weight")),
+                              "missing tensor 'wpe.weight'"),
+           "misshaped_tensor": (_copy_with(src, tmp / "shape", lambda t: t.update(
+               {"transformer.ln_f.bias": np.zeros(63, np.float32)})), "'transformer.ln_f.bias' has shape (63,)"),
+           "truncated_safetensors": (_copy_with(src, tmp / "truncated"), "not a readable safetensors file"),
+           "corrupt_pytorch_bin": (tmp / "bin", "pytorch_model.bin: not a readable PyTorch checkpoint"),
+           "no_such_dir": (tmp / "nowhere" / "model", "no such model directory")}
+    (tmp / "no_config" / "config.json").unlink()
+    weights = tmp / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (tmp / "bin").mkdir()
+    shutil.copy(src / "config.json", tmp / "bin" / "config.json")
+    (tmp / "bin" / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really a zip")
+    return out
+
+
+BAD_SOURCES = ["not_gpt2", "no_config", "missing_tensor", "misshaped_tensor", "truncated_safetensors",
+               "corrupt_pytorch_bin", "no_such_dir"]
+
+
+@pytest.mark.parametrize("name", BAD_SOURCES)
+def test_cli_bad_source_is_one_error_line_and_writes_nothing(source, tmp_path, capsys, name):
+    bad, says = _bad_sources(source[1], tmp_path / "bad")[name]
+    dst = tmp_path / "ckpt"
+    assert convert.main(["hf-to-orbax", str(bad), str(dst)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert says in captured.err
+    assert not dst.exists()
+
+
+def test_cli_bad_source_in_a_fresh_process(source, tmp_path):
+    """The real ``python -m sft_jax.convert``: exit status 1 and nothing on stderr but the one line."""
+    bad, says = _bad_sources(source[1], tmp_path / "bad")["missing_tensor"]
+    run = _convert("hf-to-orbax", bad, tmp_path / "ckpt")
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and says in run.stderr, run.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_export_without_torch_says_what_it_skipped(loaded, tmp_path, monkeypatch):
+    """Writing needs no torch; with torch unimportable the HF check is reported as skipped."""
+    from safetensors.numpy import load_file as load
+
+    cfg, params = loaded
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    report = hf.export_hf(params, cfg, tmp_path / "out")
+    assert report.checks == ["jax reload: float32 logits bit-identical",
+                             "transformers logits: skipped (torch not importable)"]
+    assert report.max_abs_diff == {"jax_reload": 0.0}
+    wte = load(tmp_path / "out" / "model.safetensors")["transformer.wte.weight"]
+    assert np.array_equal(wte, np.asarray(params["params"]["wte"])[:cfg.vocab_size])  # padding trimmed
+    bin_dir, _ = _bad_sources(tmp_path / "out", tmp_path / "bad")["corrupt_pytorch_bin"]
+    with pytest.raises(hf.HFFormatError, match="pytorch_model.bin needs torch"):
+        hf.load_hf(bin_dir)
 
 
 def test_cli_user_error_is_one_line(tmp_path, capsys):

@@ -3,6 +3,7 @@ and the benchmark (which must compare the same computation on both frameworks)."
 
 import json
 import math
+import re
 
 import pytest
 
@@ -79,6 +80,28 @@ def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     assert records[-1]["loss"] is None  # NaN has no JSON spelling
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
+
+
+def test_progress_bar_shows_loss_tokens_per_s_and_eta(tmp_path, capsys):
+    with MetricsLogger(tmp_path, total_steps=6) as log:
+        for step in range(1, 4):
+            log.log(step, {"loss": 1.0 / step, "tokens_per_s": 1234.0})
+    bar = capsys.readouterr().err.split("\r")[-1]  # the last redraw, at close
+    # tqdm's "done/total [elapsed<remaining, rate, postfix]": the remaining time is the ETA
+    assert re.search(r"3/6 \[\d+:\d\d<\d+:\d\d, .*loss=0\.3333, tok/s=1\.23e\+03\]", bar), bar
+
+
+def test_logger_tensorboard_holds_the_jsonl_numbers(tmp_path):
+    from train_fixtures import tensorboard_scalars
+
+    with MetricsLogger(tmp_path, total_steps=3) as log:
+        for step in range(1, 4):
+            log.log(step, {"loss": 2.0 / step, "grad_norm": 0.5 * step, "nonfinite": False})
+        log.log_eval(3, {"eval_loss": 0.7})
+    tb = tensorboard_scalars(tmp_path / "tb")
+    assert tb["train/loss"] == pytest.approx({1: 2.0, 2: 1.0, 3: 2 / 3})
+    assert tb["train/grad_norm"] == pytest.approx({1: 0.5, 2: 1.0, 3: 1.5})
+    assert tb["eval/eval_loss"] == pytest.approx({3: 0.7}) and "train/nonfinite" not in tb  # booleans stay out
 
 
 def test_logger_resume_drops_the_redone_steps(tmp_path):
@@ -160,7 +183,11 @@ def test_bench_runs_both_frameworks_on_the_same_computation():
     pytest.importorskip("torch")
     from sft_jax import bench
 
+    from sft_jax import train_step
+
+    traces = train_step.TRACE_COUNTS["train"]
     results = bench.benchmark("tiny", batch=2, seq=64, steps=2, warmup=1, dtype="float32")
+    assert train_step.TRACE_COUNTS["train"] == traces + 1  # the trainer's own step, traced once
     for side in ("jax", "torch"):
         r = results[side]
         for key in ("first_loss", "step_time_s", "tokens_per_s"):

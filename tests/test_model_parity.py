@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_fixtures import make_hf_model, save_hf_model, torch_logits
+from hf_fixtures import EOS_ID, make_hf_model, save_hf_model, torch_logits
 from sft_jax import hf
+from sft_jax import sharding as shd
 from sft_jax.model import GPT2, GPT2Config, param_shapes, token_nll
 
 torch = pytest.importorskip("torch")
@@ -28,7 +29,9 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens():
-    return np.random.RandomState(0).randint(0, 300, (B, T)).astype(np.int32)
+    toks = np.random.RandomState(0).randint(0, 300, (B, T)).astype(np.int32)
+    toks[:, [2, 5]] = EOS_ID  # real EOS tokens inside every row: they must be attended like any token
+    return toks
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,16 +43,16 @@ def jax_logits(cfg, params, tokens, positions, segment_ids):
     return np.asarray(_forward(cfg)(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids)))
 
 
-def padded_batch(tokens, side):
-    """Tokens with rows of LENGTHS real tokens, padded right or left; positions from 0 at each
-    row's first real token; segment 1 real, 0 padding (HF: attention_mask)."""
+def padded_batch(tokens, side, filler=EOS_ID):
+    """Tokens with rows of LENGTHS real tokens, padded right or left with ``filler``; positions
+    from 0 at each row's first real token; segment 1 real, 0 padding (HF: attention_mask)."""
     mask = np.zeros((B, T), np.int32)
     positions = np.zeros((B, T), np.int32)
     for b, n in enumerate(LENGTHS):
         real = slice(0, n) if side == "right" else slice(T - n, T)
         mask[b, real] = 1
         positions[b, real] = np.arange(n)
-    return np.where(mask == 1, tokens, 0), positions, mask
+    return np.where(mask == 1, tokens, filler), positions, mask
 
 
 @pytest.mark.parametrize("side", ["none", "right", "left"])
@@ -137,3 +140,64 @@ def test_scan_unrolled_and_remat_agree(pair, tokens):
             # 1e-6 of the tensor's scale (on CPU they agree exactly; other backends may reorder sums)
             scale = float(jnp.abs(r).max()) + 1e-12
             assert float(jnp.abs(g - r).max()) <= 1e-6 * scale, variant
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_is_the_segment_id_never_the_token(pair, tokens, side):
+    """Padding is segment 0: the filler id written there (EOS, another id, junk per slot) does
+    not change one bit of the logits at real positions, and real EOS tokens stay real."""
+    _, cfg, params = pair
+    toks, positions, mask = padded_batch(tokens, side, filler=EOS_ID)
+    ref = jax_logits(cfg, params, toks, positions, mask)
+    junk = np.where(mask == 1, toks, np.random.RandomState(5).randint(1, 300, toks.shape)).astype(np.int32)
+    for other in (padded_batch(tokens, side, filler=7)[0], junk):
+        got = jax_logits(cfg, params, other, positions, mask)
+        assert np.array_equal(got[mask == 1], ref[mask == 1])
+    # ... whereas a real token changed inside the valid region does change later logits (the check can fail)
+    changed = toks.copy()
+    changed[mask == 1] = np.where(toks[mask == 1] == EOS_ID, 1, toks[mask == 1])
+    assert not np.array_equal(jax_logits(cfg, params, changed, positions, mask)[mask == 1], ref[mask == 1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cudnn_request_falls_back_to_the_reference_off_gpu(pair, dtype):
+    """attention=cudnn where cuDNN cannot run (CPU here; float32 anywhere) computes exactly the
+    XLA reference, on a packed row with padding."""
+    if jax.default_backend() == "gpu" and dtype == "bfloat16":
+        pytest.skip("cuDNN really runs here: checked against the reference on the GPU")
+    _, cfg, params = pair
+    lengths = [7, 12, 5]
+    toks = np.random.RandomState(2).randint(0, cfg.vocab_size, (1, 28)).astype(np.int32)
+    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(4, int)])[None]
+    positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(4, int)])[None]
+    xla = jax_logits(cfg.replace(dtype=dtype), params, toks, positions, segments)
+    fused = jax_logits(cfg.replace(dtype=dtype, attention="cudnn"), params, toks, positions, segments)
+    assert np.array_equal(fused, xla)
+
+
+def test_remat_offload_on_cpu_is_a_clear_error():
+    if jax.default_backend() != "cpu":
+        pytest.skip("host offload exists on this backend")
+    with pytest.raises(ValueError, match=r"model\.remat=offload needs a GPU or TPU"):
+        param_shapes(GPT2Config.preset("tiny", remat="offload"))
+
+
+def test_sharded_embedding_lookup_needs_no_full_rematerialization(pair, tokens, capfd):
+    """wte split (vocab over tensor, embed over fsdp) and the batch over data x fsdp: the lookup
+    and its gradient compile without XLA replicating the whole activation, and give the
+    one-device loss and gradients (1e-6 of scale: only the summation order differs)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake CPU) devices")
+    _, cfg, params = pair
+    mesh = shd.make_mesh((2, 2, 2), jax.devices())
+    param_sh = shd.logical_shardings(mesh, param_shapes(cfg))
+    batch = np.concatenate([tokens, tokens[::-1], tokens[:2]])[:8, :16]  # 8 rows: one per device
+    ref_loss, ref_grads = _loss_and_grads(cfg, params, jnp.asarray(batch))
+    capfd.readouterr()
+    with shd.rules_context(mesh):
+        loss, grads = _loss_and_grads(cfg, jax.device_put(params, param_sh),
+                                      jax.device_put(jnp.asarray(batch), shd.batch_sharding(mesh)))
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert float(jnp.abs(g - r).max()) <= 1e-6 * (float(jnp.abs(r).max()) + 1e-12)

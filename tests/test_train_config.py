@@ -4,6 +4,7 @@ with one clear line and exit 2, leaving no run directory behind."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from sft_jax import sharding as shd
@@ -40,10 +41,26 @@ def test_shipped_config_validates_and_shards_on_8_devices(path):
     assert cfg.data.max_length <= model_cfg.n_positions
     mesh = shd.make_mesh(cfg.mesh, jax.devices())
     shd.check_batch_fits(mesh, cfg.micro_batch_size())
-    tx, _ = make_optimizer(cfg.optim, 1000)
+    tx, schedule = make_optimizer(cfg.optim, 1000)
     abstract, shardings = ts.state_shardings(model_cfg, tx, mesh)  # eval_shape only: nothing allocated
     n = sum(x.size for x in jax.tree.leaves(abstract.params))
     assert n == model_cfg.num_params(include_vocab_padding=True)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract.params))  # master weights stay float32
+    # the whole train step traces at full size (micro-batch scan, remat, loss chunks, shardings)
+    step = ts.make_train_step(model_cfg, tx, schedule, mesh=mesh, shardings=shardings,
+                              n_micro=cfg.accumulation_steps(), loss_chunk=cfg.train.loss_chunk,
+                              clip_norm=cfg.optim.clip_norm)
+    G, T = cfg.train.global_batch_size, cfg.data.max_length
+    batch = {k: jax.ShapeDtypeStruct((G, T), jnp.float32 if k == "weights" else jnp.int32,
+                                     sharding=shd.batch_sharding(mesh)) for k in ts.BATCH_KEYS}
+    with shd.rules_context(mesh):
+        new_state, step_metrics = jax.eval_shape(step.jitted, abstract, batch)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state) == jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
+    assert step_metrics["loss"].dtype == jnp.float32
+    # float32 logits of one micro-batch's loss chunk stay under 1 GiB even on a single
+    # device (2 GiB with their gradient): big-vocabulary configs must set train.loss_chunk
+    positions = cfg.train.loss_chunk or T
+    assert cfg.micro_batch_size() * positions * model_cfg.padded_vocab_size * 4 <= 2**30, cfg.train.loss_chunk
     # the resolved config round-trips through the YAML written into the run directory
     assert from_dict(read_yaml_text(cfg.to_yaml())) == cfg
 
@@ -101,4 +118,28 @@ def test_user_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, capsys, overr
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_compilation_cache_is_on_by_default_and_configurable():
+    """On unless turned off; the resume tests show a rerun loading the step from it."""
+    from sft_jax.config import TrainSection
+
+    assert TrainSection().compilation_cache == "~/.cache/sft_jax/xla"
+    assert all(load_config(p).train.compilation_cache == "~/.cache/sft_jax/xla" for p in shipped_configs())
+    assert load_config(None, ["train.compilation_cache=/tmp/x"]).train.compilation_cache == "/tmp/x"
+    assert load_config(None, ["train.compilation_cache=null"]).train.compilation_cache is None
+
+
+def test_a_user_error_exits_non_zero_from_the_real_command(tmp_path):
+    """The in-process cases above through ``python -m sft_jax.train`` once: the exit status
+    a shell sees, the one-line message, and no run directory."""
+    from train_fixtures import train_cli
+
+    out = tmp_path / "run"
+    config = write_tiny_yaml(tmp_path / "tiny.yaml", out, "train.steps=2")
+    done = train_cli(["--config", config, "data.train=/no/such/file.jsonl", "data.format=alpaca"], devices=None,
+                     timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "/no/such/file.jsonl" in done.stderr
     assert not out.exists()

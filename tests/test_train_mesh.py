@@ -14,7 +14,7 @@ from sft_jax import train_step as ts
 from sft_jax import trainer
 from sft_jax.model import GPT2Config
 from sft_jax.optim import make_optimizer
-from train_fixtures import losses, tiny_config
+from train_fixtures import losses, metrics, tensorboard_scalars, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,14 @@ def test_intended_param_and_optimizer_shardings():
     assert xl.params["params"]["h"]["attn"]["c_attn_kernel"].spec == P(None, "fsdp", None, None, None)
 
 
-def test_mesh_2x2x2_matches_one_device_and_compiles_once(tmp_path, cache):
+def test_mesh_2x2x2_matches_one_device_and_compiles_once(tmp_path, cache, monkeypatch):
     """10 steps on (data=2, fsdp=2, tensor=2) vs one device. Tolerance 1e-5 relative on the
-    losses (measured 1e-7): the sharded program sums in a different order (float32)."""
+    losses (measured 1e-7): the sharded program sums in a different order (float32).
+    Both runs' logs are then held to what the issue lists (``check_run_logs``)."""
+    # CPU has no FLOP/s peak and no memory statistics: give it both, so the trainer's MFU
+    # and device-memory wiring is exercised (the MFU formula itself is tested by hand).
+    monkeypatch.setattr("sft_jax.metrics.peak_flops", lambda kind: 1e12)
+    monkeypatch.setattr(trainer, "device_memory", lambda: {"bytes_in_use": 123, "peak_bytes_in_use": 456})
     runs = {}
     for name, devices, shape in [("one", jax.devices()[:1], "[1,1,1]"), ("mesh", jax.devices(), "[2,2,2]")]:
         cfg = tiny_config(tmp_path / name, "train.steps=10", f"mesh.shape={shape}", "train.micro_batch_size=4",
@@ -56,10 +61,47 @@ def test_mesh_2x2x2_matches_one_device_and_compiles_once(tmp_path, cache):
         assert ts.TRACE_COUNTS["train"] - before == 1  # one trace (so one compile) for the whole packed run
         assert result.status == "done" and result.step == 10
         runs[name] = losses(tmp_path / name)
+        check_run_logs(tmp_path / name, cfg, n_devices=len(devices))
     assert sorted(runs["one"]) == list(range(1, 11))
     np.testing.assert_allclose([runs["mesh"][s] for s in range(1, 11)], [runs["one"][s] for s in range(1, 11)],
                                rtol=1e-5)
     assert runs["one"][10] < runs["one"][1]
+
+
+def check_run_logs(out, cfg, n_devices):
+    """metrics.jsonl has every metric of the issue, each consistent with an independent
+    computation; TensorBoard holds the same numbers; report.md embeds the four PNG plots
+    and the data report."""
+    _, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    G, T = cfg.train.global_batch_size, cfg.data.max_length
+    model_cfg, _, _ = trainer.model_and_tokenizer(cfg)
+    train = metrics(out)
+    assert [r["step"] for r in train] == list(range(1, cfg.train.steps + 1))  # log_every=1
+    for r in train:
+        assert {"loss", "supervised_tokens", "grad_norm", "clip_ratio", "lr", "tokens_per_s",
+                "supervised_tokens_per_s", "mfu", "step_time_s", "bytes_in_use", "peak_bytes_in_use"} <= set(r)
+        assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)  # lr of the update applied
+        assert r["clip_ratio"] == pytest.approx(min(1.0, cfg.optim.clip_norm / r["grad_norm"]), rel=1e-6)
+        assert 0 < r["supervised_tokens"] < G * T
+        # one step per record: the rates are the step's counts over its time
+        assert r["supervised_tokens_per_s"] * r["step_time_s"] == pytest.approx(r["supervised_tokens"], rel=1e-6)
+        assert r["supervised_tokens_per_s"] < r["tokens_per_s"] <= G * T / r["step_time_s"] * (1 + 1e-9)
+        # MFU = computed tokens/s x 6N + 12LDT / (devices x peak), padding counted as computed
+        want = G * T / r["step_time_s"] * model_cfg.flops_per_token(T) / (n_devices * 1e12)
+        assert r["mfu"] == pytest.approx(want, rel=1e-6)
+        assert (r["bytes_in_use"], r["peak_bytes_in_use"]) == (123, 456)
+    assert any(r["clip_ratio"] < 1 for r in train)  # clipping happened at least once
+    tb = tensorboard_scalars(out / "tb")
+    for key in ("loss", "grad_norm", "clip_ratio", "lr", "tokens_per_s", "mfu"):
+        assert tb[f"train/{key}"] == pytest.approx({r["step"]: r[key] for r in train}, rel=1e-6), key
+    (final_eval,) = metrics(out, "eval")
+    assert tb["eval/eval_loss"] == pytest.approx({cfg.train.steps: final_eval["eval_loss"]}, rel=1e-6)
+    report = (out / "report.md").read_text()
+    for name in ("loss", "lr", "grad_norm", "throughput"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"](plots/{name}.png)" in report
+    data_report = (out / "data_report.md").read_text().strip()
+    assert data_report and data_report.splitlines()[-1] in report
 
 
 def test_bucket_mode_compiles_once_per_bucket_length(tmp_path, cache):
@@ -88,15 +130,19 @@ def test_injected_nan_is_skipped_then_too_many_stop_the_run(tmp_path, cache):
 
     cfg = tiny_config(tmp_path / "one", "train.steps=6", "optim.max_nonfinite_steps=2", cache_dir=cache)
     trainer.run(cfg, batch_transform=poison({2}))
-    records = {r["step"]: r for r in __import__("train_fixtures").metrics(tmp_path / "one")}
+    records = {r["step"]: r for r in metrics(tmp_path / "one")}
     assert records[2]["nonfinite_total"] == 0 and records[3]["nonfinite_total"] == 1  # step index 2 is logged as 3
-    assert records[6]["nonfinite_total"] == 1
+    assert records[6]["nonfinite_total"] == 1 and sorted(records) == list(range(1, 7))  # the steps move on
+    assert records[4]["lr"] == records[3]["lr"] != records[2]["lr"]  # the skipped step did not advance the schedule
 
     cfg = tiny_config(tmp_path / "many", "train.steps=8", "optim.max_nonfinite_steps=2", "checkpoint.every=2",
                       cache_dir=cache)
     with pytest.raises(trainer.NonFiniteError, match="2 consecutive .* last good checkpoint is step 2"):
         trainer.run(cfg, batch_transform=poison({2, 3}))
     assert ckpt.latest_step(tmp_path / "many" / "checkpoints") == 2  # nothing after the skips was saved
+    good = ckpt.restore(tmp_path / "many" / "checkpoints")  # and that checkpoint is whole and finite
+    assert good["train_state"]["step"] == 2 and good["train_state"]["nonfinite_total"] == 0
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good["params"]))
 
 
 def test_checkpoint_from_4_devices_restores_on_2_and_8(tmp_path, cache):

@@ -31,6 +31,7 @@ def setup(tmp_path_factory):
     straight = config("straight")
     done = train_cli(["--config", straight])
     assert done.returncode == 0, done.stdout + done.stderr
+    assert any(cache.glob("jit_step-*")), "train.compilation_cache was not written"
     return root, config, final_state(root / "straight")
 
 
@@ -53,9 +54,11 @@ def test_sigkill_after_committed_checkpoint_then_rerun(setup):
     first = train_cli(["--config", cfg], env_extra={"SFT_JAX_TEST_KILL": "4:after_save"})
     assert first.returncode == -9
     assert ckpt.latest_step(root / "killed" / "checkpoints") == 4
-    second = train_cli(["--config", cfg])
+    second = train_cli(["--config", cfg], env_extra={"JAX_LOG_COMPILES": "1"})
     assert second.returncode == 0, second.stdout + second.stderr
     assert_same_as_uninterrupted(root / "killed", reference)
+    # the resumed process loads the train step from the persistent cache instead of compiling it
+    assert "Persistent compilation cache hit for 'jit_step'" in second.stderr, second.stderr[-3000:]
 
 
 def test_sigkill_during_save_is_ignored_at_resume(setup):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,21 @@ def shipped_configs() -> list[Path]:
 
 def read_yaml(path) -> dict:
     return yaml.safe_load(Path(path).read_text())
+
+
+def tensorboard_scalars(tb_dir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} read back from the TensorBoard event files under ``tb_dir``
+    (TFRecord framing: u64 length, u32 crc, an ``Event`` proto, u32 crc)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars

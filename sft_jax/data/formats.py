@@ -34,8 +34,9 @@ ends in ":\\n", a lone newline after a non-space, and the response starts with a
 so GPT-2's pre-tokenizer regex splits right there; (b) response -> next prompt: the eos special token sits
 between them, and special tokens split the text before pre-tokenization. A user Jinja template gets its
 pieces by rendering prefixes of the conversation (prompt k = render(messages[:k], add_generation_prompt),
-response k = render(messages[:k+1]) minus that prefix), and `check_prompt_tokens` verifies the agreement on
-real examples because an arbitrary template can put a boundary inside a pre-token.
+response k = render(messages[:k+1]) minus that prefix, up to and including its eos; template text after the
+eos opens the next prompt piece, so it is never a target), and `check_prompt_tokens` verifies the agreement
+on real examples because an arbitrary template can put a boundary inside a pre-token.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ class Renderer:
         )
 
     def _jinja_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        pieces, done = [], ""  # done: rendered text already split into pieces
+        pieces, done, full = [], "", ""  # done: rendered text already split into pieces
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
@@ -228,15 +229,20 @@ class Renderer:
                     "template: rendering a conversation prefix does not extend the shorter prefix; the template "
                     "must render messages left to right so each generation prompt is a prefix of the next turn"
                 )
-            response = full[len(prompt) :]
-            if self.tokenizer.eos_token not in response:
+            turn = full[len(prompt) :]
+            closed = turn.rfind(self.tokenizer.eos_token)
+            if closed < 0:
                 raise DataError(
-                    f"template: an assistant turn renders as {response!r}, which lacks the eos token "
+                    f"template: an assistant turn renders as {turn!r}, which lacks the eos token "
                     f"{self.tokenizer.eos_token!r}; the model must learn to stop, so end assistant turns with it"
                 )
-            pieces += [(prompt[len(done) :], False), (response, True)]
-            done = full
-        return pieces
+            # The response ends with its eos; template text after it (e.g. a newline) is not a target: it
+            # opens the next prompt piece. The eos special token splits BPE there, so the cut is token-safe.
+            closed += len(self.tokenizer.eos_token)
+            pieces += [(prompt[len(done) :], False), (turn[:closed], True)]
+            done = prompt + turn[:closed]
+        tail = full[len(done) :]  # after the last eos: part of the row, never a target
+        return pieces + [(tail, False)] if tail else pieces
 
 
 # ------------------------------------------------------------------------------------------- tokenization
