@@ -41,13 +41,26 @@ def _handlers() -> dict:
             **{name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS}}
 
 
+REMOTE_SCHEMES = ("gs://", "s3://")
+
+
+def as_path(path):
+    """A local ``pathlib.Path``, or an ``etils.epath.Path`` for gs:// and other object stores
+    (orbax's own path layer; pathlib would fold "gs://" into "gs:/")."""
+    if str(path).startswith(REMOTE_SCHEMES):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return Path(path)
+
+
 def make_manager(directory, *, keep: int | None = None, async_save: bool = True,
                  create: bool = True) -> ocp.CheckpointManager:
     """A manager over ``directory`` with this layout's items registered; ``keep`` = max_to_keep."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
-                                 item_handlers=_handlers())
+    root = str(directory) if str(directory).startswith(REMOTE_SCHEMES) else os.path.abspath(os.fspath(directory))
+    return ocp.CheckpointManager(root, options=options, item_handlers=_handlers())
 
 
 # --- tokenizer <-> {filename: text} -------------------------------------------
@@ -116,24 +129,24 @@ def _step_dirs(root: Path) -> dict[int, Path]:
 
 
 def is_step_dir(path) -> bool:
-    path = Path(path)
+    path = as_path(path)
     return (path / "model_config").is_dir() and (path / "params").is_dir()
 
 
 def is_checkpoint(path) -> bool:
     """True for a manager root holding at least one finished step, or a step dir."""
-    path = Path(path)
+    path = as_path(path)
     return is_step_dir(path) or bool(_step_dirs(path))
 
 
 def latest_step(directory) -> int | None:
     """The newest finished step under a manager root (orbax tmp dirs are not counted)."""
-    steps = _step_dirs(Path(directory))
+    steps = _step_dirs(as_path(directory))
     return max(steps) if steps else None
 
 
 def _resolve_step_dir(path, step: int | None) -> tuple[Path, int | None]:
-    path = Path(path)
+    path = as_path(path)
     if is_step_dir(path):
         if step is not None:
             raise CheckpointError(f"{path} is already a step dir; do not also pass step={step}")
@@ -200,7 +213,7 @@ def load_model(path, **config_overrides):
     (root or step dir). ``config_overrides`` set compute fields (dtype, remat, ...)."""
     from sft_jax import hf  # hf imports nothing from here; lazy to keep checkpoint import light
 
-    p = Path(path)
+    p = as_path(path)
     if p.is_dir() and is_checkpoint(p):
         out = restore(p)
         cfg = out["model_config"].replace(**config_overrides) if config_overrides else out["model_config"]

@@ -142,7 +142,7 @@ def resume_source(config: Config):
         return None
     if resume == "auto":
         return own if ckpt.latest_step(own) is not None else None
-    path = Path(resume).expanduser()
+    path = ckpt.as_path(resume if is_remote(resume) else os.path.expanduser(resume))
     for candidate in (path / "checkpoints", path):
         if ckpt.is_checkpoint(candidate):
             return candidate

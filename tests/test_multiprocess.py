@@ -259,6 +259,8 @@ def test_remote_output_dir_layout(tmp_path):
     local, checkpoints = run_dirs(cfg)
     assert local == tmp_path / "stage" / "bucket__runs__xl"
     assert str(checkpoints) == "gs://bucket/runs/xl/checkpoints"
+    from sft_jax.checkpoint import as_path
+    assert str(as_path("gs://bucket/runs/xl") / "checkpoints" / "5") == "gs://bucket/runs/xl/checkpoints/5"
     local_cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}"])
     assert run_dirs(local_cfg) == (tmp_path / "run", tmp_path / "run" / "checkpoints")
 

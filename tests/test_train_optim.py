@@ -130,7 +130,7 @@ def test_five_steps_match_hf_torch_adamw():
 def test_one_batch_of_4b_equals_four_micro_batches_of_b():
     """Gradient of 8 rows at once == sum over 4 micro-batches of 2 rows, each normalised by
     the whole batch's supervised-token count (the micro-batches hold 4x different counts).
-    Tolerance 1e-6 relative: only the float32 summation order differs."""
+    Tolerances: loss 1e-6 relative, gradients 1e-5 relative (1e-7 absolute): only the float32 summation order differs."""
     params = init_params(CFG, jax.random.key(0))
     (batch,) = fixed_batches(1, rows=8, length=16, vocab=CFG.vocab_size, seed=2)
     batch["weights"][::4] = 1.0  # rows 0 and 4 fully supervised ...
