@@ -6,6 +6,7 @@ the same batches (the iterator is a pure function of the step) is deterministic.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -17,6 +18,11 @@ from train_fixtures import losses, metrics, train_cli, write_tiny_yaml
 
 STEPS = 8
 EVERY = 2
+
+# One CPU device, as a user runs it: the persistent compilation cache (whose hit on resume
+# is checked below) is off with several CPU devices (see trainer.enable_compilation_cache).
+# Resuming onto other meshes is tests/test_train_mesh.py's and tests/test_multiprocess.py's.
+train_cli = functools.partial(train_cli, devices=None)
 
 
 @pytest.fixture(scope="module")
