@@ -273,3 +273,18 @@ def test_remote_output_dir_layout(tmp_path):
     fresh = tmp_path / "fresh_vm"
     download_outputs(str(remote), fresh)
     assert (fresh / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_missing_peer_is_a_clear_non_zero_exit(tmp_path):
+    """Process 0 of 2 alone: it gives up after the initialization timeout, non-zero, and
+    stderr names the coordinator address and the expected process count."""
+    port = _free_port()
+    env = _env(tmp_path / "cache", SFT_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SFT_JAX_NUM_PROCESSES=2,
+               SFT_JAX_PROCESS_ID=0, SFT_JAX_INITIALIZATION_TIMEOUT=5, SFT_JAX_NUM_CPU_DEVICES=4)
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "sft_jax.train", *_train_args(tmp_path / "run", tmp_path / "cache")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert time.time() - t0 < 60
+    assert f"coordinator 127.0.0.1:{port}, expecting 2 processes" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing written before the job formed
