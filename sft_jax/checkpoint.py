@@ -41,17 +41,21 @@ def _handlers() -> dict:
             **{name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS}}
 
 
-REMOTE_SCHEMES = ("gs://", "s3://")
+REMOTE_SCHEMES = ("gs://", "s3://")  # object stores orbax writes to through etils.epath
+
+
+def is_remote(path) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
 
 
 def as_path(path):
-    """A local ``pathlib.Path``, or an ``etils.epath.Path`` for gs:// and other object stores
-    (orbax's own path layer; pathlib would fold "gs://" into "gs:/")."""
-    if str(path).startswith(REMOTE_SCHEMES):
+    """A local ``pathlib.Path`` (``~`` expanded), or an ``etils.epath.Path`` for gs:// and
+    other object stores (orbax's own path layer; pathlib would fold "gs://" into "gs:/")."""
+    if is_remote(path):
         from etils import epath
 
         return epath.Path(str(path))
-    return Path(path)
+    return Path(os.path.expanduser(os.fspath(path)))
 
 
 def make_manager(directory, *, keep: int | None = None, async_save: bool = True,
@@ -59,7 +63,7 @@ def make_manager(directory, *, keep: int | None = None, async_save: bool = True,
     """A manager over ``directory`` with this layout's items registered; ``keep`` = max_to_keep."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_save)
-    root = str(directory) if str(directory).startswith(REMOTE_SCHEMES) else os.path.abspath(os.fspath(directory))
+    root = str(directory) if is_remote(directory) else os.path.abspath(as_path(directory))
     return ocp.CheckpointManager(root, options=options, item_handlers=_handlers())
 
 

@@ -136,8 +136,8 @@ class CheckpointSection:
 @dataclasses.dataclass(frozen=True)
 class RunSection:
     output_dir: str = "runs/demo"  # run directory: config.yaml, metrics, report, checkpoints/, hf/; local or gs://
-    # with a remote output_dir (gs://...), process 0 writes logs, report and export here first
-    # and copies them up after each checkpoint and at the end; checkpoints go straight up
+    # with a remote output_dir (gs://...), process 0 writes logs, report and export here and
+    # copies them up when the run ends or is preempted; checkpoints go straight to the bucket
     staging_dir: str = "~/.cache/sft_jax/staging"
     export: bool = True  # export the final model to output_dir/hf (self-verifying)
 

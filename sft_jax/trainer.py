@@ -94,13 +94,6 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-REMOTE_SCHEMES = ("gs://", "s3://")  # object stores orbax writes to through etils.epath
-
-
-def is_remote(path: str) -> bool:
-    return str(path).startswith(REMOTE_SCHEMES)
-
-
 def run_dirs(config: Config):
     """(local directory for logs, report and export; checkpoint root, local or remote).
 
@@ -109,12 +102,10 @@ def run_dirs(config: Config):
     a local staging directory and copied up (``upload_outputs``), while orbax writes the
     checkpoints to the bucket directly from every process."""
     out = config.run.output_dir
-    if not is_remote(out):
+    if not ckpt.is_remote(out):
         return Path(out), Path(out) / "checkpoints"
-    from etils import epath
-
     name = out.split("://", 1)[1].strip("/").replace("/", "__")
-    return Path(config.run.staging_dir).expanduser() / name, epath.Path(out) / "checkpoints"
+    return Path(config.run.staging_dir).expanduser() / name, ckpt.as_path(out) / "checkpoints"
 
 
 def upload_outputs(local: Path, remote) -> None:
@@ -148,7 +139,7 @@ def resume_source(config: Config):
         return None
     if resume == "auto":
         return own if ckpt.latest_step(own) is not None else None
-    path = ckpt.as_path(resume if is_remote(resume) else os.path.expanduser(resume))
+    path = ckpt.as_path(resume)
     for candidate in (path / "checkpoints", path):
         if ckpt.is_checkpoint(candidate):
             return candidate
@@ -244,7 +235,7 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
 
     # 2. the run directory -----------------------------------------------------------------
     out, checkpoint_root = run_dirs(config)
-    remote = config.run.output_dir if is_remote(config.run.output_dir) else None
+    remote = config.run.output_dir if ckpt.is_remote(config.run.output_dir) else None
     if main:
         if remote and source is not None:
             download_outputs(remote, out)
