@@ -32,7 +32,7 @@ export SFT_JAX_HEARTBEAT_TIMEOUT="$HEARTBEAT_TIMEOUT"
 
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in ${pids[@]+"${pids[@]}"}; do kill -TERM "$pid" 2>/dev/null || true; done
 }
 # A Ctrl-C or a SIGTERM to this script is passed on to every process (they save and stop).
 trap cleanup INT TERM
@@ -48,7 +48,7 @@ done
 echo "sft_jax local: $NUM_PROCESSES processes x $DEVICES_PER_PROCESS CPU devices, logs in $LOG_DIR" >&2
 
 status=0
-for pid in "${pids[@]}"; do
+for pid in ${pids[@]+"${pids[@]}"}; do
   rc=0
   wait "$pid" || rc=$?
   if [[ $rc -ne 0 && $status -eq 0 ]]; then

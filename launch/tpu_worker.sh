@@ -22,7 +22,7 @@ alive() {  # the run in directory $1 still has its process group
 stop() {
   [ -d "$current" ] || { echo "no run on $(hostname)"; return 0; }
   if alive "$current"; then
-    kill -TERM -- "-$(cat "$current/pid")" 2>/dev/null
+    kill -TERM "$(cat "$current/trainer_pid")" 2>/dev/null
     echo "sent SIGTERM to run $(basename "$(readlink "$current")") on $(hostname)"
   fi
 }
@@ -50,9 +50,10 @@ start() {
   free_tpu
   mkdir -p "$dir" && ln -sfn "$dir" "$current"
   cd "$workdir" || return 1
-  # bash -c: $0 is the run directory, "$@" the trainer command
+  # bash -c: $0 is the run directory, "$@" the trainer command. `stop` signals the trainer
+  # alone, so this wrapper lives on to record its exit status.
   # shellcheck disable=SC2016
-  setsid nohup bash -c '"$@" >"$0/train.log" 2>&1; echo $? >"$0/exit_status"' \
+  setsid nohup bash -c '"$@" >"$0/train.log" 2>&1 & echo $! >"$0/trainer_pid"; wait $!; echo $? >"$0/exit_status"' \
     "$dir" "$python" -m sft_jax.train "$@" </dev/null >/dev/null 2>&1 &
   echo "$!" >"$dir/pid"
   echo "started run $run_id on $(hostname)"
