@@ -10,46 +10,13 @@ JAX then fills in must be the intended coordinator, process count, rank and devi
 
 from __future__ import annotations
 
-import os
-
-import jax
 import pytest
 from jax._src import clusters
 from jax._src.clusters import cloud_tpu_cluster, cluster as cluster_mod
 
+from launch_fixtures import calls, jax_autodetect as _jax_autodetect, joined as _joined  # noqa: F401 (fixture)
 from sft_jax import distributed
 from sft_jax.config import load_config
-
-ENV_PREFIXES = ("SLURM_", "OMPI_", "PMIX_", "PRTE_", "TPU_", "MEGASCALE_", "SFT_JAX_")
-ENV_NAMES = ("KUBERNETES_SERVICE_HOST", "JAX_LOCAL_DEVICE_IDS", "CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_PORT")
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """A clean cluster environment and a recording jax.distributed.initialize."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIXES) or name in ENV_NAMES:
-            monkeypatch.delenv(name)
-    recorded = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: recorded.append((a, kw)))
-    # The CPU backend is already up in this process; the collectives flag is irrelevant here.
-    real_update = jax.config.update
-    monkeypatch.setattr(jax.config, "update", lambda name, value: None if "collectives" in name else real_update(name, value))
-    return recorded
-
-
-def _jax_autodetect():
-    """What jax.distributed.initialize() would fill in by itself here."""
-    return clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 10)
-
-
-def _joined(calls):
-    assert len(calls) == 1
-    args, kwargs = calls[0]
-    assert args == ()  # no coordinator / count / rank: jax detects them
-    assert kwargs.pop("initialization_timeout") == 300 and kwargs.pop("heartbeat_timeout_seconds") == 100
-    return kwargs
-
 
 def test_tpu_vm_worker(monkeypatch, calls):
     """A gcloud-created v4-32 slice: no env variables, everything comes from the metadata server."""
