@@ -76,8 +76,11 @@ MODES = ("auto", "require", "never")  # not "off": YAML reads it as false
 def _jax_cluster_types():
     # jax keeps its cluster types private; jax.distributed.initialize() walks this same
     # list (jax/_src/clusters/cluster.py), so detection here cannot drift from jax's.
+    # Kubernetes is left out: there every pod would ask the API server (or warn when the
+    # kubernetes package is missing) on every run; use explicit settings on k8s.
     from jax._src import clusters
-    return [c for c in clusters.ClusterEnv._cluster_types if not c.opt_in_only_method]
+    return [c for c in clusters.ClusterEnv._cluster_types
+            if not c.opt_in_only_method and c.__name__ != "K8sCluster"]
 
 
 def _is_ompi5() -> bool:
