@@ -34,6 +34,7 @@ import numpy as np
 
 from sft_jax import checkpoint as ckpt
 from sft_jax import distributed
+from sft_jax import runlock
 from sft_jax import sharding as shd
 from sft_jax import train_step as ts
 from sft_jax.config import Config, ConfigError
@@ -192,6 +193,12 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
     t_start = time.perf_counter()
     distributed.initialize(config.distributed)
     enable_compilation_cache(config.train.compilation_cache)
+    # one run per output directory: a second one refuses here, before it reads or writes anything
+    with runlock.hold(config.run.output_dir, run_dirs(config)[0], enabled=jax.process_index() == 0):
+        return _run(config, devices, batch_transform, t_start)
+
+
+def _run(config: Config, devices, batch_transform, t_start: float) -> RunResult:
     main = jax.process_index() == 0
 
     # 1. validate and build everything before the run directory exists --------------------
