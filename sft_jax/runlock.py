@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -133,7 +134,10 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            self._write()
+            try:
+                self._write()
+            except OSError as e:  # a transient store error: say so, and try again at the next renewal
+                print(f"sft_jax: could not renew the lease {self.path}: {e}", file=sys.stderr, flush=True)
 
     def release(self) -> None:
         if self._thread is None:

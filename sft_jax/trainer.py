@@ -116,7 +116,7 @@ def upload_outputs(local: Path, remote) -> None:
 
     remote = epath.Path(remote)
     for src in sorted(local.rglob("*")):
-        if src.is_file():
+        if src.is_file() and src.relative_to(local).as_posix() != runlock.LOCK_NAME:  # the bucket has its lease
             dst = remote / src.relative_to(local).as_posix()
             dst.parent.mkdir(parents=True, exist_ok=True)
             epath.Path(src).copy(dst, overwrite=True)
