@@ -140,6 +140,8 @@ class RunSection:
     # copies them up when the run ends or is preempted; checkpoints go straight to the bucket
     staging_dir: str = "~/.cache/sft_jax/staging"
     export: bool = True  # export the final model to output_dir/hf (self-verifying)
+    wandb_project: Optional[str] = None  # also log to this Weights & Biases project (pip install 'sft_jax[wandb]')
+    wandb_name: Optional[str] = None  # the W&B run name; null = wandb's own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +340,11 @@ def _validate(cfg: Config) -> None:
                                            if cfg.data.batching == "buckets" else [])
         if any(n % t.loss_chunk for n in lengths):
             raise ConfigError(f"train.loss_chunk={t.loss_chunk} must divide every row length {sorted(set(lengths))}")
+    if t.max_new_tokens < 1:
+        raise ConfigError(f"train.max_new_tokens={t.max_new_tokens} must be >= 1")
+    if m.init_from == "scratch" and t.max_new_tokens >= m.n_positions:  # HF models: checked once their config is read
+        raise ConfigError(f"train.max_new_tokens={t.max_new_tokens} leaves no room for a prompt in "
+                          f"model.n_positions={m.n_positions}; it must be smaller")
     if not t.resume:
         raise ConfigError("train.resume: use auto, never, or a checkpoint directory")
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.final_lr_fraction <= 1:

@@ -1,5 +1,5 @@
 """Training metrics: MFU, device memory, and one logger that feeds a JSONL file,
-TensorBoard and a tqdm progress bar.
+TensorBoard, a tqdm progress bar and, optionally, Weights & Biases.
 
 MFU (model FLOPs utilisation) is the fraction of the chips' dense peak that the model's
 own arithmetic would need at the measured speed:
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -108,15 +109,33 @@ class MetricsLogger:
     Every record carries ``step``, ``split`` ("train", "eval" or "text") and ``time``
     (Unix seconds). With ``enabled=False`` (processes other than 0) every method is a no-op
     and nothing is created.
+
+    ``wandb_project`` (``run.wandb_project``) also sends every record to Weights & Biases
+    (``pip install 'sft_jax[wandb]'``), under ``train/`` and ``eval/`` like TensorBoard, with
+    ``wandb_config`` (the run's config) attached; wandb is imported only then.
     """
 
     FILENAME = "metrics.jsonl"
 
-    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, total_steps: int, start_step: int = 0):
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, total_steps: int, start_step: int = 0,
+                 wandb_project: Optional[str] = None, wandb_name: Optional[str] = None,
+                 wandb_config: Optional[dict] = None):
         self.enabled = enabled
         self.path = Path(output_dir) / self.FILENAME
+        self._wandb = None
         if not enabled:
             return
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("run.wandb_project is set but wandb is not installed: "
+                                  "pip install 'sft_jax[wandb]'") from None
+            id_file = Path(output_dir) / "wandb_run_id"  # a resumed run continues the same W&B run
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
+            self._wandb = wandb.init(project=wandb_project, name=wandb_name, config=wandb_config,
+                                     dir=str(output_dir), id=id_file.read_text().strip(), resume="allow")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_jsonl(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -137,6 +156,9 @@ class MetricsLogger:
         for key, value in record.items():
             if key not in ("step", "split", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split", "time")},
+                            step=record["step"])
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One training step's metrics (see the module docstring for the usual keys)."""
@@ -169,6 +191,8 @@ class MetricsLogger:
             return
         self._write(step, "text", {"tag": tag, "text": text})
         self._tb.add_text(tag, text, step)
+        if self._wandb is not None:
+            self._wandb.log({f"text/{tag}": text}, step=int(step))
 
     def close(self) -> None:
         if not self.enabled or self._file.closed:
@@ -176,6 +200,8 @@ class MetricsLogger:
         self._bar.close()
         self._tb.close()
         self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def __enter__(self) -> "MetricsLogger":
         return self

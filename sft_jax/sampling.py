@@ -74,6 +74,20 @@ def _decode(params, tokens, lengths, rng, temperature, top_p, eos_id, *, cfg: GP
     return jax.lax.while_loop(cond, body, state)["out"]
 
 
+def prompt_budget(n_positions: int, max_new_tokens: int) -> int:
+    """The longest prompt that leaves room for ``max_new_tokens`` new tokens."""
+    if not 1 <= max_new_tokens < n_positions:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in n_positions={n_positions}")
+    return n_positions - max_new_tokens
+
+
+def cut_prompt(prompt: list[int], n_positions: int, max_new_tokens: int) -> list[int]:
+    """``prompt`` cut from the left to ``prompt_budget`` tokens (the end of a prompt, where the
+    question and the turn marker sit, matters most; the data path cuts training prompts alike)."""
+    budget = prompt_budget(n_positions, max_new_tokens)
+    return list(prompt[-budget:]) if len(prompt) > budget else list(prompt)
+
+
 def generate(params, cfg: GPT2Config, prompt_token_lists, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int, seed: int = 0) -> list[list[int]]:
     """New tokens for each prompt, up to and including the first ``eos_id`` (as HF returns them).
@@ -85,9 +99,11 @@ def generate(params, cfg: GPT2Config, prompt_token_lists, *, max_new_tokens: int
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.n_positions:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"{cfg.n_positions} positions")
+    # checked here, on the host: past this point a bad length is a shape error deep inside jit
+    if max_new_tokens < 1 or longest + max_new_tokens > cfg.n_positions:
+        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit the "
+                         f"model's n_positions={cfg.n_positions} (need max_new_tokens >= 1 and their sum <= "
+                         f"n_positions; prompt_budget() says how long a prompt may be)")
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     T0 = min(-(-longest // 8) * 8, cfg.n_positions - max_new_tokens)  # round up: fewer recompiles

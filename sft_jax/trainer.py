@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import signal
@@ -34,6 +35,7 @@ import numpy as np
 
 from sft_jax import checkpoint as ckpt
 from sft_jax import distributed
+from sft_jax import runlock
 from sft_jax import sharding as shd
 from sft_jax import train_step as ts
 from sft_jax.config import Config, ConfigError
@@ -114,7 +116,7 @@ def upload_outputs(local: Path, remote) -> None:
 
     remote = epath.Path(remote)
     for src in sorted(local.rglob("*")):
-        if src.is_file():
+        if src.is_file() and src.relative_to(local).as_posix() != runlock.LOCK_NAME:  # the bucket has its lease
             dst = remote / src.relative_to(local).as_posix()
             dst.parent.mkdir(parents=True, exist_ok=True)
             epath.Path(src).copy(dst, overwrite=True)
@@ -192,6 +194,12 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
     t_start = time.perf_counter()
     distributed.initialize(config.distributed)
     enable_compilation_cache(config.train.compilation_cache)
+    # one run per output directory: a second one refuses here, before it reads or writes anything
+    with runlock.hold(config.run.output_dir, run_dirs(config)[0], enabled=jax.process_index() == 0):
+        return _run(config, devices, batch_transform, t_start)
+
+
+def _run(config: Config, devices, batch_transform, t_start: float) -> RunResult:
     main = jax.process_index() == 0
 
     # 1. validate and build everything before the run directory exists --------------------
@@ -200,6 +208,11 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
     shd.check_batch_fits(mesh, M)
     source = resume_source(config)
     model_cfg, tokenizer, hf_dir = model_and_tokenizer(config)
+    if main and config.run.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"run.wandb_project={config.run.wandb_project!r} needs wandb: pip install 'sft_jax[wandb]'")
+    if config.train.max_new_tokens >= model_cfg.n_positions:  # scratch models: already refused by the config
+        raise ConfigError(f"train.max_new_tokens={config.train.max_new_tokens} leaves no room for a prompt in "
+                          f"the model's n_positions={model_cfg.n_positions}; it must be smaller")
     if source is not None:
         saved = _checkpoint_model_config(source)
         diff = {k: (saved.get(k), getattr(model_cfg, k)) for k in ARCH_FIELDS if saved.get(k) != getattr(model_cfg, k)}
@@ -222,9 +235,12 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
         train_state = restored["train_state"] or {}
         start_step = int(train_state.get("step", restored["step"]))
         state = ts.state_from_restored(restored["params"], restored["opt_state"], train_state, shardings)
-        iterator.restore(train_state.get("data", {"step": start_step}))
+        iterator.restore(train_state.get("data", {"step": start_step}))  # DataError: buckets at another batch
         if main:
             print(f"sft_jax: resuming from step {start_step} of {source}", file=sys.stderr, flush=True)
+            if iterator.batch_size_changes and iterator.batch_size_changes[-1][0] == start_step:
+                print(f"sft_jax: {batch_size_changes(iterator)[-1]}; the data continues from the next unseen row",
+                      file=sys.stderr, flush=True)
     else:
         params = None
         if hf_dir is not None:
@@ -244,10 +260,12 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
         (out / "data_report.md").write_text(report_to_markdown(data_report))
     manager = ckpt.make_manager(checkpoint_root, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
-    logger = MetricsLogger(out, enabled=main, total_steps=total_steps,
-                           start_step=start_step)
+    logger = MetricsLogger(out, enabled=main, total_steps=total_steps, start_step=start_step,
+                           wandb_project=config.run.wandb_project, wandb_name=config.run.wandb_name,
+                           wandb_config=config.to_dict())
     runner = _Loop(config, mesh, model_cfg, tokenizer, tx, schedule, shardings, state, iterator, eval_ds,
-                   manager, logger, total_steps, batch_transform)
+                   manager, logger, total_steps, batch_transform,
+                   eval_dropped=sum(data_report.eval.dropped.values()) if data_report.eval else 0)
     try:
         with _sigterm_flag() as preempted:
             result = runner.train(start_step, preempted)
@@ -294,11 +312,13 @@ class _Loop:
     """The loop's state in one place: device state, iterator, checkpoint manager, logger."""
 
     def __init__(self, config: Config, mesh, model_cfg: GPT2Config, tokenizer, tx, schedule, shardings,
-                 state, iterator, eval_ds, manager, logger: MetricsLogger, total_steps: int, batch_transform):
+                 state, iterator, eval_ds, manager, logger: MetricsLogger, total_steps: int, batch_transform,
+                 eval_dropped: int = 0):
         self.config, self.mesh, self.model_cfg, self.tokenizer = config, mesh, model_cfg, tokenizer
         self.shardings, self.state, self.iterator, self.eval_ds = shardings, state, iterator, eval_ds
         self.manager, self.logger, self.total_steps = manager, logger, total_steps
         self.batch_transform = batch_transform
+        self.eval_dropped = eval_dropped  # eval examples the data path dropped: no sample or exact match for them
         t = config.train
         self.step_fn = ts.make_train_step(model_cfg, tx, schedule, mesh=mesh, shardings=shardings,
                                           n_micro=config.accumulation_steps(), loss_chunk=t.loss_chunk,
@@ -428,20 +448,20 @@ class _Loop:
     def generation_eval(self, step: int) -> dict:
         """A few samples into the log, and greedy exact match on held-out prompts."""
         t = self.config.train
-        examples = self.eval_ds.examples or []
-        n = min(len(examples), max(t.eval_samples, t.exact_match_examples))
+        prompts, references, skipped = generation_examples(
+            self.tokenizer, self.config.data, self.eval_ds.examples or [], max(t.eval_samples, t.exact_match_examples),
+            n_positions=self.model_cfg.n_positions, max_new_tokens=t.max_new_tokens)
+        n = len(prompts)
         if n == 0:
             return {}
-        chosen = examples[:n]
-        prompts = [encode_prompt(self.tokenizer, self.config.data, ex) for ex in chosen]
-        references = [_last_response(ex) for ex in chosen]
         predictions = self.generate(prompts)
         for i in range(min(t.eval_samples, n)):
             prompt_text = decode(self.tokenizer, prompts[i])
             self.logger.log_text(step, f"sample_{i}", f"{prompt_text}{predictions[i]}\n[reference] {references[i]}")
         if t.exact_match_examples:
             k = min(t.exact_match_examples, n)
-            return {"exact_match": exact_match(predictions[:k], references[:k])}
+            return {"exact_match": exact_match(predictions[:k], references[:k]), "exact_match_n": k,
+                    "exact_match_skipped": self.eval_dropped + skipped}
         return {}
 
     def generate(self, prompts: list[list[int]]) -> list[str]:
@@ -453,7 +473,7 @@ class _Loop:
         if jax.process_count() > 1:  # generate on process 0's first device, outside the global mesh
             params = jax.device_put(params, jax.local_devices()[0])
         eos = self.tokenizer.eos_token_id
-        max_new = min(self.config.train.max_new_tokens, self.model_cfg.n_positions - max(map(len, prompts)))
+        max_new = self.config.train.max_new_tokens  # prompts are cut to fit (generation_examples)
         texts = []
         for lo in range(0, len(prompts), GENERATE_BATCH):
             chunk = prompts[lo:lo + GENERATE_BATCH]
@@ -488,6 +508,8 @@ class _Loop:
         if main:
             summary = {"final_loss": self.last_loss, "steps": self.total_steps,
                        "wall_time_s": time.perf_counter() - t_start, **results}
+            if batch_size_changes(self.iterator):
+                summary["global batch size"] = "; ".join(batch_size_changes(self.iterator))
             report = write_report(out, data_report_md=report_to_markdown(data_report), summary=summary)
             lines = [f"checkpoints: {self.manager.directory}", f"report:      {report}"]
             if self.config.run.export:
@@ -495,6 +517,30 @@ class _Loop:
                           f"chat with it: python -m sft_jax.generate --model {export_dir}"]
             print("\n".join(lines), flush=True)
         return results
+
+
+def generation_examples(tokenizer, data_cfg, examples: list, n: int, *, n_positions: int, max_new_tokens: int):
+    """(prompts, references, skipped) for samples and exact match: the first ``n`` of ``examples``
+    (the eval examples the data path kept), each prompt cut from the left to leave room for
+    ``max_new_tokens``; an example whose prompt renders to no token is skipped and counted."""
+    from sft_jax.sampling import cut_prompt
+
+    prompts, references, skipped = [], [], 0
+    for example in examples:
+        if len(prompts) == n:
+            break
+        ids = encode_prompt(tokenizer, data_cfg, example)
+        if not ids:
+            skipped += 1
+            continue
+        prompts.append(cut_prompt(ids, n_positions, max_new_tokens))
+        references.append(_last_response(example))
+    return prompts, references, skipped
+
+
+def batch_size_changes(iterator) -> list[str]:
+    """'batch size changed at step N (A -> B)' for each resume at another global batch size."""
+    return [f"batch size changed at step {step} ({old} -> {new})" for step, old, new in iterator.batch_size_changes]
 
 
 def _last_response(example) -> str:

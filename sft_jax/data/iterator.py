@@ -1,13 +1,14 @@
 """Deterministic, resumable, multi-host batch iterator with background prefetch.
 
 Global batch `step` is a pure function of (dataset, seed, mode, sizes, step); the iterator's whole state is
-the step (the epoch is derived from it). Each process builds only rows
+the step (the epoch is derived from it) and, with packing, the rows consumed before it. Each process builds only rows
 [process_index * B / P, (process_index + 1) * B / P) of the global batch of B rows, so concatenating the
 slices of all P processes gives the same global batch for any P.
 
 Epochs. packing: the fixed rows form one endless stream, epoch e visiting all rows in a seeded order; global
 row r is row (r mod R) of epoch r // R, so a batch may end one epoch and start the next and no row is ever
-dropped. buckets: the unit is a whole batch (its pad length depends on all its rows); epoch e is batches
+dropped. The position in that stream is kept in rows consumed, so a run resumed with another global batch
+size continues from the next unseen row (batch `step` then starts at row rows + (step - resume step) * B). buckets: the unit is a whole batch (its pad length depends on all its rows); epoch e is batches
 [e * S, (e + 1) * S) of the stream, S = ceil(n_docs / B), and the one short batch per epoch is filled with
 padding rows. With loop=False the iterator stops after one epoch, padding the last batch with empty rows.
 """
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from sft_jax.data.config import DataError
 from sft_jax.data.pack import (
     SFTDataset,
     assemble,
@@ -32,6 +34,18 @@ from sft_jax.data.pack import (
 )
 
 MODES = ("packing", "buckets")
+
+
+class BatchSizeChangedError(DataError):
+    """Resuming bucket batching with another global batch size (its plan is made of whole batches)."""
+
+    def __init__(self, saved: int, now: int, step: int):
+        self.saved, self.now, self.step = saved, now, step
+        super().__init__(
+            f"the checkpoint at step {step} was trained with global_batch_size={saved}, this run asks for {now}; "
+            f"data.batching=buckets plans whole batches, so its position cannot carry over to another batch size: "
+            f"resume with train.global_batch_size={saved}, or use data.batching=packing, which resumes from the "
+            f"next unseen row at any batch size")
 
 
 class BatchIterator:
@@ -73,6 +87,8 @@ class BatchIterator:
         self._plans: dict[int, object] = {}  # epoch -> row order (packing) or batches (buckets); last two kept
         self._lock = threading.Lock()
         self.step = step
+        self._origin = (0, 0)  # (step, rows consumed before it): batch s starts at row rows + (s - step) * B
+        self.batch_size_changes: list[list[int]] = []  # [step, old, new] for each resume at another batch size
         self.prefetch = prefetch
         self._worker: _Prefetcher | None = None
 
@@ -88,10 +104,15 @@ class BatchIterator:
         """Steps that cover one epoch: ceil(rows_per_epoch / global_batch_size)."""
         return math.ceil(self.rows_per_epoch / self.global_batch_size)
 
+    def first_row(self, step: int) -> int:
+        """Packing: index in the row stream of the first row of global batch `step`."""
+        origin_step, origin_rows = self._origin
+        return origin_rows + (step - origin_step) * self.global_batch_size
+
     def epoch_of(self, step: int) -> int:
         """Epoch of the first row of global batch `step`."""
         if self.mode == "packing":
-            return step * self.global_batch_size // self.rows_per_epoch
+            return self.first_row(step) // self.rows_per_epoch
         return step // self.steps_per_epoch
 
     # ---- pure function of the step
@@ -114,7 +135,8 @@ class BatchIterator:
         """This process's slice of global batch `step`: arrays [global_batch_size / process_count, T]."""
         if self.mode == "packing":
             rows = []
-            for r in range(step * self.global_batch_size, (step + 1) * self.global_batch_size)[self._slice]:
+            first = self.first_row(step)
+            for r in range(first, first + self.global_batch_size)[self._slice]:
                 epoch, k = divmod(r, self.rows_per_epoch)
                 end = not self.loop and epoch > 0  # past the single epoch: padding rows
                 rows.append([] if end else self._rows[self._plan(epoch)[k]])
@@ -131,7 +153,7 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if not self.loop and self.step >= self.steps_per_epoch:
+        if not self.loop and self.epoch_of(self.step) > 0:
             raise StopIteration
         if self.prefetch == 0:
             batch = self.batch_at(self.step)
@@ -145,14 +167,29 @@ class BatchIterator:
 
     def state(self) -> dict:
         """JSON-serialisable state; `restore` of it resumes with exactly the batches that would follow."""
-        return {"epoch": self.epoch_of(self.step), "step": self.step}
+        state = {"epoch": self.epoch_of(self.step), "step": self.step, "global_batch_size": self.global_batch_size,
+                 "batch_size_changes": [list(c) for c in self.batch_size_changes]}
+        if self.mode == "packing":
+            state["rows"] = self.first_row(self.step)
+        return state
 
     def restore(self, state: dict) -> None:
+        """Continue after `state`. With packing, a state saved at another global batch size continues
+        from its next unseen row; with buckets (a batch is the unit of the plan) that raises
+        BatchSizeChangedError."""
         step = int(state["step"])
-        if "epoch" in state and int(state["epoch"]) != self.epoch_of(step):
-            raise ValueError(f"state {state} is inconsistent: step {step} is in epoch {self.epoch_of(step)}")
+        saved_batch = int(state.get("global_batch_size", self.global_batch_size))
+        if self.mode == "buckets" and saved_batch != self.global_batch_size:
+            raise BatchSizeChangedError(saved_batch, self.global_batch_size, step)
+        rows = int(state.get("rows", step * saved_batch))
+        self.batch_size_changes = [list(c) for c in state.get("batch_size_changes", [])]
+        if saved_batch != self.global_batch_size:
+            self.batch_size_changes.append([step, saved_batch, self.global_batch_size])
         self.close()
         self.step = step
+        self._origin = (step, rows) if self.mode == "packing" else (0, 0)
+        if "epoch" in state and int(state["epoch"]) != self.epoch_of(step):
+            raise ValueError(f"state {state} is inconsistent: step {step} is in epoch {self.epoch_of(step)}")
 
     def close(self) -> None:
         """Stop the prefetch thread (it is restarted by the next `next`)."""
