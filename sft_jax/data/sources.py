@@ -262,6 +262,7 @@ def _read_split(cfg, spec, demo_split: str, seed: int) -> _Split:
         for i, row in enumerate(raw.rows):
             if row is None:
                 continue  # unparseable line, already counted
+            raw.rows[i] = None  # release each raw row once converted: halves the peak for large files
             try:
                 messages = to_messages(row, fmt)
             except FieldError as e:
@@ -314,15 +315,19 @@ def _encode_split(split: _Split, cfg, renderer, seed: int, batch_size: int, *, w
     lengths = np.concatenate([chunk.lengths for chunk in chunks])
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    flat = {}
+    for name in ("tokens", "supervised", "responses"):
+        flat[name] = np.concatenate([getattr(chunk, name) for chunk in chunks])
+        for chunk in chunks:  # free each chunk's copy now: the flat arrays are the large part of the peak
+            setattr(chunk, name, None)
     dataset = SFTDataset(
-        np.concatenate([chunk.tokens for chunk in chunks]),
-        np.concatenate([chunk.supervised for chunk in chunks]),
-        offsets,
-        np.concatenate([chunk.responses for chunk in chunks]),
-        [split.conversations[i] for i in kept.tolist()],
+        flat["tokens"], flat["supervised"], offsets, flat["responses"], [split.conversations[i] for i in kept.tolist()]
     )
+    del flat
     if weighted:
-        dataset = dataset.select(_weighted_indices([split.source_of[i] for i in kept.tolist()], split.sources, seed))
+        indices = _weighted_indices([split.source_of[i] for i in kept.tolist()], split.sources, seed)
+        if not np.array_equal(indices, np.arange(len(dataset))):  # all weights 1: no copy
+            dataset = dataset.select(indices)
     report = split_report(
         dataset,
         renderer.tokenizer,
@@ -362,6 +367,8 @@ class EncodedChunk:
 
 def encode_chunk(conversations: list, cfg, renderer, check: bool = False) -> EncodedChunk:
     """Tokenize `conversations` and apply the length policy (truncation, drops) of `cfg`."""
+    import itertools
+
     import numpy as np
 
     from sft_jax.data.formats import check_prompt_tokens, encode_documents
@@ -398,7 +405,7 @@ def encode_chunk(conversations: list, cfg, renderer, check: bool = False) -> Enc
         responses.append(sum(resp))
     lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
     total = int(lengths.sum())
-    flat = lambda lists, dtype: np.fromiter((x for l in lists for x in l), dtype, total)  # noqa: E731
+    flat = lambda lists, dtype: np.fromiter(itertools.chain.from_iterable(lists), dtype, total)  # noqa: E731
     return EncodedChunk(
         flat(tokens, np.int32),
         flat(supervised, np.bool_),
