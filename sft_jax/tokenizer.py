@@ -11,13 +11,15 @@ import os
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast  # AutoTokenizer imports torch: imported where used
 
 EOS = "<|endoftext|>"
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """Load a fast HF tokenizer from a local directory or a hub name (e.g. "gpt2")."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if not tokenizer.is_fast:
         # Batched tokenization and exact byte-level decoding rely on the Rust tokenizer.

@@ -10,3 +10,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tokenized data cache (data.cache=auto) goes to a per-session folder, never to ~/.cache.
+if "SFT_JAX_DATA_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["SFT_JAX_DATA_CACHE"] = tempfile.mkdtemp(prefix="sft_jax_data_cache_")
+    atexit.register(shutil.rmtree, os.environ["SFT_JAX_DATA_CACHE"], True)

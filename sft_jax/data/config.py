@@ -32,6 +32,11 @@ class DataConfig:
     prefetch: int = 2  # batches prepared ahead in a background thread (0 = synchronous)
     demo_train_examples: int = 20000  # size of the built-in demo training set
     demo_eval_examples: int = 500  # size of the built-in demo held-out set
+    # Tokenized cache (sft_jax.data.cache): auto: memory-map it if its fingerprint matches, else build it once |
+    # off: tokenize in memory every run | rebuild: build it anew even if present.
+    cache: str = "auto"
+    cache_dir: str | None = None  # None -> $SFT_JAX_DATA_CACHE or ~/.cache/sft_jax/data; one folder per fingerprint
+    num_proc: int = 0  # worker processes that tokenize large splits; 0 = one per CPU core
 
     def __post_init__(self):
         choices = {
@@ -39,6 +44,7 @@ class DataConfig:
             "batching": ("packing", "buckets"),
             "truncation": ("prompt_left", "drop"),
             "on_bad_example": ("error", "skip"),
+            "cache": ("auto", "off", "rebuild"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -47,6 +53,8 @@ class DataConfig:
             raise DataError(f"data.eval_fraction={self.eval_fraction}: expected 0 <= eval_fraction < 1")
         if self.max_length < 2:
             raise DataError(f"data.max_length={self.max_length}: expected >= 2")
+        if self.num_proc < 0:
+            raise DataError(f"data.num_proc={self.num_proc}: expected >= 0 (0 = one per CPU core)")
         if self.prefetch < 0:
             raise DataError(f"data.prefetch={self.prefetch}: expected >= 0")
         if not self.buckets or any(b < 2 for b in self.buckets):

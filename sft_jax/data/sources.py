@@ -192,10 +192,9 @@ def build_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: int, seed: i
     """Read, validate, render, tokenize and cut the train and eval data; returns (train, eval | None, report).
 
     `global_batch_size` only sets the batch size at which bucket padding efficiency is reported (default 8).
+    With data.cache on (the default) the result comes from, or is first written to, the tokenized cache
+    (sft_jax.data.cache): the same documents, batches and report, held in memory-mapped arrays.
     """
-    from sft_jax.data.formats import Renderer, chat_template
-    from sft_jax.data.report import DataReport
-
     if cfg.max_length > n_positions:
         raise DataError(f"data.max_length={cfg.max_length} exceeds the model's n_positions={n_positions}")
     if len(tokenizer) > vocab_size:
@@ -203,6 +202,20 @@ def build_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: int, seed: i
             f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
             "token ids would index past the embedding table"
         )
+    if cfg.cache != "off":
+        from sft_jax.data.cache import cached_datasets
+
+        return cached_datasets(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size, build=_build)
+    return _build(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size)
+
+
+def _build(cfg, tokenizer, *, seed: int, global_batch_size=None):
+    """build_datasets without the cache: read, tokenize (in worker processes for large splits) and cut."""
+    import os
+
+    from sft_jax.data.formats import Renderer, chat_template
+    from sft_jax.data.report import DataReport
+
     renderer = Renderer(tokenizer, None if cfg.template is None else chat_template(cfg))
     train = _read_split(cfg, cfg.train, "train", seed)
     if cfg.eval is not None:
@@ -216,10 +229,16 @@ def build_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: int, seed: i
     else:
         eval_split = None
     batch_size = global_batch_size or 8
-    train_ds, train_report = _encode_split(train, cfg, renderer, seed, batch_size, weighted=True)
-    eval_ds, eval_report = (None, None)
-    if eval_split is not None:
-        eval_ds, eval_report = _encode_split(eval_split, cfg, renderer, seed, batch_size, weighted=False)
+    num_proc = cfg.num_proc or os.cpu_count() or 1
+    if len(train.conversations) < PARALLEL_MIN:  # spawning workers costs more than it saves
+        num_proc = 1
+    with Encoder(cfg, renderer, num_proc) as encoder:
+        train_ds, train_report = _encode_split(train, cfg, renderer, seed, batch_size, weighted=True, encoder=encoder)
+        eval_ds, eval_report = (None, None)
+        if eval_split is not None:
+            eval_ds, eval_report = _encode_split(
+                eval_split, cfg, renderer, seed, batch_size, weighted=False, encoder=encoder
+            )
     return train_ds, eval_ds, DataReport(train_report, eval_report)
 
 
@@ -243,6 +262,7 @@ def _read_split(cfg, spec, demo_split: str, seed: int) -> _Split:
         for i, row in enumerate(raw.rows):
             if row is None:
                 continue  # unparseable line, already counted
+            raw.rows[i] = None  # release each raw row once converted: halves the peak for large files
             try:
                 messages = to_messages(row, fmt)
             except FieldError as e:
@@ -276,20 +296,89 @@ def _carve(train: _Split, fraction: float) -> _Split:
     return eval_split
 
 
-def _encode_split(split: _Split, cfg, renderer, seed: int, batch_size: int, *, weighted: bool):
+def _encode_split(split: _Split, cfg, renderer, seed: int, batch_size: int, *, weighted: bool, encoder=None):
     import numpy as np
 
-    from sft_jax.data.formats import check_prompt_tokens, encode_documents
     from sft_jax.data.pack import SFTDataset
     from sft_jax.data.report import split_report
 
     if not split.conversations:
         raise DataError(f"data: no usable examples in {[s.name for s in split.sources]} ({dict(split.bad.dropped)})")
-    docs = encode_documents(
-        split.conversations, renderer, train_on_prompt=cfg.train_on_prompt, last_turn_only=cfg.last_turn_only
-    )
-    check_prompt_tokens(split.conversations, docs, renderer)
+    chunks = (encoder or Encoder(cfg, renderer, num_proc=1)).encode(split.conversations)
     dropped, truncated = Counter(split.bad.dropped), 0
+    for chunk in chunks:
+        dropped.update(chunk.dropped)
+        truncated += chunk.truncated
+    kept = np.concatenate([chunk.kept + lo for chunk, lo in zip(chunks, range(0, len(split.conversations), CHUNK))])
+    if not len(kept):
+        raise DataError(f"data: every example was dropped ({dict(dropped)}); raise max_length?")
+    lengths = np.concatenate([chunk.lengths for chunk in chunks])
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = {}
+    for name in ("tokens", "supervised", "responses"):
+        flat[name] = np.concatenate([getattr(chunk, name) for chunk in chunks])
+        for chunk in chunks:  # free each chunk's copy now: the flat arrays are the large part of the peak
+            setattr(chunk, name, None)
+    dataset = SFTDataset(
+        flat["tokens"], flat["supervised"], offsets, flat["responses"], [split.conversations[i] for i in kept.tolist()]
+    )
+    del flat
+    if weighted:
+        indices = _weighted_indices([split.source_of[i] for i in kept.tolist()], split.sources, seed)
+        if not np.array_equal(indices, np.arange(len(dataset))):  # all weights 1: no copy
+            dataset = dataset.select(indices)
+    report = split_report(
+        dataset,
+        renderer.tokenizer,
+        read=split.read,
+        dropped=dropped,
+        truncated=truncated,
+        kept=len(kept),
+        errors=split.bad.examples,
+        mode=cfg.batching,
+        max_length=cfg.max_length,
+        buckets=cfg.buckets,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=cfg.shuffle,
+    )
+    return dataset, report
+
+
+# ---------------------------------------------------------------------------------- tokenizing in chunks
+
+CHUNK = 2048  # conversations per tokenization chunk: bounds the python lists alive at once
+PARALLEL_MIN = 32768  # train conversations below which tokenizing stays in this process
+
+
+@dataclasses.dataclass
+class EncodedChunk:
+    """One chunk of conversations tokenized and cut by the length policy, as flat arrays."""
+
+    tokens: object  # int32 [N_tok] of the kept documents, concatenated
+    supervised: object  # bool [N_tok]
+    lengths: object  # int64 [kept]
+    responses: object  # int32 [kept]: response tokens per kept document
+    kept: object  # int64 [kept]: index of each kept document within the chunk
+    dropped: Counter
+    truncated: int
+
+
+def encode_chunk(conversations: list, cfg, renderer, check: bool = False) -> EncodedChunk:
+    """Tokenize `conversations` and apply the length policy (truncation, drops) of `cfg`."""
+    import itertools
+
+    import numpy as np
+
+    from sft_jax.data.formats import check_prompt_tokens, encode_documents
+
+    docs = encode_documents(
+        conversations, renderer, train_on_prompt=cfg.train_on_prompt, last_turn_only=cfg.last_turn_only
+    )
+    if check:
+        check_prompt_tokens(conversations, docs, renderer)
+    dropped, truncated = Counter(), 0
     kept, tokens, supervised, responses = [], [], [], []
     for i, (ids, sup, resp, start) in enumerate(
         zip(docs.tokens, docs.supervised, docs.response, docs.last_response_start)
@@ -314,37 +403,67 @@ def _encode_split(split: _Split, cfg, renderer, seed: int, batch_size: int, *, w
         tokens.append(ids)
         supervised.append(sup)
         responses.append(sum(resp))
-    if not kept:
-        raise DataError(f"data: every example was dropped ({dict(dropped)}); raise max_length?")
     lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
-    offsets = np.zeros(len(tokens) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = lambda lists, dtype: np.fromiter((x for l in lists for x in l), dtype, int(offsets[-1]))  # noqa: E731
-    dataset = SFTDataset(
+    total = int(lengths.sum())
+    flat = lambda lists, dtype: np.fromiter(itertools.chain.from_iterable(lists), dtype, total)  # noqa: E731
+    return EncodedChunk(
         flat(tokens, np.int32),
         flat(supervised, np.bool_),
-        offsets,
+        lengths,
         np.asarray(responses, np.int32),
-        [split.conversations[i] for i in kept],
+        np.asarray(kept, np.int64),
+        dropped,
+        truncated,
     )
-    if weighted:
-        dataset = dataset.select(_weighted_indices([split.source_of[i] for i in kept], split.sources, seed))
-    report = split_report(
-        dataset,
-        renderer.tokenizer,
-        read=split.read,
-        dropped=dropped,
-        truncated=truncated,
-        kept=len(kept),
-        errors=split.bad.examples,
-        mode=cfg.batching,
-        max_length=cfg.max_length,
-        buckets=cfg.buckets,
-        batch_size=batch_size,
-        seed=seed,
-        shuffle=cfg.shuffle,
-    )
-    return dataset, report
+
+
+class Encoder:
+    """encode_chunk over chunks of CHUNK conversations, in `num_proc` worker processes when that helps.
+
+    Workers are spawned (not forked: the caller may hold jax's threads) once per Encoder and reused for the
+    train and eval splits. Results come back in order, so the output does not depend on num_proc.
+    """
+
+    def __init__(self, cfg, renderer, num_proc: int):
+        self.cfg, self.renderer, self.num_proc = cfg, renderer, num_proc
+        self._pool = None
+
+    def encode(self, conversations: list) -> list[EncodedChunk]:
+        chunks = [conversations[lo : lo + CHUNK] for lo in range(0, len(conversations), CHUNK)]
+        first = encode_chunk(chunks[0], self.cfg, self.renderer, check=True)
+        if len(chunks) == 1 or self.num_proc <= 1:
+            return [first] + [encode_chunk(c, self.cfg, self.renderer) for c in chunks[1:]]
+        if self._pool is None:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ctx.Pool(self.num_proc, initializer=_init_worker, initargs=(self.cfg, self.renderer))
+        return [first] + list(self._pool.imap(_encode_in_worker, chunks[1:]))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None and self._pool is not None:
+            self._pool.terminate()
+        self.close()
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg, renderer) -> None:
+    _WORKER.update(cfg=cfg, renderer=renderer)
+
+
+def _encode_in_worker(conversations: list) -> EncodedChunk:
+    return encode_chunk(conversations, _WORKER["cfg"], _WORKER["renderer"])
 
 
 def _weighted_indices(source_of: list[int], sources: list[SourceSpec], seed: int):

@@ -1,0 +1,228 @@
+"""The tokenized cache: build_datasets' result written once per fingerprint, then memory-mapped by every process.
+
+Layout, under data.cache_dir (default $SFT_JAX_DATA_CACHE or ~/.cache/sft_jax/data):
+
+    <fingerprint>/                one folder per fingerprint, complete or absent
+        meta.json                 what the fingerprint covers, sizes, build time
+        report.json               the data report (bad-row, drop and truncation counts included)
+        train.tokens.npy          uint16 (vocabularies up to 65,536 tokens) or int32 [N_tok]
+        train.supervised.npy      bool [N_tok]: the token is a training target
+        train.offsets.npy         int64 [N_docs + 1]: document i is tokens[offsets[i]:offsets[i + 1]]
+        train.response_tokens.npy int32 [N_docs]
+        train.examples.jsonl      chat messages per document, one JSON line each (read on demand)
+        train.examples.offsets.npy int64 [N_docs + 1]: byte offsets of those lines
+        eval.*                    the same for the eval split, when there is one
+    <fingerprint>.lock            flock'ed by the one process that builds
+
+The fingerprint hashes everything the arrays depend on: the data config (sources, weights, format, template
+text, length policy, max_length, batching, ...), the content of every local source file, the tokenizer
+(its full serialisation and eos), the seed and the report's batch size. A mismatch means another folder, so a
+stale cache is never reused; data.cache=rebuild builds anew even on a match. Hub datasets are fingerprinted
+by name only (their revision is not known before download): after a hub dataset changes, use rebuild.
+
+Building: the first process to take the lock builds into <fingerprint>.tmp.<pid>.<random>/ and renames it
+into place (atomic on POSIX filesystems), so a killed build leaves only a tmp folder, never a usable half
+cache; the next builder removes such leftovers. Other processes (on this host, or on other hosts when the
+filesystem supports flock, e.g. NFSv4 or Lustre) block on the lock and then memory-map the finished folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+
+import numpy as np
+
+from sft_jax.data.config import DataError
+
+VERSION = 1  # bump when the layout or the meaning of the arrays changes
+ARRAYS = ("tokens", "supervised", "offsets", "response_tokens")
+_NOT_HASHED = ("cache", "cache_dir", "num_proc", "prefetch")  # do not change the arrays
+TEST_HOOK = "SFT_JAX_DATA_CACHE_TEST_HOOK"  # tests only: "kill" mid-build, or "sleep:SECONDS" before building
+
+
+def cache_root(cfg) -> str:
+    root = cfg.cache_dir or os.environ.get("SFT_JAX_DATA_CACHE") or os.path.join("~", ".cache", "sft_jax", "data")
+    if "://" in root:
+        raise DataError(f"data.cache_dir={root!r}: expected a local or shared filesystem path, not a URL")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def fingerprint(cfg, tokenizer, *, seed: int, global_batch_size) -> tuple[str, dict]:
+    """(hex digest, the JSON-able inputs it hashes)."""
+    from sft_jax.data.formats import chat_template
+    from sft_jax.data.sources import parse_sources
+
+    config = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    config["template"] = None if cfg.template is None else chat_template(cfg)  # the text, not the path
+    files = {}
+    for spec in (cfg.train, cfg.eval):
+        for source in parse_sources(spec) if spec is not None else []:
+            if os.path.isfile(source.name):
+                files[source.name] = file_digest(source.name)
+    backend = tokenizer.backend_tokenizer.to_str()
+    inputs = {
+        "version": VERSION,
+        "config": config,
+        "files": files,
+        "tokenizer": hashlib.sha256(backend.encode()).hexdigest(),
+        "eos_token": tokenizer.eos_token,
+        "tokenizer_size": len(tokenizer),
+        "seed": seed,
+        "global_batch_size": global_batch_size,
+    }
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=list).encode()).hexdigest()
+    return digest[:32], inputs
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_datasets(cfg, tokenizer, *, seed: int, global_batch_size, build):
+    """build(cfg, tokenizer, seed=..., global_batch_size=...)'s (train, eval, report), through the cache."""
+    root = cache_root(cfg)
+    digest, inputs = fingerprint(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size)
+    final = os.path.join(root, digest)
+    if cfg.cache == "auto" and _complete(final):
+        return load(final)
+    os.makedirs(root, exist_ok=True)
+    asked = time.time()
+    with open(final + ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process to build the data cache {final}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # Built while we waited (by the process that held the lock): use it, even under `rebuild`.
+            if _complete(final) and (cfg.cache == "auto" or os.stat(final).st_mtime >= asked):
+                return load(final)
+            _build_locked(cfg, tokenizer, root, digest, inputs, seed, global_batch_size, build)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return load(final)
+
+
+def _build_locked(cfg, tokenizer, root, digest, inputs, seed, global_batch_size, build) -> None:
+    final = os.path.join(root, digest)
+    for name in os.listdir(root):  # leftovers of killed builds: we hold the lock, so nobody writes them
+        if name.startswith(digest + ".tmp."):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    hook = os.environ.get(TEST_HOOK, "")
+    if hook.startswith("sleep:"):
+        time.sleep(float(hook.split(":", 1)[1]))
+    start = time.perf_counter()
+    train, eval_, report = build(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size)
+    tmp = os.path.join(root, f"{digest}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+    os.makedirs(tmp)
+    try:
+        token_dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.int32
+        sizes = {"train": _write_split(tmp, "train", train, token_dtype)}
+        if hook == "kill":  # a builder killed mid-way: the arrays are half written, nothing is renamed
+            os.kill(os.getpid(), signal.SIGKILL)
+        if eval_ is not None:
+            sizes["eval"] = _write_split(tmp, "eval", eval_, token_dtype)
+        from sft_jax.data.report import report_to_json
+
+        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
+            f.write(report_to_json(report))
+        meta = {"fingerprint": digest, "inputs": inputs, "splits": sizes, "build_seconds": time.perf_counter() - start}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:  # written last
+            json.dump(meta, f, indent=2, default=list)
+        if os.path.isdir(final):  # data.cache=rebuild: move the old one aside first
+            old = f"{final}.tmp.old.{secrets.token_hex(4)}"
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"built the data cache {final} ({_size_mb(final):.0f} MB) in {time.perf_counter() - start:.1f} s")
+
+
+def _write_split(folder: str, split: str, dataset, token_dtype) -> dict:
+    np.save(os.path.join(folder, f"{split}.tokens.npy"), dataset.tokens.astype(token_dtype, copy=False))
+    np.save(os.path.join(folder, f"{split}.supervised.npy"), dataset.supervised.astype(np.bool_, copy=False))
+    np.save(os.path.join(folder, f"{split}.offsets.npy"), dataset.offsets.astype(np.int64, copy=False))
+    np.save(os.path.join(folder, f"{split}.response_tokens.npy"), dataset.response_tokens.astype(np.int32))
+    offsets = [0]
+    with open(os.path.join(folder, f"{split}.examples.jsonl"), "wb") as f:
+        for messages in dataset.examples or []:
+            offsets.append(offsets[-1] + f.write(json.dumps(messages, ensure_ascii=False).encode() + b"\n"))
+    np.save(os.path.join(folder, f"{split}.examples.offsets.npy"), np.asarray(offsets, np.int64))
+    return {"documents": len(dataset), "tokens": int(dataset.offsets[-1])}
+
+
+def _complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "meta.json"))
+
+
+def load(folder: str):
+    """(train, eval | None, report) of a complete cache folder, arrays memory-mapped read-only."""
+    from sft_jax.data.report import DataReport, SplitReport
+
+    with open(os.path.join(folder, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+        splits = json.load(f)["splits"]
+    train = _load_split(folder, "train")
+    eval_ = _load_split(folder, "eval") if "eval" in splits else None
+    split_report = lambda d: None if d is None else SplitReport(**d)  # noqa: E731
+    return train, eval_, DataReport(split_report(report["train"]), split_report(report["eval"]))
+
+
+def _load_split(folder: str, split: str):
+    from sft_jax.data.pack import SFTDataset
+
+    arrays = [np.load(os.path.join(folder, f"{split}.{name}.npy"), mmap_mode="r") for name in ARRAYS]
+    examples = Examples(os.path.join(folder, f"{split}.examples.jsonl"))
+    return SFTDataset(*arrays, examples=examples if len(examples) else None)
+
+
+class Examples:
+    """Read-only list of a split's chat messages, each parsed from its JSON line when asked for."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._offsets = np.load(path[: -len(".jsonl")] + ".offsets.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} out of range [0, {len(self)})")
+        lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
+        with open(self.path, "rb") as f:
+            f.seek(lo)
+            return json.loads(f.read(hi - lo))
+
+    def __iter__(self):
+        with open(self.path, "rb") as f:
+            for _ in range(len(self)):
+                yield json.loads(f.readline())
+
+
+def _size_mb(folder: str) -> float:
+    return sum(e.stat().st_size for e in os.scandir(folder)) / 1e6
+
+
+def _log(message: str) -> None:
+    print(f"sft_jax: {message}", file=sys.stderr, flush=True)
+
