@@ -211,7 +211,7 @@ def test_cli_reads_the_training_yaml(tmp_path, capsys):
 
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(20))
     config = tmp_path / "run.yaml"
-    config.write_text(f"model:\n  n_positions: 256\ndata:\n  train: {path}\n  max_length: 128\ntrain:\n  seed: 1\n")
+    config.write_text(f"model:\n  n_positions: 256\ndata:\n  train: {path}\n  max_length: 128\ntrain:\n  steps: 10\n  seed: 1\n")
     assert main(["--config", str(config), "--json", "eval_fraction=0.2", "batching=buckets"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["train"]["kept"] + report["eval"]["kept"] == 20
