@@ -23,7 +23,10 @@ NEEDS_CONFIG = ("model.init_from", "data.train", "data.eval")
 
 
 def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """``parser.parse_intermixed_args``: positionals (overrides) on both sides of options."""
+    """``parser.parse_intermixed_args``: positionals (overrides) on both sides of options.
+    argparse cannot intermix with subcommands (``convert``); those parse as usual."""
+    if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+        return parser.parse_args(argv)
     return parser.parse_intermixed_args(argv)
 
 

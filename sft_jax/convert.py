@@ -29,7 +29,8 @@ def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False) -> None:
 
 def orbax_to_hf(src: str, dst: str, *, dtype: str = "float32", overwrite: bool = False,
                 chat_template: str | None = None) -> hf.ExportReport:
-    cfg, params, tokenizer = checkpoint.load_model(src)
+    restored = checkpoint.restore(src)
+    cfg, params, tokenizer = restored["model_config"], restored["params"], restored["tokenizer"]
     return hf.export_hf(params, cfg, dst, tokenizer=tokenizer, chat_template=chat_template,
                         dtype=dtype, overwrite=overwrite)
 
@@ -49,7 +50,8 @@ def main(argv=None) -> int:
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--chat-template", type=Path, help="file whose text replaces the tokenizer's chat template")
     args = cli.parse(parser, argv)
-    src, dst = cli.resolve_path(args.src), cli.resolve_path(args.dst, must_be_local=True)
+    src = cli.resolve_path(args.src, must_be_local=args.command == "orbax-to-hf")  # hf-to-orbax: or a hub name
+    dst = cli.resolve_path(args.dst, must_be_local=True)
     try:
         if args.command == "hf-to-orbax":
             hf_to_orbax(src, dst, overwrite=args.overwrite)

@@ -39,7 +39,7 @@ def fit_prompt(prompt: list[int], max_new_tokens: int, n_positions: int) -> list
     return prompt
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | None = 64) -> None:
     """--max-new-tokens, --temperature, --top-k, --top-p, --seed (shared with sft_jax.chat)."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
