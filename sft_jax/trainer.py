@@ -156,13 +156,13 @@ def model_and_tokenizer(config: Config):
         tokenizer = demo_tokenizer(seed=0) if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
         cfg = GPT2Config.preset(m.preset, vocab_size=len(tokenizer), n_positions=m.n_positions,
                                 bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **compute)
-        directory = None
-    else:
-        from sft_jax import hf
+        tokenizer.chat_template = chat_template(config.data)
+        return cfg, tokenizer, None
+    from sft_jax import hf
 
-        directory = hf.resolve_dir(m.init_from)
-        cfg = hf.read_config(directory, **compute)
-        tokenizer = _load_tokenizer(m.tokenizer or str(directory))
+    directory = hf.resolve_dir(m.init_from)
+    cfg = hf.read_config(directory, **compute)
+    tokenizer = _load_tokenizer(m.tokenizer or str(directory))
     tokenizer.chat_template = chat_template(config.data)
     return cfg, tokenizer, directory
 
