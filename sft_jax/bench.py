@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from typing import Callable, Optional
 
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sft_jax import metrics
+from sft_jax import cli, metrics
 from sft_jax import sharding as shd
 from sft_jax import train_step as ts
 from sft_jax.config import OptimSection
@@ -277,15 +278,25 @@ def main(argv=None):
                     help="JAX attention kernel (cudnn: fused, GPU + bf16 only, else falls back to xla)")
     ap.add_argument("--no-torch", action="store_true", help="skip the HF PyTorch run")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args(argv)
-    results = benchmark(args.preset, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                        dtype=args.dtype, remat=args.remat, attention=args.attention, with_torch=not args.no_torch)
+    args = cli.parse(ap, argv)
+    from sft_jax.model import PRESETS
+
+    if args.preset not in PRESETS:
+        return cli.user_error(f"--preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+    if min(args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
+        return cli.user_error("--batch, --seq and --steps must be at least 1, --warmup at least 0")
+    try:
+        results = benchmark(args.preset, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                            dtype=args.dtype, remat=args.remat, attention=args.attention,
+                            with_torch=not args.no_torch)
+    except ValueError as e:  # --seq beyond the preset's context
+        return cli.user_error(e)
     print(markdown_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -151,6 +151,8 @@ def latest_step(directory) -> int | None:
 
 def _resolve_step_dir(path, step: int | None) -> tuple[Path, int | None]:
     path = as_path(path)
+    if not is_remote(path):
+        path = path.absolute()  # orbax refuses relative paths ("Checkpoint path should be absolute")
     if is_step_dir(path):
         if step is not None:
             raise CheckpointError(f"{path} is already a step dir; do not also pass step={step}")

@@ -3,7 +3,8 @@
   python -m sft_jax.convert hf-to-orbax SRC DST            # SRC: HF dir or hub name; writes step 0
   python -m sft_jax.convert orbax-to-hf SRC DST [--dtype bfloat16] [--overwrite]
 
-orbax-to-hf takes any training checkpoint (root = newest step, or a step dir).
+orbax-to-hf takes any training checkpoint (root = newest step, or a step dir). Relative and ~
+paths are fine; user errors print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sft_jax import checkpoint, hf
+from sft_jax import checkpoint, cli, hf
 
 
 def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False) -> None:
@@ -28,7 +29,8 @@ def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False) -> None:
 
 def orbax_to_hf(src: str, dst: str, *, dtype: str = "float32", overwrite: bool = False,
                 chat_template: str | None = None) -> hf.ExportReport:
-    cfg, params, tokenizer = checkpoint.load_model(src)
+    restored = checkpoint.restore(src)
+    cfg, params, tokenizer = restored["model_config"], restored["params"], restored["tokenizer"]
     return hf.export_hf(params, cfg, dst, tokenizer=tokenizer, chat_template=chat_template,
                         dtype=dtype, overwrite=overwrite)
 
@@ -47,18 +49,19 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--chat-template", type=Path, help="file whose text replaces the tokenizer's chat template")
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv)
+    src = cli.resolve_path(args.src, must_be_local=args.command == "orbax-to-hf")  # hf-to-orbax: or a hub name
+    dst = cli.resolve_path(args.dst, must_be_local=True)
     try:
         if args.command == "hf-to-orbax":
-            hf_to_orbax(args.src, args.dst, overwrite=args.overwrite)
-            print(f"wrote {args.dst} (step 0)")
+            hf_to_orbax(src, dst, overwrite=args.overwrite)
+            print(f"wrote {dst} (step 0)")
         else:
-            template = args.chat_template.read_text() if args.chat_template else None
-            report = orbax_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, chat_template=template)
+            template = args.chat_template.expanduser().read_text() if args.chat_template else None
+            report = orbax_to_hf(src, dst, dtype=args.dtype, overwrite=args.overwrite, chat_template=template)
             print(f"wrote {report.out_dir} ({report.dtype}); verified: " + "; ".join(report.checks))
     except (ValueError, OSError) as e:  # HFFormatError, CheckpointError, missing files: user errors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.user_error(e)
     return 0
 
 

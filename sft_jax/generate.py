@@ -4,7 +4,9 @@
                              [--top-k K] [--top-p P] [--seed S] [--raw]
 
 By default the prompt goes through the tokenizer's chat template (one user message, generation
-prompt added) when it has one; --raw feeds the text as is.
+prompt added) when it has one; --raw feeds the text as is. A prompt longer than
+``n_positions - max_new_tokens`` is cut from the left, with a one-line warning.
+For a conversation, see ``python -m sft_jax.chat``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sft_jax import checkpoint, sampling
+from sft_jax import checkpoint, cli, sampling
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:
@@ -23,30 +25,54 @@ def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:
     return tokenizer.encode(prompt, add_special_tokens=False)
 
 
+def fit_prompt(prompt: list[int], max_new_tokens: int, n_positions: int) -> list[int]:
+    """``prompt`` cut from the left so that it plus ``max_new_tokens`` fits the context, with a
+    one-line warning on stderr when it is cut; ValueError if no prompt token would be left."""
+    room = n_positions - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{n_positions} positions")
+    if len(prompt) > room:
+        print(f"warning: prompt of {len(prompt)} tokens cut from the left to {room} "
+              f"(n_positions {n_positions} - max_new_tokens {max_new_tokens})", file=sys.stderr, flush=True)
+        prompt = prompt[-room:]
+    return prompt
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | None = 64) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p, --seed (shared with sft_jax.chat)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load(model: str):
+    """(GPT2Config, params, tokenizer, eos_id) for ``--model``; ValueError without a tokenizer."""
+    cfg, params, tokenizer = checkpoint.load_model(cli.resolve_path(model))
+    if tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer; cannot encode a text prompt")
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
+    return cfg, params, tokenizer, eos_id
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_jax.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF dir, hub name, or orbax checkpoint (root or step dir)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_args(parser)
     parser.add_argument("--raw", action="store_true", help="skip the chat template")
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv)
     try:
-        cfg, params, tokenizer = checkpoint.load_model(args.model)
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer; cannot encode a text prompt")
-        prompt = encode_prompt(tokenizer, args.prompt, args.raw)
-        eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
-        max_new = min(args.max_new_tokens, cfg.n_positions - len(prompt))
-        (completion,) = sampling.generate(params, cfg, [prompt], max_new_tokens=max_new, temperature=args.temperature,
-                                          top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, seed=args.seed)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        cfg, params, tokenizer, eos_id = load(args.model)
+        prompt = fit_prompt(encode_prompt(tokenizer, args.prompt, args.raw), args.max_new_tokens, cfg.n_positions)
+        (completion,) = sampling.generate(params, cfg, [prompt], max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                          eos_id=eos_id, seed=args.seed)
+    except (ValueError, OSError) as e:  # CheckpointError, HFFormatError, bad flags, missing files
+        return cli.user_error(e)
     if completion and completion[-1] == eos_id:
         completion = completion[:-1]
     print(tokenizer.decode(completion, skip_special_tokens=True))

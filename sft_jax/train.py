@@ -1,8 +1,9 @@
 """``python -m sft_jax.train [--config FILE] [key=value ...]``: fine-tune GPT-2 (see sft_jax.trainer).
 
-With no arguments it runs the built-in demo (``sft_jax/configs/demo.yaml``). User mistakes
-(config, data, model files, mesh) print one line on stderr and exit 2, before any run
-directory is written.
+With no arguments it runs the built-in demo (``sft_jax/configs/demo.yaml``); overrides without
+``--config`` apply to the demo, except ``model.init_from``, ``data.train`` and ``data.eval``,
+which need a ``--config`` (see sft_jax.cli). User mistakes (config, data, model files, mesh)
+print one line on stderr and exit 2, before any run directory is written.
 """
 
 from __future__ import annotations
@@ -10,33 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-USER_ERROR_EXIT = 2
+from sft_jax import cli
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from sft_jax.checkpoint import CheckpointError
-    from sft_jax.config import ConfigError
-    from sft_jax.data import DataError
-    from sft_jax.hf import HFFormatError
-
-    return ConfigError, DataError, HFFormatError, CheckpointError
+USER_ERROR_EXIT = cli.USER_ERROR_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_jax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file or packaged config name (default: demo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv)
 
     from sft_jax import trainer
-    from sft_jax.config import load_config
 
     try:
-        config = load_config(args.config, args.overrides)
+        config = cli.load_config(args.config, args.overrides)
         result = trainer.run(config)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    except cli.user_errors() as e:
+        return cli.user_error(e)
     except trainer.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

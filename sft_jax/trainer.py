@@ -150,19 +150,22 @@ def resume_source(config: Config):
 
 
 def model_and_tokenizer(config: Config):
-    """(GPT2Config, tokenizer, hf_dir or None), reading no weights."""
+    """(GPT2Config, tokenizer, hf_dir or None), reading no weights. The tokenizer carries the
+    chat template the run trains with, so every checkpoint (and the export) stores it."""
     m = config.model
     compute = dict(dtype=m.dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers)
     if m.init_from == "scratch":
         tokenizer = demo_tokenizer(seed=0) if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
         cfg = GPT2Config.preset(m.preset, vocab_size=len(tokenizer), n_positions=m.n_positions,
                                 bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **compute)
+        tokenizer.chat_template = chat_template(config.data)
         return cfg, tokenizer, None
     from sft_jax import hf
 
     directory = hf.resolve_dir(m.init_from)
     cfg = hf.read_config(directory, **compute)
     tokenizer = _load_tokenizer(m.tokenizer or str(directory))
+    tokenizer.chat_template = chat_template(config.data)
     return cfg, tokenizer, directory
 
 
@@ -514,7 +517,7 @@ class _Loop:
             lines = [f"checkpoints: {self.manager.directory}", f"report:      {report}"]
             if self.config.run.export:
                 lines += [f"HF export:   {export_dir}",
-                          f"chat with it: python -m sft_jax.generate --model {export_dir}"]
+                          f"chat with it: python -m sft_jax.chat --model {export_dir}"]
             print("\n".join(lines), flush=True)
         return results
 

@@ -104,7 +104,9 @@ def test_eval_carving_is_deterministic_and_disjoint(tmp_path, tok):
     key = lambda ds: {json.dumps(m) for m in ds.examples}  # noqa: E731
     assert key(eval_) == key(eval2) and key(train) == key(train2)  # content hash, not the seed
     assert not key(train) & key(eval_) and len(key(train) | key(eval_)) == 400
-    assert 20 <= len(eval_) <= 60 and report.eval.read + report.train.read == 400
+    assert 20 <= len(eval_) <= 60 and report.train.read == 400  # what was read, before the carve
+    assert report.train.to_eval == report.eval.read == len(eval_) == 400 - report.train.kept
+    assert f"| moved to eval (data.eval_fraction) | {len(eval_)} |" in report_to_markdown(report)
 
 
 def test_truncation_policy(tmp_path, tok):
@@ -211,10 +213,28 @@ def test_cli_reads_the_training_yaml(tmp_path, capsys):
 
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(20))
     config = tmp_path / "run.yaml"
-    config.write_text(f"model:\n  n_positions: 256\ndata:\n  train: {path}\n  max_length: 128\ntrain:\n  seed: 1\n")
+    config.write_text(f"model:\n  n_positions: 256\ndata:\n  train: {path}\n  max_length: 128\ntrain:\n  steps: 10\n  seed: 1\n")
     assert main(["--config", str(config), "--json", "eval_fraction=0.2", "batching=buckets"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["train"]["kept"] + report["eval"]["kept"] == 20
     assert report["train"]["batching"].startswith("buckets")
     assert main(["--config", str(config)]) == 0
     assert "# Data report" in capsys.readouterr().out
+
+
+def test_markdown_rounds_lengths_json_keeps_them(tmp_path, tok):
+    """Markdown: lengths with at most 1 decimal, shares as percentages with 1 decimal; --json: full precision.
+    With several sources the rows read from each are listed."""
+    import dataclasses
+
+    from sft_jax.data.report import report_to_json
+
+    a, b = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(7)), write_jsonl(tmp_path / "b.jsonl", alpaca_rows(5, 7))
+    _, _, report = build(tok, train=(a, b))
+    stats = {"mean": 30.599999999999998, "p50": 12.0, "p95": 30.25, "max": 41.0}
+    report = dataclasses.replace(report, train=dataclasses.replace(report.train, prompt_lengths=stats,
+                                                                    supervised_fraction=0.123456))
+    markdown = report_to_markdown(report)
+    assert "| prompt (L_Q) | 30.6 | 12 | 30.2 | 41 |" in markdown and "(12.3%)" in markdown
+    assert f"| examples read | 12 ({a}: 7, {b}: 5) |" in markdown
+    assert "30.599999999999998" not in markdown and "30.599999999999998" in report_to_json(report)

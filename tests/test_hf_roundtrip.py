@@ -240,7 +240,7 @@ BAD_SOURCES = ["not_gpt2", "no_config", "missing_tensor", "misshaped_tensor", "t
 def test_cli_bad_source_is_one_error_line_and_writes_nothing(source, tmp_path, capsys, name):
     bad, says = _bad_sources(source[1], tmp_path / "bad")[name]
     dst = tmp_path / "ckpt"
-    assert convert.main(["hf-to-orbax", str(bad), str(dst)]) == 1
+    assert convert.main(["hf-to-orbax", str(bad), str(dst)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
@@ -249,10 +249,10 @@ def test_cli_bad_source_is_one_error_line_and_writes_nothing(source, tmp_path, c
 
 
 def test_cli_bad_source_in_a_fresh_process(source, tmp_path):
-    """The real ``python -m sft_jax.convert``: exit status 1 and nothing on stderr but the one line."""
+    """The real ``python -m sft_jax.convert``: exit status 2 and nothing on stderr but the one line."""
     bad, says = _bad_sources(source[1], tmp_path / "bad")["missing_tensor"]
     run = _convert("hf-to-orbax", bad, tmp_path / "ckpt")
-    assert run.returncode == 1 and run.stdout == ""
+    assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and says in run.stderr, run.stderr
     assert not (tmp_path / "ckpt").exists()
 
@@ -275,7 +275,7 @@ def test_export_without_torch_says_what_it_skipped(loaded, tmp_path, monkeypatch
 
 
 def test_cli_user_error_is_one_line(tmp_path, capsys):
-    assert convert.main(["orbax-to-hf", str(tmp_path / "nope"), str(tmp_path / "out")]) == 1
+    assert convert.main(["orbax-to-hf", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

@@ -38,7 +38,7 @@ def test_demo_as_shipped_reaches_exact_match_0_8(tmp_path):
     assert evals[0]["step"] == 0 and evals[0]["exact_match"] < 0.05  # from about 0 ...
     assert evals[-1]["step"] == 400 and evals[-1]["exact_match"] >= 0.8, evals  # ... to >= 0.8
     print(f"\ndemo wall time {wall:.0f}s, exact match {evals[0]['exact_match']:.2f} -> {evals[-1]['exact_match']:.2f}")
-    assert f"python -m sft_jax.generate --model {out / 'hf'}" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == f"chat with it: python -m sft_jax.chat --model {out / 'hf'}"
     assert (out / "report.md").is_file() and (out / "config.yaml").is_file()
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf")
     assert model.config.n_layer == 4

@@ -1,8 +1,10 @@
-"""Data report: python -m sft_jax.data --config configs/x.yaml [key=value ...] [--json]
+"""Data report: ``python -m sft_jax.data [--config FILE] [key=value ...] [--json]``
 
-Reads the config's `data:` section (bare `key=value` overrides go there; `model.key=value` and
-`train.key=value` reach the other sections) plus what it needs from `model:` (tokenizer, n_positions,
-vocab_size) and `train:` (seed, global_batch_size), builds the datasets and prints the report.
+Loads the same typed config as ``python -m sft_jax.train`` (``sft_jax.config.load_config``, the
+same overrides, where a bare ``key=value`` means ``data.key=value``, and the same "no --config"
+rule: without ``--config`` it reports on the demo),
+builds the datasets exactly as training would and prints the report. Bad data or config is one
+line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -10,61 +12,29 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
-
-from sft_jax.data import DataConfig, build_datasets, demo_tokenizer, report_to_markdown
-from sft_jax.data.report import report_to_json
-
-
-def load_config(path: str, overrides: list[str]) -> dict:
-    """The YAML config with `section.key=value` overrides applied (values parsed as YAML)."""
-    with open(path, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"override {item!r}: expected key=value")
-        section, _, name = key.rpartition(".")
-        config.setdefault(section or "data", {})[name] = yaml.safe_load(value)
-    return config
-
-
-def model_info(model: dict) -> tuple[object, int, int]:
-    """(tokenizer, n_positions, vocab_size) from the `model:` section."""
-    name = model.get("tokenizer") or model.get("init_from")
-    if name in (None, "demo", "scratch"):
-        tokenizer = demo_tokenizer()
-        hf_config = None
-    else:
-        from transformers import AutoConfig
-
-        from sft_jax.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(name)
-        hf_config = AutoConfig.from_pretrained(model.get("init_from") or name)
-    n_positions = model.get("n_positions") or getattr(hf_config, "n_positions", None) or 1024
-    vocab_size = model.get("vocab_size") or getattr(hf_config, "vocab_size", None) or len(tokenizer)
-    return tokenizer, int(n_positions), int(vocab_size)
+from sft_jax import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_jax.data", description="Print the data report.")
-    parser.add_argument("--config", required=True, help="training YAML (sections model, data, train, ...)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    parser.add_argument("overrides", nargs="*", help="key=value for data, or section.key=value")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    cfg = DataConfig.from_dict(config.get("data") or {})
-    tokenizer, n_positions, vocab_size = model_info(config.get("model") or {})
-    train = config.get("train") or {}
-    _, _, report = build_datasets(
-        cfg,
-        tokenizer,
-        n_positions=n_positions,
-        vocab_size=vocab_size,
-        seed=int(train.get("seed", config.get("seed", 0))),
-        global_batch_size=train.get("global_batch_size") or train.get("batch_size"),
-    )
+    parser = argparse.ArgumentParser(prog="python -m sft_jax.data", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML file or packaged config name (default: demo)")
+    parser.add_argument("--json", action="store_true", help="print JSON (full precision) instead of Markdown")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.max_length=512")
+    args = cli.parse(parser, argv)
+
+    from sft_jax.data import build_datasets, report_to_markdown
+    from sft_jax.data.report import report_to_json
+    from sft_jax.trainer import model_and_tokenizer
+
+    try:
+        overrides = [o if "." in o.partition("=")[0] else f"data.{o}" for o in args.overrides]  # bare key: data
+        config = cli.load_config(args.config, overrides)
+        model_cfg, tokenizer, _ = model_and_tokenizer(config)
+        _, _, report = build_datasets(config.data, tokenizer, n_positions=model_cfg.n_positions,
+                                      vocab_size=model_cfg.vocab_size, seed=config.train.seed,
+                                      global_batch_size=config.train.global_batch_size)
+    except cli.user_errors() as e:
+        return cli.user_error(e)
     print(report_to_json(report) if args.json else report_to_markdown(report))
     return 0
 

@@ -117,7 +117,26 @@ def _response(row: dict, field: str) -> str:
 
 
 def to_messages(row: dict, fmt: str) -> list[dict]:
-    """Validate one example of format `fmt` and return its chat messages; raises FieldError."""
+    """Validate one example of format `fmt` and return its chat messages; raises FieldError.
+
+    A missing top-level field names the row's keys and, when they fit another format, the
+    `data.format` that reads them (a chat file under `data.format=alpaca`)."""
+    try:
+        return _to_messages(row, fmt)
+    except FieldError as e:
+        if e.reason != "missing_field" or "." in e.field or "[" in e.field:
+            raise
+        hint = f"; the row has keys {sorted(row)}"
+        try:
+            other = detect_format(row, "row")
+        except DataError:
+            other = None
+        if other and other != fmt:
+            hint += f", which data.format={other} reads"
+        raise FieldError(e.reason, e.field, e.detail + hint) from None
+
+
+def _to_messages(row: dict, fmt: str) -> list[dict]:
     if not isinstance(row, dict):
         raise FieldError("wrong_type", "<row>", f"expected an object, got {type(row).__name__}")
     if fmt in ("alpaca", "demo"):

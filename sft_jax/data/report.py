@@ -31,6 +31,8 @@ class SplitReport:
     efficiency: float  # non-padding tokens / all tokens in the batches of one epoch
     example: str  # first document decoded, supervised spans wrapped in ⟦ ⟧
     errors: list[str]  # first messages of dropped bad rows
+    read_by_source: dict[str, int] = dataclasses.field(default_factory=dict)  # rows read per source
+    to_eval: int = 0  # train only: examples carved from the rows read into eval (data.eval_fraction)
 
 
 @dataclasses.dataclass
@@ -98,6 +100,8 @@ def split_report(
     tokenizer,
     *,
     read: int,
+    read_by_source: dict | None = None,
+    to_eval: int = 0,
     dropped: dict,
     truncated: int,
     kept: int,
@@ -128,6 +132,8 @@ def split_report(
         efficiency=efficiency(dataset, mode, max_length, buckets, batch_size, seed, shuffle),
         example=marked_example(dataset, tokenizer),
         errors=list(errors),
+        read_by_source=dict(read_by_source or {}),
+        to_eval=to_eval,
     )
 
 
@@ -138,12 +144,18 @@ def report_to_markdown(report: DataReport) -> str:
         if split is None:
             continue
         dropped = ", ".join(f"{k}: {v}" for k, v in split.dropped.items()) or "none"
+        read = f"{split.read}"
+        if len(split.read_by_source) > 1:
+            read += " (" + ", ".join(f"{k}: {v}" for k, v in split.read_by_source.items()) + ")"
+        elif name == "eval" and not split.read_by_source:
+            read += " (carved from train)"
         lines += [
             f"## {name}",
             "",
             "| | |",
             "|---|---|",
-            f"| examples read | {split.read} |",
+            f"| examples read | {read} |",
+            *([f"| moved to eval (data.eval_fraction) | {split.to_eval} |"] if split.to_eval else []),
             f"| kept | {split.kept} |",
             f"| dropped | {sum(split.dropped.values())} ({dropped}) |",
             f"| truncated (prompt cut) | {split.truncated} |",
@@ -156,11 +168,16 @@ def report_to_markdown(report: DataReport) -> str:
             "|---|---|---|---|---|",
         ]
         for label, stats in (("prompt (L_Q)", split.prompt_lengths), ("response (L_A)", split.response_lengths)):
-            lines.append(f"| {label} | {stats['mean']} | {stats['p50']} | {stats['p95']} | {stats['max']} |")
+            lines.append(f"| {label} | " + " | ".join(_length(stats[k]) for k in ("mean", "p50", "p95", "max")) + " |")
         if split.errors:
             lines += ["", "First dropped rows:", ""] + [f"- {e}" for e in split.errors]
         lines += ["", f"Example (supervised spans in {OPEN} {CLOSE}):", "", "```", split.example, "```", ""]
     return "\n".join(lines)
+
+
+def _length(x: float) -> str:
+    """A token length for Markdown: an integer as is, anything else with 1 decimal (--json keeps all)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
 
 
 def report_to_json(report: DataReport) -> str:

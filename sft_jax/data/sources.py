@@ -184,8 +184,10 @@ class _Split:
     conversations: list  # chat messages per example
     source_of: list  # index into the split's sources, per example
     sources: list  # SourceSpec per source
-    read: int
+    read: int  # rows read from the sources (for train: before the eval carve)
     bad: BadRows
+    read_by_source: dict = dataclasses.field(default_factory=dict)  # source name -> rows read
+    to_eval: int = 0  # examples carved from this split into eval (data.eval_fraction)
 
 
 def build_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: int, seed: int, global_batch_size=None):
@@ -259,6 +261,7 @@ def _read_split(cfg, spec, demo_split: str, seed: int) -> _Split:
             keys = {key for row in raw.rows if isinstance(row, dict) for key in row}
             fmt = detect_format(keys, raw.name) if raw.rows else "chat"
         split.read += len(raw.rows)
+        split.read_by_source[source.name] = split.read_by_source.get(source.name, 0) + len(raw.rows)
         for i, row in enumerate(raw.rows):
             if row is None:
                 continue  # unparseable line, already counted
@@ -291,8 +294,7 @@ def _carve(train: _Split, fraction: float) -> _Split:
             keep_c.append(messages)
             keep_s.append(source)
     train.conversations, train.source_of = keep_c, keep_s
-    eval_split.read = sum(held)
-    train.read -= eval_split.read  # each example is read once, into one of the two splits
+    eval_split.read = train.to_eval = sum(held)  # train.read stays what was read from the sources
     return eval_split
 
 
@@ -332,6 +334,8 @@ def _encode_split(split: _Split, cfg, renderer, seed: int, batch_size: int, *, w
         dataset,
         renderer.tokenizer,
         read=split.read,
+        read_by_source=split.read_by_source,
+        to_eval=split.to_eval,
         dropped=dropped,
         truncated=truncated,
         kept=len(kept),

@@ -1,0 +1,78 @@
+"""What every ``python -m sft_jax.NAME`` command shares: argument parsing, user errors, paths.
+
+- ``parse``: options and ``key=value`` overrides in any order (``parse_intermixed_args``), so
+  ``train train.steps=10 --config demo model.preset=tiny`` works.
+- ``user_error``: a user mistake is one line on stderr and exit status 2 (``USER_ERROR_EXIT``);
+  argparse's own usage errors exit 2 too.
+- ``resolve_path``: relative and ``~`` paths become absolute before they reach orbax (which
+  refuses relative paths); hub names and ``gs://`` URLs pass through unchanged.
+- ``load_config``: the typed config with the "no --config" rule (see ``NEEDS_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+USER_ERROR_EXIT = 2
+
+# Overrides that mean "this is a real run": without --config they would inherit the demo's
+# settings (lr 3e-3, data.format demo, max_length 128, ...), so they require a --config.
+NEEDS_CONFIG = ("model.init_from", "data.train", "data.eval")
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_intermixed_args``: positionals (overrides) on both sides of options.
+    argparse cannot intermix with subcommands (``convert``); those parse as usual."""
+    if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+        return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def user_error(message) -> int:
+    """Print ``error: message`` as one line on stderr; returns the exit status for ``main``."""
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's mistake (config, data, model files, checkpoints)."""
+    from sft_jax.checkpoint import CheckpointError
+    from sft_jax.config import ConfigError
+    from sft_jax.data import DataError
+    from sft_jax.hf import HFFormatError
+
+    return ConfigError, DataError, HFFormatError, CheckpointError
+
+
+def resolve_path(path: str, *, must_be_local: bool = False) -> str:
+    """An absolute local path for anything that looks like or exists as a local path.
+
+    ``gs://...`` stays as is; a bare name that does not exist locally (``gpt2``,
+    ``openai-community/gpt2``) stays a hub name unless ``must_be_local`` (an output path).
+    """
+    from sft_jax.checkpoint import is_remote
+
+    path = os.fspath(path)
+    if is_remote(path):
+        return path
+    expanded = os.path.expanduser(path)
+    looks_local = must_be_local or os.path.exists(expanded) or path.startswith(("~", ".", os.sep))
+    return os.path.abspath(expanded) if looks_local else path
+
+
+def load_config(config_path, overrides):
+    """``sft_jax.config.load_config`` with the CLI rule: with no ``--config``, overrides apply to
+    the demo unless one sets ``model.init_from``, ``data.train`` or ``data.eval``; that is a
+    ConfigError (a real run must start from a shipped config or the user's own YAML)."""
+    from sft_jax.config import ConfigError
+    from sft_jax.config import load_config as load
+
+    if config_path is None:
+        given = [key for key in (o.partition("=")[0].strip() for o in overrides) if key in NEEDS_CONFIG]
+        if given:
+            raise ConfigError(f"{'/'.join(given)} given without --config; start from a shipped config "
+                              f"(--config gpt2_alpaca) or your own YAML")
+    return load(config_path, overrides)
