@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Callable
 
 from sft_jax.config import Config
+from sft_jax.core import loop as core_loop
 from sft_jax.core.loop import TEST_KILL_ENV, Loop, NonFiniteError, RunResult
 from sft_jax.core.loop import sigterm_flag as _sigterm_flag
 from sft_jax.core.setup import (ARCH_FIELDS, download_outputs, enable_compilation_cache, model_and_tokenizer,
                                 resume_source, run_dirs, upload_outputs)
 from sft_jax.core.setup import checkpoint_model_config as _checkpoint_model_config
-from sft_jax.core import loop as _core
 from sft_jax.metrics import device_memory
 from sft_jax.objectives.sft import GENERATE_BATCH, SFTObjective, _last_response
 
@@ -39,5 +39,5 @@ def run(config: Config, *, devices=None, batch_transform: Callable | None = None
     ``batch_transform(step, numpy_batch) -> numpy_batch`` is a test hook (e.g. a NaN)."""
     # device_memory is looked up here at each log, so it can be replaced on this module
     # (CPU keeps no allocator statistics; tests give it some).
-    return _core.run(config, SFTObjective, devices=devices, batch_transform=batch_transform,
+    return core_loop.run(config, SFTObjective, devices=devices, batch_transform=batch_transform,
                      memory_stats=lambda: device_memory())
