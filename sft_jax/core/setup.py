@@ -1,0 +1,144 @@
+"""Run setup shared by every objective: the compilation cache, where a run's files go,
+what to resume from, and the model and tokenizer a config names (read without weights)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import jax
+
+from sft_jax import checkpoint as ckpt
+from sft_jax import runlock
+from sft_jax.config import Config, ConfigError
+from sft_jax.data import chat_template
+from sft_jax.data.demo import demo_tokenizer
+from sft_jax.model import GPT2Config
+
+ARCH_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+def enable_compilation_cache(directory: Optional[str]) -> None:
+    """Persistent XLA cache, so a rerun or resume skips compilation; thresholds lowered so
+    small CPU programs are cached too."""
+    if directory and jax.default_backend() == "cpu" and jax.device_count() > 1:
+        # XLA:CPU (jax 0.10) deadlocks in cross-device collectives of executables loaded from
+        # the persistent cache (seen: a resume on a data=4 x fsdp=2 mesh of host devices
+        # hangs in its first step). Several CPU devices only exist in tests and trials.
+        print("sft_jax: persistent compilation cache off: several CPU devices", file=sys.stderr, flush=True)
+        directory = None
+    if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != path:  # jax opens the cache once per process
+        jax.config.update("jax_compilation_cache_dir", path)
+        compilation_cache.reset_cache()
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_dirs(config: Config):
+    """(local directory for logs, report and export; checkpoint root, local or remote).
+
+    Object stores have no append and no atomic directory rename, which metrics.jsonl and
+    the self-verifying export rely on; so with a gs:// output_dir those files are written to
+    a local staging directory and copied up (``upload_outputs``), while orbax writes the
+    checkpoints to the bucket directly from every process."""
+    out = config.run.output_dir
+    if not ckpt.is_remote(out):
+        return Path(out), Path(out) / "checkpoints"
+    name = out.split("://", 1)[1].strip("/").replace("/", "__")
+    return Path(config.run.staging_dir).expanduser() / name, ckpt.as_path(out) / "checkpoints"
+
+
+def upload_outputs(local: Path, remote) -> None:
+    """Copy every file under ``local`` to the same place under ``remote`` (overwriting)."""
+    from etils import epath
+
+    remote = epath.Path(remote)
+    for src in sorted(local.rglob("*")):
+        if src.is_file() and src.relative_to(local).as_posix() != runlock.LOCK_NAME:  # the bucket has its lease
+            dst = remote / src.relative_to(local).as_posix()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            epath.Path(src).copy(dst, overwrite=True)
+
+
+def download_outputs(remote, local: Path, names=("metrics.jsonl",)) -> None:
+    """On a resume from a fresh machine, bring back the files a run appends to."""
+    from etils import epath
+
+    for name in names:
+        src = epath.Path(remote) / name
+        if src.exists() and not (local / name).exists():
+            local.mkdir(parents=True, exist_ok=True)
+            src.copy(epath.Path(local / name))
+
+
+def resume_source(config: Config):
+    """The checkpoint root to resume from, or None for a fresh start."""
+    resume = config.train.resume
+    own = run_dirs(config)[1]
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return own if ckpt.latest_step(own) is not None else None
+    path = ckpt.as_path(resume)
+    for candidate in (path / "checkpoints", path):
+        if ckpt.is_checkpoint(candidate):
+            return candidate
+    raise ConfigError(f"train.resume={resume!r}: no complete sft_jax checkpoint there "
+                      f"(use auto, never, or a checkpoints directory)")
+
+
+def model_and_tokenizer(config: Config):
+    """(GPT2Config, tokenizer, hf_dir or None), reading no weights. The tokenizer carries the
+    chat template the run trains with, so every checkpoint (and the export) stores it."""
+    m = config.model
+    compute = dict(dtype=m.dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers)
+    if m.init_from == "scratch":
+        tokenizer = demo_tokenizer(seed=0) if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
+        cfg = GPT2Config.preset(m.preset, vocab_size=len(tokenizer), n_positions=m.n_positions,
+                                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **compute)
+        tokenizer.chat_template = chat_template(config.data)
+        return cfg, tokenizer, None
+    from sft_jax import hf
+
+    directory = hf.resolve_dir(m.init_from)
+    cfg = hf.read_config(directory, **compute)
+    tokenizer = _load_tokenizer(m.tokenizer or str(directory))
+    tokenizer.chat_template = chat_template(config.data)
+    return cfg, tokenizer, directory
+
+
+def _load_tokenizer(name: str):
+    from sft_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def checkpoint_model_config(root: Path) -> dict:
+    """The architecture stored with the newest checkpoint (read without touching weights)."""
+    step_dir = root / str(ckpt.latest_step(root))
+    for f in sorted((step_dir / "model_config").glob("*")):
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError):
+                continue
+    return {}
+
+
+def check_same_model(source: Path, model_cfg: GPT2Config) -> None:
+    """A resume must find the architecture that model.* describes."""
+    saved = checkpoint_model_config(source)
+    diff = {k: (saved.get(k), getattr(model_cfg, k)) for k in ARCH_FIELDS if saved.get(k) != getattr(model_cfg, k)}
+    if saved and diff:
+        raise ConfigError(f"checkpoint {source} holds a different model than model.* describes: {diff}")

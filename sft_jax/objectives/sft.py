@@ -1,0 +1,196 @@
+"""Supervised fine-tuning: next-token NLL on the response tokens of packed or bucketed rows.
+
+The batch is five (rows, length) arrays; the loss of a global batch is its summed,
+weighted NLL over its supervised-token count. Evaluation: held-out loss and perplexity, a
+few greedy samples into the log, exact match on held-out prompts. Export: a transformers
+``GPT2LMHeadModel`` directory that verifies itself.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sft_jax.core.step import global_batch
+from sft_jax.data import BatchIterator, build_datasets, chat_template, encode_prompt, eval_batches, report_to_markdown
+from sft_jax.data.demo import exact_match
+from sft_jax.data.formats import decode
+from sft_jax.model import GPT2, GPT2Config, param_shapes, token_nll
+from sft_jax.objectives.base import Data, Loss, Objective
+
+BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
+GENERATE_BATCH = 64  # prompts per generate call (a fixed shape, so it compiles once per prompt length)
+
+
+def summed_nll(model: GPT2, params, batch: dict, loss_chunk: int) -> jax.Array:
+    """sum over positions of weight * NLL, in float32."""
+    hidden = model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+    nll = token_nll(params["params"]["wte"], hidden, batch["targets"], model.config, chunk=loss_chunk)  # (B,T)
+    return jnp.sum(nll * batch["weights"].astype(jnp.float32))
+
+
+def init_params(model_cfg: GPT2Config, key):
+    """HF's initialisation of GPT-2 from ``key`` (unboxed)."""
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(GPT2(model_cfg).init(key, dummy, dummy, dummy + 1))
+
+
+class SFTLoss(Loss):
+    """The SFT step: weighted NLL over supervised tokens; no frozen parameters."""
+
+    batch_axes = {k: ("batch", "length") for k in BATCH_KEYS}
+
+    def __init__(self, model_cfg: GPT2Config, loss_chunk: int = 0):
+        self.model, self.loss_chunk = GPT2(model_cfg), loss_chunk
+
+    def loss(self, params, frozen, batch):
+        return summed_nll(self.model, params, batch, self.loss_chunk), {}
+
+    def normalizer(self, batch):
+        return jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+
+    def batch_metrics(self, batch):
+        return {"supervised_tokens": jnp.sum(batch["weights"].astype(jnp.float32)),
+                "tokens": jnp.sum(batch["segment_ids"] > 0)}
+
+    def eval_sums(self, params, frozen, batch):
+        """(summed NLL, supervised tokens)."""
+        return summed_nll(self.model, params, batch, self.loss_chunk), jnp.sum(batch["weights"].astype(jnp.float32))
+
+
+class SFTObjective(Objective, SFTLoss):
+    def __init__(self, config, model_cfg: GPT2Config, tokenizer, hf_dir=None):
+        Objective.__init__(self, config, model_cfg, tokenizer, hf_dir)
+        SFTLoss.__init__(self, model_cfg, config.train.loss_chunk)
+
+    # --- parameters -------------------------------------------------------------------------
+    def abstract_params(self):
+        return param_shapes(self.model_cfg)
+
+    def init_params(self, key):
+        return init_params(self.model_cfg, key)
+
+    def initial_params(self, shardings):
+        if self.hf_dir is None:
+            return None
+        from sft_jax import hf
+
+        return hf.load_hf(self.hf_dir, shardings=shardings, dtype=self.model_cfg.dtype)[1]
+
+    # --- data ---------------------------------------------------------------------------------
+    def build_data(self) -> Data:
+        c, d = self.config, self.config.data
+        train_ds, eval_ds, report = build_datasets(d, self.tokenizer, n_positions=self.model_cfg.n_positions,
+                                                   vocab_size=self.model_cfg.vocab_size, seed=c.train.seed,
+                                                   global_batch_size=c.train.global_batch_size)
+        iterator = BatchIterator(train_ds, global_batch_size=c.train.global_batch_size, seed=c.train.seed,
+                                 mode=d.batching, max_length=d.max_length, buckets=d.buckets,
+                                 process_index=jax.process_index(), process_count=jax.process_count(),
+                                 shuffle=d.shuffle, prefetch=d.prefetch)
+        # eval examples the data path dropped: no sample or exact match for them, but counted
+        self.eval_dropped = sum(report.eval.dropped.values()) if report.eval else 0
+        return Data(iterator, eval_ds, report_to_markdown(report))
+
+    # --- evaluation -------------------------------------------------------------------------
+    def evaluate(self, loop, step: int) -> dict:
+        c, d = self.config, self.config.data
+        eval_ds = loop.eval_data
+        results: dict = {}
+        if eval_ds is not None and len(eval_ds):
+            E = c.micro_batch_size()
+            sums = []
+            batches = eval_batches(eval_ds, batch_size=E, max_length=d.max_length, mode=d.batching,
+                                   buckets=d.buckets, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+            for i, batch in enumerate(batches):
+                if c.train.eval_max_batches and i >= c.train.eval_max_batches:
+                    break
+                sums.append(loop.eval_fn(loop.state.params, global_batch(batch, loop.eval_fn.batch_shardings, E),
+                                         loop.frozen))
+            nll, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+            results["eval_loss"] = nll / max(count, 1.0)
+            results["eval_ppl"] = math.exp(min(results["eval_loss"], 50.0))
+            results.update(self.generation_eval(loop, step))
+        return results
+
+    def generation_eval(self, loop, step: int) -> dict:
+        """A few samples into the log, and greedy exact match on held-out prompts."""
+        t = self.config.train
+        prompts, references, skipped = generation_examples(
+            self.tokenizer, self.config.data, loop.eval_data.examples or [],
+            max(t.eval_samples, t.exact_match_examples), n_positions=self.model_cfg.n_positions,
+            max_new_tokens=t.max_new_tokens)
+        n = len(prompts)
+        if n == 0:
+            return {}
+        predictions = self.generate(loop, prompts)
+        for i in range(min(t.eval_samples, n)):
+            prompt_text = decode(self.tokenizer, prompts[i])
+            loop.logger.log_text(step, f"sample_{i}", f"{prompt_text}{predictions[i]}\n[reference] {references[i]}")
+        if t.exact_match_examples:
+            k = min(t.exact_match_examples, n)
+            return {"exact_match": exact_match(predictions[:k], references[:k]), "exact_match_n": k,
+                    "exact_match_skipped": getattr(self, "eval_dropped", 0) + skipped}
+        return {}
+
+    def generate(self, loop, prompts: list[list[int]]) -> list[str]:
+        from sft_jax.sampling import generate
+
+        params = loop.host_params()
+        if jax.process_index() != 0:  # samples and exact match are logged by process 0 alone
+            return [""] * len(prompts)
+        if jax.process_count() > 1:  # generate on process 0's first device, outside the global mesh
+            params = jax.device_put(params, jax.local_devices()[0])
+        eos = self.tokenizer.eos_token_id
+        max_new = self.config.train.max_new_tokens  # prompts are cut to fit (generation_examples)
+        texts = []
+        for lo in range(0, len(prompts), GENERATE_BATCH):
+            chunk = prompts[lo:lo + GENERATE_BATCH]
+            padded = chunk + [chunk[-1]] * (GENERATE_BATCH - len(chunk)) if len(prompts) > GENERATE_BATCH else chunk
+            outs = generate(params, self.model_cfg, padded, max_new_tokens=max_new, eos_id=eos)
+            for ids in outs[:len(chunk)]:
+                ids = ids[:-1] if ids and ids[-1] == eos else ids
+                texts.append(decode(self.tokenizer, ids))
+        return texts
+
+    # --- export -------------------------------------------------------------------------------
+    def export(self, loop, out: Path) -> list[str]:
+        """A self-verifying HF causal-LM directory at ``out/hf``."""
+        export_dir = out / "hf"
+        params = loop.host_params()
+        if jax.process_index() == 0:
+            from sft_jax.hf import export_hf
+
+            export_hf(params, self.model_cfg.replace(dtype="float32", remat="none"), export_dir,
+                      tokenizer=self.tokenizer, chat_template=chat_template(self.config.data), verify=True,
+                      overwrite=True)
+        return [f"HF export:   {export_dir}", f"chat with it: python -m sft_jax.chat --model {export_dir}"]
+
+
+def generation_examples(tokenizer, data_cfg, examples: list, n: int, *, n_positions: int, max_new_tokens: int):
+    """(prompts, references, skipped) for samples and exact match: the first ``n`` of ``examples``
+    (the eval examples the data path kept), each prompt cut from the left to leave room for
+    ``max_new_tokens``; an example whose prompt renders to no token is skipped and counted."""
+    from sft_jax.sampling import cut_prompt
+
+    prompts, references, skipped = [], [], 0
+    for example in examples:
+        if len(prompts) == n:
+            break
+        ids = encode_prompt(tokenizer, data_cfg, example)
+        if not ids:
+            skipped += 1
+            continue
+        prompts.append(cut_prompt(ids, n_positions, max_new_tokens))
+        references.append(_last_response(example))
+    return prompts, references, skipped
+
+
+def _last_response(example) -> str:
+    messages = example if isinstance(example, list) else example.get("messages", [])
+    replies = [m["content"] for m in messages if m.get("role") == "assistant"]
+    return replies[-1] if replies else ""
