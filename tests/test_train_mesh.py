@@ -148,7 +148,7 @@ def test_injected_nan_is_skipped_then_too_many_stop_the_run(tmp_path, cache):
     # SIGTERM save between logs) must fire, before any log would ("by step 4", not 5)
     cfg = tiny_config(tmp_path / "many", "train.steps=8", "optim.max_nonfinite_steps=2", "checkpoint.every=2",
                       "train.log_every=5", cache_dir=cache)
-    with pytest.raises(trainer.NonFiniteError, match=r"2 consecutive .* by step 4\).* last good checkpoint is step 2"):
+    with pytest.raises(trainer.NonFiniteError, match=r"2 consecutive .* \(by step 4\).* last good checkpoint is step 2"):
         trainer.run(cfg, batch_transform=poison({2, 3}))
     assert ckpt.latest_step(tmp_path / "many" / "checkpoints") == 2  # nothing after the skips was saved
     good = ckpt.restore(tmp_path / "many" / "checkpoints")  # and that checkpoint is whole and finite
