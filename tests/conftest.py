@@ -18,3 +18,11 @@ if "SFT_JAX_DATA_CACHE" not in os.environ:
 
     os.environ["SFT_JAX_DATA_CACHE"] = tempfile.mkdtemp(prefix="sft_jax_data_cache_")
     atexit.register(shutil.rmtree, os.environ["SFT_JAX_DATA_CACHE"], True)
+
+# Property tests: the same examples on every run (derandomized, no example database), so a
+# red CI is reproducible and a green one is not luck. HYPOTHESIS_PROFILE=explore searches anew.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

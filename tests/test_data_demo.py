@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from sft_jax.data import DataConfig, build_datasets, demo_tokenizer, encode_prompt, exact_match, make_demo_examples
@@ -16,12 +18,30 @@ def test_examples_are_deterministic_correct_and_short():
     for e in a:
         answer = len(tokenizer(e["output"])["input_ids"])
         assert 1 <= answer <= 8, e
-        if e["task"] == "reverse":
-            assert e["output"].split() == e["input"].split()[::-1]
-        if e["task"] == "sort":
-            assert e["output"].split() == sorted(e["input"].split())
-        if e["task"] == "larger":
-            assert int(e["output"]) == max(int(x) for x in e["input"].split(" or "))
+        assert e["output"] == _answer(e), e
+
+
+def _answer(e) -> str:
+    """Each task's answer recomputed from its prompt, independently of sft_jax.data.demo."""
+    task, instruction, given = e["task"], e["instruction"], e["input"]
+    if task == "reverse":
+        return " ".join(given.split()[::-1])
+    if task == "sort":
+        return " ".join(sorted(given.split()))
+    if task == "larger":
+        return str(max(int(x) for x in given.split(" or ")))
+    if task == "upper":
+        return given.upper()
+    if task == "repeat":
+        times = int(re.fullmatch(r"Repeat the word (\d+) times\.", instruction).group(1))
+        return " ".join([given] * times)
+    assert task == "context", task
+    facts = re.findall(r"(\w+) has a (\w+) (\w+)\.", given)
+    assert len(facts) == 2 and " ".join(f"{n} has a {c} {o}." for n, c, o in facts) == given, given
+    if m := re.fullmatch(r"What color is the (\w+)\?", instruction):
+        return next(c for _, c, o in facts if o == m.group(1))
+    m = re.fullmatch(r"Who has the (\w+)\?", instruction)
+    return next(n for n, _, o in facts if o == m.group(1))
 
 
 def test_heldout_prompts_never_appear_in_training():

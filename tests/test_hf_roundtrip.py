@@ -1,6 +1,7 @@
 """HF -> orbax -> HF through the real CLI, sharded import, other HF layouts, and every bad input."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from hf_fixtures import CHAT_TEMPLATE, make_hf_model, save_hf_model, torch_logits, train_tokenizer
+from train_fixtures import assert_trees_equal
 from sft_jax import checkpoint, convert, hf
 
 torch = pytest.importorskip("torch")
@@ -89,7 +91,7 @@ def test_bfloat16_export(loaded, tmp_path):
     assert np.array_equal(np.asarray(back["params"]["wte"])[:cfg.vocab_size], got)
 
 
-def test_sharded_import_reads_slices(source, loaded, tmp_path):
+def test_sharded_import_reads_slices(source, loaded, tmp_path, monkeypatch):
     """A multi-file (indexed) checkpoint loaded onto a 2x4 mesh equals the one-device load."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake CPU) devices")
@@ -106,13 +108,25 @@ def test_sharded_import_reads_slices(source, loaded, tmp_path):
                    "mlp": {"c_fc_kernel": P("data", None, "model"), "c_fc_bias": P(None, "model"),
                            "c_proj_kernel": P(None, "model", "data"), "c_proj_bias": P()}}}
     shardings = {"params": jax.tree.map(lambda s: NamedSharding(mesh, s), specs)}
+    reads = []  # (HF key, elements read, elements in the tensor), per read of a safetensors file
+    whole_read = hf._SafetensorsFile.read
+
+    def recording_read(self, key, index):
+        block = whole_read(self, key, index)
+        reads.append((key, block.size, math.prod(self.shape(key))))
+        return block
+
+    monkeypatch.setattr(hf._SafetensorsFile, "read", recording_read)
     cfg, params = hf.load_hf(directory, shardings=shardings)
     _, reference = loaded
     wte = params["params"]["wte"]
     assert wte.sharding == shardings["params"]["wte"]
     assert wte.addressable_shards[0].data.shape == (cfg.padded_vocab_size // 4, cfg.n_embd // 2)
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
-        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert_trees_equal(params, reference)
+    # each device's block is read from the file, not the whole tensor sliced afterwards
+    wte_reads = [n for key, n, _ in reads if key.endswith("wte.weight")]
+    assert len(wte_reads) == 8 and max(wte_reads) == math.prod(wte.addressable_shards[0].data.shape), wte_reads
+    assert sum(n for _, n, _ in reads) <= 0.6 * sum(full for _, _, full in reads)
     assert not np.asarray(wte)[cfg.vocab_size:].any()  # padding rows are zeros
 
 
@@ -127,8 +141,7 @@ def test_pytorch_bin_and_unprefixed_keys(source, loaded, tmp_path):
     state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
     torch.save(state, directory / "pytorch_model.bin")
     _, params = hf.load_hf(directory)
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
-        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert_trees_equal(params, reference)
 
 
 # --- bad inputs ----------------------------------------------------------------------

@@ -127,6 +127,24 @@ def _loss_and_grads(cfg, params, tokens):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+def _remat_policies(cfg, params, tokens) -> list:
+    """The policy of every remat (jax.checkpoint) in the traced forward loss, nested jaxprs included."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    closed = jax.make_jaxpr(lambda p: GPT2(cfg).apply(p, tokens, positions, jnp.ones_like(tokens)))(params)
+    found, stack = [], [closed.jaxpr]
+    while stack:
+        for eqn in stack.pop().eqns:
+            if "remat" in eqn.primitive.name or eqn.primitive.name == "checkpoint":
+                found.append(eqn.params["policy"])
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        stack.append(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        stack.append(sub)
+    return found
+
+
 def test_scan_unrolled_and_remat_agree(pair, tokens):
     _, cfg, params = pair
     toks = jnp.asarray(tokens)
@@ -140,6 +158,13 @@ def test_scan_unrolled_and_remat_agree(pair, tokens):
             # 1e-6 of the tensor's scale (on CPU they agree exactly; other backends may reorder sums)
             scale = float(jnp.abs(r).max()) + 1e-12
             assert float(jnp.abs(g - r).max()) <= 1e-6 * scale, variant
+    # equal numbers would also come from ignoring remat: the traced model must hold the policy asked for
+    assert _remat_policies(cfg, params, toks) == []
+    policies = {"full": jax.checkpoint_policies.nothing_saveable,
+                "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    for variant in variants[1:]:
+        found = _remat_policies(variant, params, toks)
+        assert found and all(p is policies[variant.remat] for p in found), (variant, found)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -168,6 +168,17 @@ def _process_pids(proc: subprocess.Popen) -> list[int]:
     return [p for p in pids if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
 
 
+def _pid_of_process(pids: list[int], index: int) -> int:
+    """The pid among ``pids`` running JAX process ``index`` (its SFT_JAX_PROCESS_ID), not a guess
+    from pid order, which wraps and follows no start order."""
+    def process_id(pid):
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return next((int(v.split(b"=", 1)[1]) for v in env if v.startswith(b"SFT_JAX_PROCESS_ID=")), None)
+
+    (pid,) = [p for p in pids if process_id(p) == index]
+    return pid
+
+
 def _group_empty(pgid: int, within: float) -> bool:
     """No process of the launcher's group is alive (a log tee may take a moment to drain)."""
     deadline = time.time() + within
@@ -187,7 +198,7 @@ def test_killed_peer_stops_the_survivor(runs, tmp_path):
     _wait_for_steps(out, 2, proc)
     pids = _process_pids(proc)
     assert len(pids) == 2, pids
-    victim = max(pids)  # local.sh starts process 0 first
+    victim = _pid_of_process(pids, 1)  # a peer, not the coordinator's process 0
     os.kill(victim, signal.SIGKILL)
     t0 = time.time()
     rc, text = _finish(proc, HEARTBEAT + 60)
@@ -204,7 +215,7 @@ def test_sigterm_to_one_process_saves_everywhere_and_resumes(runs, tmp_path):
     proc = _launch(out, cache, processes=2, steps=100000, logs=logs, extra=("checkpoint.every=100000",))
     _wait_for_steps(out, 3, proc)
     pids = _process_pids(proc)
-    os.kill(max(pids), signal.SIGTERM)  # one host is preempted
+    os.kill(_pid_of_process(pids, 1), signal.SIGTERM)  # one host is preempted
     rc, text = _finish(proc, 300)
     assert rc == 0, text[-3000:]
     saved = [int(line.split("saved step ")[1].split()[0])

@@ -14,7 +14,7 @@ from sft_jax import train_step as ts
 from sft_jax import trainer
 from sft_jax.model import GPT2Config
 from sft_jax.optim import make_optimizer
-from train_fixtures import losses, metrics, tensorboard_scalars, tiny_config
+from train_fixtures import assert_trees_equal, logged_steps, losses, metrics, tensorboard_scalars, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +56,28 @@ def test_mesh_2x2x2_matches_one_device_and_compiles_once(tmp_path, cache, monkey
     for name, devices, shape in [("one", jax.devices()[:1], "[1,1,1]"), ("mesh", jax.devices(), "[2,2,2]")]:
         cfg = tiny_config(tmp_path / name, "train.steps=10", f"mesh.shape={shape}", "train.micro_batch_size=4",
                           cache_dir=cache)
+        counts = {}  # step -> (supervised, real) tokens of the batch the iterator produced
+
+        def record(step, batch, counts=counts):
+            counts[step + 1] = (float(batch["weights"].sum()), float((batch["segment_ids"] > 0).sum()))
+            return batch
+
         before = ts.TRACE_COUNTS["train"]
-        result = trainer.run(cfg, devices=devices)
+        result = trainer.run(cfg, devices=devices, batch_transform=record)
         assert ts.TRACE_COUNTS["train"] - before == 1  # one trace (so one compile) for the whole packed run
         assert result.status == "done" and result.step == 10
         runs[name] = losses(tmp_path / name)
-        check_run_logs(tmp_path / name, cfg, n_devices=len(devices))
+        check_run_logs(tmp_path / name, cfg, n_devices=len(devices), counts=counts)
     assert sorted(runs["one"]) == list(range(1, 11))
     np.testing.assert_allclose([runs["mesh"][s] for s in range(1, 11)], [runs["one"][s] for s in range(1, 11)],
                                rtol=1e-5)
     assert runs["one"][10] < runs["one"][1]
 
 
-def check_run_logs(out, cfg, n_devices):
+def check_run_logs(out, cfg, n_devices, counts):
     """metrics.jsonl has every metric of the issue, each consistent with an independent
-    computation; TensorBoard holds the same numbers; report.md embeds the four PNG plots
-    and the data report."""
+    computation (token counts: the batches the iterator produced, ``counts``); TensorBoard
+    holds the same numbers; report.md embeds the four PNG plots and the data report."""
     _, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     G, T = cfg.train.global_batch_size, cfg.data.max_length
     model_cfg, _, _ = trainer.model_and_tokenizer(cfg)
@@ -83,6 +89,9 @@ def check_run_logs(out, cfg, n_devices):
         assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)  # lr of the update applied
         assert r["clip_ratio"] == pytest.approx(min(1.0, cfg.optim.clip_norm / r["grad_norm"]), rel=1e-6)
         assert 0 < r["supervised_tokens"] < G * T
+        supervised, real = counts[r["step"]]
+        assert r["supervised_tokens"] == supervised
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(real, rel=1e-6)  # padding not counted
         # one step per record: the rates are the step's counts over its time
         assert r["supervised_tokens_per_s"] * r["step_time_s"] == pytest.approx(r["supervised_tokens"], rel=1e-6)
         assert r["supervised_tokens_per_s"] < r["tokens_per_s"] <= G * T / r["step_time_s"] * (1 + 1e-9)
@@ -135,9 +144,11 @@ def test_injected_nan_is_skipped_then_too_many_stop_the_run(tmp_path, cache):
     assert records[6]["nonfinite_total"] == 1 and sorted(records) == list(range(1, 7))  # the steps move on
     assert records[4]["lr"] == records[3]["lr"] != records[2]["lr"]  # the skipped step did not advance the schedule
 
+    # log_every=5 > checkpoint.every=2: the check before the step-4 save (the one that guards a
+    # SIGTERM save between logs) must fire, before any log would ("by step 4", not 5)
     cfg = tiny_config(tmp_path / "many", "train.steps=8", "optim.max_nonfinite_steps=2", "checkpoint.every=2",
-                      cache_dir=cache)
-    with pytest.raises(trainer.NonFiniteError, match="2 consecutive .* last good checkpoint is step 2"):
+                      "train.log_every=5", cache_dir=cache)
+    with pytest.raises(trainer.NonFiniteError, match=r"2 consecutive .* \(by step 4\).* last good checkpoint is step 2"):
         trainer.run(cfg, batch_transform=poison({2, 3}))
     assert ckpt.latest_step(tmp_path / "many" / "checkpoints") == 2  # nothing after the skips was saved
     good = ckpt.restore(tmp_path / "many" / "checkpoints")  # and that checkpoint is whole and finite
@@ -163,11 +174,15 @@ def test_checkpoint_from_4_devices_restores_on_2_and_8(tmp_path, cache):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         for got, want in zip(jax.tree.leaves(out["opt_state"]), jax.tree.leaves(saved["opt_state"])):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # and training resumes from it on all 8 devices
+    # and training resumes from it (step 3, not from scratch) on all 8 devices
+    first = metrics(tmp_path / "r")
+    assert [r["step"] for r in first] == [1, 2, 3]
     cfg8 = tiny_config(tmp_path / "r", "train.steps=5", "mesh.shape=[2,2,2]", "train.global_batch_size=4",
                        cache_dir=cache)
     result = trainer.run(cfg8)
-    assert result.step == 5 and sorted(losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
+    assert result.step == 5 and logged_steps(tmp_path / "r") == [1, 2, 3, 4, 5]
+    assert metrics(tmp_path / "r")[:3] == first  # steps 1-3 untouched: not retrained, not relogged
+    assert_trees_equal(ckpt.restore(root, step=3)["params"], saved["params"])
 
 
 def test_hf_init_on_the_mesh_exports_what_it_loaded(tmp_path, cache):
@@ -196,11 +211,14 @@ def test_hf_init_on_the_mesh_exports_what_it_loaded(tmp_path, cache):
 
 
 def test_epochs_set_the_number_of_steps(tmp_path, cache):
-    from sft_jax.data import BatchIterator, build_datasets
+    """0.1 epoch of 600 documents, one document per row (buckets), 8 rows a step: ceil(7.5) = 8
+    steps, counted here by hand rather than from the iterator's own steps_per_epoch."""
+    from sft_jax.data import build_datasets
 
-    cfg = tiny_config(tmp_path / "e", "train.steps=0", "train.epochs=0.1", cache_dir=cache)
-    model_cfg, tokenizer, _ = trainer.model_and_tokenizer(cfg)
-    train_ds, _, _ = build_datasets(cfg.data, tokenizer, n_positions=64, vocab_size=model_cfg.vocab_size, seed=0)
-    it = BatchIterator(train_ds, global_batch_size=8, seed=0, max_length=64)
+    cfg = tiny_config(tmp_path / "e", "train.steps=0", "train.epochs=0.1", "data.batching=buckets",
+                      "data.buckets=[64]", cache_dir=cache)
+    _, tokenizer, _ = trainer.model_and_tokenizer(cfg)
+    train_ds, _, _ = build_datasets(cfg.data, tokenizer, n_positions=64, vocab_size=len(tokenizer), seed=0)
+    assert len(train_ds) == 600  # every demo document kept: the count below is the whole dataset
     result = trainer.run(cfg)
-    assert result.step == int(np.ceil(0.1 * it.steps_per_epoch)) >= 2
+    assert result.step == 8

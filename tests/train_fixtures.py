@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import yaml
 
 from sft_jax.config import load_config, packaged_config
+from sft_jax.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +53,13 @@ def write_tiny_yaml(path: Path, output_dir, *overrides, cache_dir=None) -> Path:
 
 
 def metrics(output_dir, split: str = "train") -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
+    """The records of ``split``, read tolerantly: a run still appending may have a torn last line."""
+    return [r for r in read_metrics(Path(output_dir) / "metrics.jsonl") if r["split"] == split]
+
+
+def logged_steps(output_dir, split: str = "train") -> list[int]:
+    """Steps in the order they were logged: a repeated step shows up twice (a dict would hide it)."""
+    return [r["step"] for r in metrics(output_dir, split)]
 
 
 def losses(output_dir) -> dict[int, float]:
@@ -114,3 +121,16 @@ def tensorboard_scalars(tb_dir) -> dict[str, dict[int, float]]:
                 if value.HasField("simple_value"):
                     scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars
+
+
+def assert_trees_equal(got, want, **tolerance):
+    """The same tree (keys, nesting, leaf count) first, then leaf by leaf: bit-equal, or within
+    ``rtol``/``atol`` when given. Zipping leaves alone would call ``{}`` equal to any tree."""
+    assert jax.tree.structure(got) == jax.tree.structure(want), (jax.tree.structure(got), jax.tree.structure(want))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and a.dtype == b.dtype, (jax.tree_util.keystr(path), a.shape, b.shape, a.dtype, b.dtype)
+        if tolerance:
+            np.testing.assert_allclose(a, b, err_msg=jax.tree_util.keystr(path), **tolerance)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

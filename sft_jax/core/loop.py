@@ -235,6 +235,11 @@ class Loop:
                 if step == int(kill_step):
                     if kill_phase == "after_save":
                         self.manager.wait_until_finished()
+                    else:  # orbax makes the step's temporary directory in the background: kill once it is there
+                        deadline = time.monotonic() + 60
+                        while not any(self.manager.directory.glob(f"{step}.orbax-checkpoint-tmp*")) \
+                                and time.monotonic() < deadline:
+                            time.sleep(0.001)
                     os.kill(os.getpid(), signal.SIGKILL)
             if c.train.eval_every and step % c.train.eval_every == 0 and not last:
                 self.evaluate(step)
