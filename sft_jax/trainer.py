@@ -367,6 +367,10 @@ class _Loop:
             "step_time_s": seconds / n_steps,
             "tokens_per_s": tokens / seconds,
             "supervised_tokens_per_s": supervised / seconds,
+            # per-step arrays (already on the host) for `python -m sft_jax.analyze`'s stability study
+            "step_loss": [_finite_or_none(m["loss"]) for m in host],
+            "step_grad_norm": [_finite_or_none(m["grad_norm"]) for m in host],
+            "step_clipped": [bool(m["clip_ratio"] < 1.0) for m in host],
         }
         util = mfu(rows_tokens / seconds, self.model_cfg.flops_per_token(length), self.mesh.size,
                    self.mesh.devices.flat[0].device_kind)
@@ -495,6 +499,10 @@ class _Loop:
                           f"chat with it: python -m sft_jax.generate --model {export_dir}"]
             print("\n".join(lines), flush=True)
         return results
+
+
+def _finite_or_none(x) -> Optional[float]:
+    return float(x) if np.isfinite(x) else None  # JSON has no NaN
 
 
 def _last_response(example) -> str:
