@@ -151,3 +151,66 @@ def claim_table_markdown(rows: list[dict]) -> str:
                        ("total", "weights + gradients + Adam (16N)")):
         lines.append(f"| {label} | " + " | ".join(f"{r[key] / GB:.2f} GB ({r[key] / GIB:.2f} GiB)" for r in rows) + " |")
     return "\n".join(lines)
+
+
+# --- the planner ------------------------------------------------------------------------------
+
+REMAT_COST = {"none": 1.0, "save_dots": 1.15, "full": 1.33}  # step time relative to no remat (recompute)
+MICRO_STEP_COST = 0.02  # extra time per accumulation micro-step beyond the first
+TENSOR_COST = 0.05  # extra time per doubling of the tensor axis (activation all-reduces)
+CHUNK_COST = 0.02  # extra time of a chunked (recomputed) loss
+HEADROOM = 0.9  # a layout fits if its predicted bytes are at most this share of the device memory
+
+
+def parse_bytes(text: str) -> int:
+    """'16GB' (1e9), '16GiB' (2**30), '800MB', '800MiB' -> bytes."""
+    units = {"gib": 2 ** 30, "gb": 1e9, "mib": 2 ** 20, "mb": 1e6, "tib": 2 ** 40, "tb": 1e12}
+    t = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    raise ValueError(f"--memory {text!r}: give a size such as 16GB or 80GiB")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(model_cfg: GPT2Config, devices: int, global_batch: int, seq: int) -> list[Layout]:
+    out = []
+    for tensor in _divisors(devices):
+        if model_cfg.n_head % tensor:
+            continue
+        dp = devices // tensor
+        for data, fsdp in {(1, dp), (dp, 1)}:
+            for micro in _divisors(global_batch):
+                if micro % dp:
+                    continue
+                for remat in ("none", "save_dots", "full"):
+                    for chunk in [0] + [c for c in (256,) if seq % c == 0 and c < seq]:
+                        out.append(Layout(data, fsdp, tensor, remat, global_batch, micro, seq, chunk))
+    return out
+
+
+def cost(layout: Layout) -> float:
+    """Relative step time by the analytic model (lower is better); ranks the layouts that fit."""
+    return (REMAT_COST[layout.remat] * (1 + MICRO_STEP_COST * (layout.global_batch // layout.micro_batch - 1))
+            * (1 + TENSOR_COST * np.log2(layout.tensor)) * (1 + (CHUNK_COST if layout.loss_chunk else 0.0)))
+
+
+def plan(model_cfg: GPT2Config, devices, global_batch: int, seq: int, memory_bytes: int) -> list[tuple[Layout, dict]]:
+    """Layouts whose predicted bytes per device fit ``HEADROOM x memory_bytes``, best first."""
+    states: dict = {}
+    fits = []
+    for layout in candidate_layouts(model_cfg, len(devices), global_batch, seq):
+        key = (layout.data, layout.fsdp, layout.tensor)
+        if key not in states:
+            states[key] = state_bytes(model_cfg, make_mesh(layout, devices))
+        p = predict(model_cfg, layout, states[key])
+        if p["total"] <= HEADROOM * memory_bytes:
+            fits.append((layout, p))
+    fits.sort(key=lambda lp: (cost(lp[0]), lp[1]["total"]))
+    return fits
