@@ -22,11 +22,13 @@ def parse_args(argv=None):
     p.add_argument("run_dir", help="a training run's output_dir (holds config.yaml, metrics.jsonl, checkpoints/)")
     p.add_argument("--studies", default=",".join(DEFAULT_STUDIES), help=f"comma list (default: {','.join(DEFAULT_STUDIES)})")
     p.add_argument("--spike-k", type=float, default=SPIKE_K, help="grad-norm spike: > k x the trailing median")
+    p.add_argument("--compute-max-len", type=int, default=None,
+                   help="longest T timed by the compute study (default max(n_positions, 1024))")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of documents and the bootstrap")
     return p.parse_args(argv)
 
 
-def analyze(run_dir, studies, *, spike_k: float, seed: int = 0) -> tuple[Path, list[dict]]:
+def analyze(run_dir, studies, *, spike_k: float, seed: int = 0, compute_max_len=None) -> tuple[Path, list[dict]]:
     from sft_jax import report as train_report
     from sft_jax.analysis import report, studies as st
     from sft_jax.analysis.run import AnalysisError, load_run
@@ -40,7 +42,8 @@ def analyze(run_dir, studies, *, spike_k: float, seed: int = 0) -> tuple[Path, l
         raise AnalysisError(f"--studies: unknown study {unknown[0]!r}; choose from {','.join(st.STUDIES)}")
     t0 = time.perf_counter()
     run = load_run(run_dir)
-    opts = st.Options(spike_k=spike_k, plot_dir=run.directory / "analysis_plots", seed=seed)
+    opts = st.Options(spike_k=spike_k, plot_dir=run.directory / "analysis_plots", seed=seed,
+                      compute_max_len=compute_max_len)
     sections, seconds = [], {}
     for name in studies:
         t = time.perf_counter()
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
 
     studies = [s.strip() for s in args.studies.split(",") if s.strip()]
     try:
-        md, sections = analyze(args.run_dir, studies, spike_k=args.spike_k, seed=args.seed)
+        md, sections = analyze(args.run_dir, studies, spike_k=args.spike_k, seed=args.seed,
+                               compute_max_len=args.compute_max_len)
     except (AnalysisError, ConfigError) as e:
         print(f"sft_jax.analyze: {e}", file=sys.stderr)
         return 2

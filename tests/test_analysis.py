@@ -131,7 +131,7 @@ def tiny_run(tmp_path_factory):
 def test_analyze_on_a_tiny_run(tiny_run):
     from sft_jax.analyze import main
 
-    assert main([str(tiny_run)]) == 0
+    assert main([str(tiny_run), "--compute-max-len", "256"]) == 0
     data = json.loads((tiny_run / "analysis.json").read_text())
     sections = {s["key"]: s for s in data["sections"]}
     assert list(sections) == ["tokens", "variance", "stability", "compute", "memory"]

@@ -24,8 +24,9 @@ RATIO_TOLERANCE = 0.5  # a measured whole-step ratio within CLAIM_RATIO +- this 
 MIN_LENGTH = 64
 
 
-def lengths(n_positions: int) -> list[int]:
-    top, out, t = max(n_positions, 1024), [], MIN_LENGTH
+def lengths(n_positions: int, top: int | None = None) -> list[int]:
+    """64, 128, ... up to max(n_positions, 1024), or up to ``top``."""
+    top, out, t = top or max(n_positions, 1024), [], MIN_LENGTH
     while t <= top:
         out.append(t)
         t *= 2

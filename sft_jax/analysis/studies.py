@@ -26,6 +26,7 @@ class Options:
     spike_k: float = stability.SPIKE_K
     plot_dir: Path | None = None
     seed: int = 0
+    compute_max_len: int | None = None  # longest T the compute study times (default max(n_positions, 1024))
 
 
 def section(key, title, claim, method, thresholds, numbers, verdict, notes=(), plots=()) -> dict:
@@ -213,7 +214,7 @@ def stability_study(run: Run, opts: Options) -> dict:
 
 def compute_study(run: Run, opts: Options) -> dict:
     B = run.config.micro_batch_size()
-    ts = compute.lengths(run.model_cfg.n_positions)
+    ts = compute.lengths(run.model_cfg.n_positions, opts.compute_max_len)
     cfg = run.model_cfg.replace(dtype=run.config.model.dtype)
     timings = compute.time_steps(cfg, B, ts, seed=opts.seed)
     rows = compute.ratios(cfg, B, timings)
