@@ -4,6 +4,7 @@ command on a tiny run of 20 steps."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -110,13 +111,11 @@ def test_stability_finds_a_planted_spike_and_the_lr_formula():
     found = stability.spikes(loss, gn)
     assert [s["index"] for s in found] == [60] and found[0]["loss_spike_follows"]
     cfg = tiny_config("/tmp/unused")
-    import optax  # the optimizer's own schedule against the written-out formula
-    from sft_jax.optim import lr_schedule
+    from sft_jax.optim import lr_schedule  # the optimizer's own schedule against the written-out formula
 
     sched = lr_schedule(cfg.optim, 50)
     records = [{"step": s, "lr": float(sched(s - 1))} for s in range(1, 51)]
     assert stability.lr_deviation(records, cfg.optim, 50)["relative_to_peak"] < 1e-6
-    del optax
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +146,8 @@ def test_analyze_on_a_tiny_run(tiny_run):
     md = (tiny_run / "analysis.md").read_text()
     assert "| claim | study | verdict |" in md and "MIN_LENGTH_RATIO = 2.0" in md
     assert "[analysis.md](analysis.md)" in (tiny_run / "report.md").read_text()
-    for p in sections["variance"]["plots"] + sections["stability"]["plots"]:
-        assert (tiny_run / p).is_file() or (p and __import__("pathlib").Path(p).is_file())
+    plots = sections["variance"]["plots"] + sections["stability"]["plots"] + sections["compute"]["plots"]
+    assert len(plots) == 3 and all(Path(p).is_file() for p in plots)
 
 
 def test_analyze_cli_errors_are_one_line(tmp_path):
