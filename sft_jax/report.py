@@ -140,6 +140,16 @@ def _summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+ANALYSIS_LINK = "## Analysis\n\nThe claims of instruction tuning measured on this run: [analysis.md](analysis.md)."
+
+
+def link_analysis(output_dir: str | os.PathLike) -> None:
+    """Add the analysis link to an existing report.md (``python -m sft_jax.analyze`` runs after training)."""
+    report = Path(output_dir) / "report.md"
+    if report.is_file() and ANALYSIS_LINK not in (text := report.read_text(encoding="utf-8")):
+        report.write_text(text.rstrip("\n") + "\n\n" + ANALYSIS_LINK + "\n", encoding="utf-8")
+
+
 def write_report(output_dir: str | os.PathLike, *, data_report_md: Optional[str], summary: dict) -> Path:
     """Write ``output_dir/plots/*.png`` and ``output_dir/report.md``; return the report's path.
 
@@ -166,6 +176,8 @@ def write_report(output_dir: str | os.PathLike, *, data_report_md: Optional[str]
             parts += [f"**{r.get('tag', '')}**", "", "```", str(r.get("text", "")), "```", ""]
     if data_report_md:
         parts += ["## Data", "", data_report_md.strip(), ""]
+    if (output_dir / "analysis.md").is_file():
+        parts += [ANALYSIS_LINK, ""]
     report = output_dir / "report.md"
     report.write_text("\n".join(parts), encoding="utf-8")
     return report

@@ -267,6 +267,10 @@ class Loop:
             "step_time_s": seconds / n_steps,
             "tokens_per_s": tokens / seconds,
             "supervised_tokens_per_s": supervised / seconds,
+            # per-step arrays (already on the host) for `python -m sft_jax.analyze`'s stability study
+            "step_loss": [_finite_or_none(m["loss"]) for m in host],
+            "step_grad_norm": [_finite_or_none(m["grad_norm"]) for m in host],
+            "step_clipped": [bool(m["clip_ratio"] < 1.0) for m in host],
         }
         record.update({name: mean(name) for name in self.objective.metric_names})
         util = mfu(rows_tokens / seconds, self.model_cfg.flops_per_token(length), self.mesh.size,
@@ -335,6 +339,10 @@ class Loop:
             lines = [f"checkpoints: {self.manager.directory}", f"report:      {report}", *export_lines]
             print("\n".join(lines), flush=True)
         return results
+
+
+def _finite_or_none(x) -> Optional[float]:
+    return float(x) if np.isfinite(x) else None  # JSON has no NaN
 
 
 def batch_size_changes(iterator) -> list[str]:

@@ -1,0 +1,216 @@
+"""Claim 6: memory ≈ parameters + gradients + optimizer states (+ activations and logits).
+
+Bytes per device, predicted analytically: the train state's bytes are counted exactly from
+its abstract shapes and shardings (no allocation); gradients, activations under a remat
+policy and the logits buffer by a model stated below. Beside XLA's accounting of the
+compiled step (``compiled.memory_analysis()``), which needs no memory either: the step is
+lowered on abstract shapes (``jax.ShapeDtypeStruct``) and compiled."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from sft_jax import sharding as shd
+from sft_jax import train_step as ts
+from sft_jax.config import OptimSection
+from sft_jax.model import GPT2Config
+from sft_jax.optim import make_optimizer
+
+GB, GIB = 1e9, 2 ** 30
+BATCH_ARRAYS = len(ts.BATCH_KEYS)  # tokens, targets, weights, positions, segment_ids: 4 bytes each
+# Activation elements kept per token and layer for the backward pass, in units of D (model
+# width) at the compute dtype, plus the attention scores and probabilities (2 H T). Without
+# remat: layer norms 2, qkv 3, attention output 1, projection 1, MLP in/act/out 4+4+1 = 16 D
+# (Korthikanti et al. 2022 count 34 s b h bytes with dropout masks; GPT-2 here has none).
+ACT_PER_TOKEN_D = {"none": 16, "save_dots": 11, "full": 1}
+SCORES_KEPT = {"none": True, "save_dots": False, "full": False}
+CLAIM_N = 1.5e9  # the claim's round parameter count
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One candidate way to run a step: mesh sizes, remat, rows per micro-batch, loss chunk."""
+    data: int
+    fsdp: int
+    tensor: int
+    remat: str
+    global_batch: int  # rows per optimizer step
+    micro_batch: int  # rows per accumulation micro-step
+    seq: int
+    loss_chunk: int = 0
+
+    @property
+    def dp(self) -> int:
+        return self.data * self.fsdp
+
+
+def abstract_state(model_cfg: GPT2Config, mesh):
+    tx, _ = make_optimizer(OptimSection(), total_steps=1000)
+    return ts.state_shardings(model_cfg, tx, mesh)[0], tx
+
+
+def _device_bytes(leaf) -> int:
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
+
+def state_bytes(model_cfg: GPT2Config, mesh) -> dict:
+    """Bytes per device of the train state, counted from its abstract shards: parameters
+    (float32 masters), Adam m and v, and the scalars (optimizer counts, non-finite counters)."""
+    state, _ = abstract_state(model_cfg, mesh)
+    params = sum(_device_bytes(x) for x in jax.tree.leaves(state.params))
+    opt = jax.tree.leaves(state.opt_state)
+    adam = sum(_device_bytes(x) for x in opt if x.ndim > 0)
+    scalars = sum(_device_bytes(x) for x in opt if x.ndim == 0)
+    scalars += sum(_device_bytes(x) for x in (state.nonfinite_total, state.nonfinite_run, state.nonfinite_tripped))
+    return {"params": params, "adam": adam, "scalars": scalars}
+
+
+def batch_bytes(layout: Layout) -> int:
+    return BATCH_ARRAYS * 4 * (layout.global_batch // layout.dp) * layout.seq
+
+
+def activation_bytes(model_cfg: GPT2Config, layout: Layout) -> int:
+    """Activations kept for the backward pass of one micro-batch, per device."""
+    width = np.dtype(model_cfg.dtype).itemsize
+    rows = layout.micro_batch // layout.dp
+    tokens = rows * layout.seq
+    D, H, L = model_cfg.n_embd, model_cfg.n_head, model_cfg.n_layer
+    per_layer = ACT_PER_TOKEN_D[layout.remat] * D
+    if SCORES_KEPT[layout.remat]:
+        per_layer += 2 * H * layout.seq / layout.tensor
+    kept = L * tokens * per_layer * width
+    if layout.remat != "none":  # one layer's activations rebuilt at a time in the backward pass
+        kept += tokens * (16 * D + 2 * H * layout.seq / layout.tensor) * width
+    return int(kept)
+
+
+def logits_bytes(model_cfg: GPT2Config, layout: Layout) -> int:
+    """float32 logits and their gradient for the positions computed at once."""
+    rows = layout.micro_batch // layout.dp
+    positions = layout.loss_chunk or layout.seq
+    return int(2 * rows * positions * model_cfg.padded_vocab_size * 4 / layout.tensor)
+
+
+def predict(model_cfg: GPT2Config, layout: Layout, state: dict) -> dict:
+    """Predicted bytes per device; ``state`` from ``state_bytes`` on the layout's mesh."""
+    cfg = model_cfg.replace(remat=layout.remat)
+    out = dict(state)
+    out["grads"] = 2 * state["params"]  # the accumulated sum and one micro-step's gradient, float32
+    out["activations"] = activation_bytes(cfg, layout)
+    out["logits"] = logits_bytes(cfg, layout)
+    out["batch"] = batch_bytes(layout)
+    out["arguments"] = state["params"] + state["adam"] + state["scalars"] + out["batch"]
+    out["temp"] = out["grads"] + out["activations"] + out["logits"]
+    out["total"] = out["arguments"] + out["temp"]
+    return out
+
+
+def make_mesh(layout: Layout, devices):
+    return shd.make_mesh((layout.data, layout.fsdp, layout.tensor), devices[:layout.data * layout.fsdp * layout.tensor])
+
+
+def compiled_memory(model_cfg: GPT2Config, layout: Layout, mesh) -> dict:
+    """XLA's memory accounting of the jitted train step, compiled on abstract shapes."""
+    cfg = model_cfg.replace(remat=layout.remat)
+    state, tx = abstract_state(cfg, mesh)
+    _, schedule = make_optimizer(OptimSection(), total_steps=1000)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = ts.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings,
+                              n_micro=layout.global_batch // layout.micro_batch, loss_chunk=layout.loss_chunk)
+    batch_sh = shd.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((layout.global_batch, layout.seq),
+                                     np.float32 if k == "weights" else np.int32, sharding=batch_sh)
+             for k in ts.BATCH_KEYS}
+    with shd.rules_context(mesh):
+        compiled = step.jitted.lower(state, batch).compile()
+    m = compiled.memory_analysis()
+    return {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                                           "alias_size_in_bytes", "generated_code_size_in_bytes")}
+
+
+def claim_table(ns=(CLAIM_N, None)) -> list[dict]:
+    """The arithmetic of claim 6 for N parameters: fp32 weights 4N, a bf16 copy 2N, fp32
+    gradients 4N, Adam m and v 8N; total 16N (the bf16 copy is transient, not added)."""
+    rows = []
+    for n in ns:
+        n = n if n is not None else GPT2Config.preset("gpt2-xl").num_params()
+        rows.append({"N": n, "weights_fp32": 4 * n, "weights_bf16": 2 * n, "grads_fp32": 4 * n,
+                     "adam": 8 * n, "total": 16 * n})
+    return rows
+
+
+def claim_table_markdown(rows: list[dict]) -> str:
+    head = "| | " + " | ".join(f"N = {r['N']:,.0f}" for r in rows) + " |"
+    lines = [head, "|---|" + "---:|" * len(rows)]
+    for key, label in (("weights_fp32", "fp32 weights (4N)"), ("weights_bf16", "bf16 copy (2N)"),
+                       ("grads_fp32", "fp32 gradients (4N)"), ("adam", "Adam m + v (8N)"),
+                       ("total", "weights + gradients + Adam (16N)")):
+        lines.append(f"| {label} | " + " | ".join(f"{r[key] / GB:.2f} GB ({r[key] / GIB:.2f} GiB)" for r in rows) + " |")
+    return "\n".join(lines)
+
+
+# --- the planner ------------------------------------------------------------------------------
+
+REMAT_COST = {"none": 1.0, "save_dots": 1.15, "full": 1.33}  # step time relative to no remat (recompute)
+MICRO_STEP_COST = 0.02  # extra time per accumulation micro-step beyond the first
+TENSOR_COST = 0.05  # extra time per doubling of the tensor axis (activation all-reduces)
+CHUNK_COST = 0.02  # extra time of a chunked (recomputed) loss
+HEADROOM = 0.9  # a layout fits if its predicted bytes are at most this share of the device memory
+
+
+def parse_bytes(text: str) -> int:
+    """'16GB' (1e9), '16GiB' (2**30), '800MB', '800MiB' -> bytes."""
+    units = {"gib": 2 ** 30, "gb": 1e9, "mib": 2 ** 20, "mb": 1e6, "tib": 2 ** 40, "tb": 1e12}
+    t = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    raise ValueError(f"--memory {text!r}: give a size such as 16GB or 80GiB")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(model_cfg: GPT2Config, devices: int, global_batch: int, seq: int) -> list[Layout]:
+    out = []
+    for tensor in _divisors(devices):
+        if model_cfg.n_head % tensor:
+            continue
+        dp = devices // tensor
+        for data, fsdp in {(1, dp), (dp, 1)}:
+            for micro in _divisors(global_batch):
+                if micro % dp:
+                    continue
+                for remat in ("none", "save_dots", "full"):
+                    for chunk in [0] + [c for c in (256,) if seq % c == 0 and c < seq]:
+                        out.append(Layout(data, fsdp, tensor, remat, global_batch, micro, seq, chunk))
+    return out
+
+
+def cost(layout: Layout) -> float:
+    """Relative step time by the analytic model (lower is better); ranks the layouts that fit."""
+    return (REMAT_COST[layout.remat] * (1 + MICRO_STEP_COST * (layout.global_batch // layout.micro_batch - 1))
+            * (1 + TENSOR_COST * np.log2(layout.tensor)) * (1 + (CHUNK_COST if layout.loss_chunk else 0.0)))
+
+
+def plan(model_cfg: GPT2Config, devices, global_batch: int, seq: int, memory_bytes: int) -> list[tuple[Layout, dict]]:
+    """Layouts whose predicted bytes per device fit ``HEADROOM x memory_bytes``, best first."""
+    states: dict = {}
+    fits = []
+    for layout in candidate_layouts(model_cfg, len(devices), global_batch, seq):
+        key = (layout.data, layout.fsdp, layout.tensor)
+        if key not in states:
+            states[key] = state_bytes(model_cfg, make_mesh(layout, devices))
+        p = predict(model_cfg, layout, states[key])
+        if p["total"] <= HEADROOM * memory_bytes:
+            fits.append((layout, p))
+    fits.sort(key=lambda lp: (cost(lp[0]), lp[1]["total"]))
+    return fits

@@ -1,0 +1,90 @@
+"""A finished (or running) training run, as the analysis reads it: config, model, data, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from sft_jax import checkpoint as ckpt
+from sft_jax.config import Config, ConfigError, load_config
+from sft_jax.metrics import MetricsLogger, read_metrics
+from sft_jax.model import GPT2Config, init_params
+
+
+class AnalysisError(ValueError):
+    """The run directory cannot be analysed (missing config, no data, ...)."""
+
+
+@dataclasses.dataclass
+class Run:
+    directory: Path
+    config: Config
+    model_cfg: GPT2Config  # float32 compute, no remat: gradients for the analysis are exact
+    tokenizer: Any
+    hf_dir: Optional[Path]
+    train_ds: Any  # sft_jax.data.SFTDataset
+    eval_ds: Any
+    records: list  # metrics.jsonl
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.directory / "checkpoints"
+
+    def train_records(self) -> list[dict]:
+        return [r for r in self.records if r.get("split") == "train"]
+
+    def initial_params(self):
+        """The model before training: ``model.init_from``'s weights, or the seeded init (as the trainer)."""
+        if self.hf_dir is not None:
+            from sft_jax import hf
+
+            return hf.load_hf(self.hf_dir, dtype="float32")[1]
+        return init_params(self.model_cfg, jax.random.key(self.config.train.seed))
+
+    def latest_checkpoint(self):
+        """(step, params) of the newest complete checkpoint, or (None, None)."""
+        root = self.checkpoint_root
+        if not root.is_dir() or ckpt.latest_step(root) is None:
+            return None, None
+        out = ckpt.restore(root)
+        return out["step"], out["params"]
+
+
+def load_run(directory) -> Run:
+    """Read ``directory/config.yaml`` and rebuild the run's model config, tokenizer and datasets."""
+    from sft_jax.data import build_datasets
+    from sft_jax.core.setup import model_and_tokenizer
+
+    directory = Path(directory)
+    config_file = directory / "config.yaml"
+    if not config_file.is_file():
+        raise AnalysisError(f"{config_file}: not found; RUN_DIR must be a training run's output_dir")
+    try:
+        config = load_config(config_file)
+    except ConfigError as e:
+        raise AnalysisError(f"{config_file}: {e}") from None
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, output_dir=str(directory)))
+    model_cfg, tokenizer, hf_dir = model_and_tokenizer(config)
+    model_cfg = model_cfg.replace(dtype="float32", remat="none", attention="xla")
+    train_ds, eval_ds, _ = build_datasets(config.data, tokenizer, n_positions=model_cfg.n_positions,
+                                          vocab_size=model_cfg.vocab_size, seed=config.train.seed,
+                                          global_batch_size=config.train.global_batch_size)
+    records = read_metrics(directory / MetricsLogger.FILENAME)
+    return Run(directory, config, model_cfg, tokenizer, hf_dir, train_ds, eval_ds, records)
+
+
+def one_doc_rows(dataset, indices, width: int) -> dict[str, np.ndarray]:
+    """A batch with one document per row (rows padded to ``width``), as the trainer lays rows out."""
+    from sft_jax.data.pack import assemble
+
+    return assemble(dataset, [[int(i)] for i in indices], width)
+
+
+def row_width(dataset, indices, multiple: int = 64) -> int:
+    """The smallest multiple of ``multiple`` that holds every chosen document (one compile for all)."""
+    longest = int(dataset.lengths[np.asarray(indices)].max())
+    return -(-longest // multiple) * multiple
