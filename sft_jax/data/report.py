@@ -31,6 +31,7 @@ class SplitReport:
     efficiency: float  # non-padding tokens / all tokens in the batches of one epoch
     example: str  # first document decoded, supervised spans wrapped in ⟦ ⟧
     errors: list[str]  # first messages of dropped bad rows
+    max_segments_seen: int = 0  # packing: the most documents in one row (<= data.max_segments_per_row)
 
 
 @dataclasses.dataclass
@@ -128,6 +129,8 @@ def split_report(
         efficiency=efficiency(dataset, mode, max_length, buckets, batch_size, seed, shuffle),
         example=marked_example(dataset, tokenizer),
         errors=list(errors),
+        max_segments_seen=max(map(len, packing_rows(dataset.lengths, max_length, seed, shuffle)), default=0)
+        if mode == "packing" else 0,
     )
 
 
@@ -151,6 +154,7 @@ def report_to_markdown(report: DataReport) -> str:
             f"| tokens | {split.tokens} |",
             f"| supervised tokens | {split.supervised_tokens} ({split.supervised_fraction:.1%}) |",
             f"| {split.batching} efficiency | {split.efficiency:.1%} |",
+            *([f"| most documents in one row | {split.max_segments_seen} |"] if split.batching == "packing" else []),
             "",
             "| tokens per document | mean | p50 | p95 | max |",
             "|---|---|---|---|---|",
