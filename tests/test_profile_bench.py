@@ -25,7 +25,7 @@ def test_summariser_sums_device_op_time_by_name(tmp_path):
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
         {"ph": "X", "pid": 1, "tid": 7, "name": "fusion.1", "ts": 0, "dur": 30.0},
-        {"ph": "X", "pid": 1, "tid": 8, "name": "cudnn_flash", "ts": 40, "dur": 50.0},
+        {"ph": "X", "pid": 1, "tid": 8, "name": "cudnn_flash", "ts": 40, "dur": 70.0},
         {"ph": "X", "pid": 1, "tid": 7, "name": "fusion.1", "ts": 100, "dur": 20.0},
         {"ph": "X", "pid": 2, "tid": 1, "name": "fusion.1", "ts": 0, "dur": 1000.0},  # host: not counted
         {"ph": "i", "pid": 1, "tid": 7, "name": "marker", "ts": 5},  # instant: no duration
@@ -35,12 +35,12 @@ def test_summariser_sums_device_op_time_by_name(tmp_path):
         json.dump({"traceEvents": events}, f)
     ps = _profile_step()
     summary = ps.summarise(ps.load_trace(ps.find_trace(tmp_path)))
-    assert summary["total_us"] == 100.0 and summary["processes"] == ["/device:GPU:0"]
-    assert [(o["name"], o["us"], o["count"], o["share"]) for o in summary["ops"]] == [
-        ("cudnn_flash", 50.0, 1, 0.5), ("fusion.1", 50.0, 2, 0.5)]
+    assert summary["total_us"] == 120.0 and summary["processes"] == ["/device:GPU:0"]
+    assert [(o["name"], o["us"], o["count"]) for o in summary["ops"]] == [("cudnn_flash", 70.0, 1), ("fusion.1", 50.0, 2)]
+    assert abs(summary["ops"][1]["share"] - 50 / 120) < 1e-12
     host = ps.summarise(ps.load_trace(path), device="^/host:CPU")
     assert host["total_us"] == 1000.0
-    assert "| `fusion.1` | 0.025 | 50.0% | 2 |" in ps.summary_markdown(summary, "t", steps=2)
+    assert "| `fusion.1` | 0.025 | 41.7% | 2 |" in ps.summary_markdown(summary, "t", steps=2)
 
 
 def test_packed_rows_give_both_frameworks_the_same_loss():
