@@ -346,7 +346,7 @@ def _problem(cfg: GPT2Config, rows: str, batch: int, seq: int, seed: int) -> tup
 
 
 def sweep(presets, batches, rows, attentions, *, seq: int, steps: int, warmup: int = 2, dtype: str = "auto",
-          remat: str = "none", torch_systems=("torch",), seed: int = 0, log=print) -> list[dict]:
+          remat: str = "none", torch_systems=("torch",), seed: int = 0, log=print, on_record=None) -> list[dict]:
     """One record per (preset, rows, batch, system): JAX once per attention path, torch eager
     and/or torch.compile, all on the same initial weights and the same rows. A configuration
     that fails (out of memory at a large batch, a kernel this device lacks) is recorded with
@@ -378,6 +378,8 @@ def sweep(presets, batches, rows, attentions, *, seq: int, steps: int, warmup: i
                         rec = {**key, "system": system, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                     records.append(rec)
                     log(_record_line(rec))
+                    if on_record is not None:
+                        on_record(records)
     return records
 
 
@@ -456,12 +458,15 @@ def main(argv=None):
     torch_systems = () if args.no_torch else (TORCH_SYSTEMS if args.torch_compile else ("torch",))
     if args.steps < 1:
         ap.error("--steps must be at least 1")
+    def write_json(records):  # after every record, so a run stopped early keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"versions": versions(), "records": records}, f, indent=2)
+
     records = sweep(presets, args.batch, args.rows, args.attention, seq=args.seq, steps=args.steps,
-                    warmup=args.warmup, dtype=args.dtype, remat=args.remat, torch_systems=torch_systems)
+                    warmup=args.warmup, dtype=args.dtype, remat=args.remat, torch_systems=torch_systems,
+                    log=lambda line: print(line, flush=True), on_record=write_json)
     print(sweep_table(records))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"versions": versions(), "records": records}, f, indent=2)
     return records
 
 
