@@ -8,7 +8,8 @@
 # 4. gpt2 and gpt2-xl at one batch each.
 # Each part has its own time limit; what a part did not reach stays "not measured" in the
 # table (benchmarks/perf_table.py), which is written last, whatever happened before.
-# Time limits add up to 470 s. LARGE=tiny SMALL=tiny XL=tiny SEQ=128 STEPS=1 SKIP_TESTS=1 runs the same
+# Time limits add up to 470 s. LARGE=tiny SMALL=tiny XL=tiny SEQ=128 STEPS=1 SKIP_TESTS=1
+# NO_TORCH_COMPILE=1 runs the same
 # pipeline on CPU as a smoke test.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LARGE="${LARGE:-gpt2-large}" SMALL="${SMALL:-gpt2}" XL="${XL:-gpt2-xl}"
 SEQ="${SEQ:-1024}" STEPS="${STEPS:-5}" WARMUP="${WARMUP:-2}"
-bench() { python3 -m sft_jax.bench --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" "$@"; }
+tc=(--torch-compile); [ "${NO_TORCH_COMPILE:-0}" = 1 ] && tc=()
+bench=(python3 -m sft_jax.bench --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP")
 
 (nvidia-smi -L || true) 2>&1 | tee "$out/env.log"
 python3 -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$out/env.log"
@@ -26,16 +28,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   SFT_JAX_TEST_PLATFORMS=cuda timeout "${T_TESTS:-60}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_attention.py \
     2>&1 | tail -15 | tee "$out/gpu_attention_tests.log"
 fi
-timeout "${T_LARGE8:-150}" bench --preset "$LARGE" --batch 8 --rows dense,packed --attention xla,cudnn_bias,auto \
-  --torch-compile --json "$out/large_b8.json" 2>&1 | tee "$out/large_b8.log" | grep -E "tokens/s|not measured"
-timeout "${T_LARGE16:-100}" bench --preset "$LARGE" --batch 16 --rows dense,packed --attention cudnn_bias,auto \
-  --torch-compile --json "$out/large_b16.json" 2>&1 | tee "$out/large_b16.log" | grep -E "tokens/s|not measured"
+timeout "${T_LARGE8:-150}" "${bench[@]}" --preset "$LARGE" --batch 8 --rows dense,packed --attention xla,cudnn_bias,auto \
+  "${tc[@]}" --json "$out/large_b8.json" 2>&1 | tee "$out/large_b8.log" | grep -E "tokens/s|not measured"
+timeout "${T_LARGE16:-100}" "${bench[@]}" --preset "$LARGE" --batch 16 --rows dense,packed --attention cudnn_bias,auto \
+  "${tc[@]}" --json "$out/large_b16.json" 2>&1 | tee "$out/large_b16.log" | grep -E "tokens/s|not measured"
 timeout "${T_PROFILE:-50}" python3 benchmarks/profile_step.py --preset "$LARGE" --batch 8 --seq "$SEQ" --rows packed \
   --attention cudnn_bias,auto --steps 2 --out /tmp/profile_step --json "$out/profile.json" 2>&1 | tee "$out/profile.md" | head -70
-timeout "${T_SMALL:-40}" bench --preset "$SMALL" --batch 16 --rows dense,packed --attention auto --torch-compile \
+timeout "${T_SMALL:-40}" "${bench[@]}" --preset "$SMALL" --batch 16 --rows dense,packed --attention auto "${tc[@]}" \
   --json "$out/small.json" 2>&1 | tee "$out/small.log" | grep -E "tokens/s|not measured"
-timeout "${T_XL:-70}" bench --preset "$XL" --batch 8 --rows dense,packed --attention auto --remat save_dots \
-  --torch-compile --json "$out/xl.json" 2>&1 | tee "$out/xl.log" | grep -E "tokens/s|not measured"
+timeout "${T_XL:-70}" "${bench[@]}" --preset "$XL" --batch 8 --rows dense,packed --attention auto --remat save_dots \
+  "${tc[@]}" --json "$out/xl.json" 2>&1 | tee "$out/xl.log" | grep -E "tokens/s|not measured"
 
 shopt -s nullglob
 python3 benchmarks/perf_table.py "$out"/*.json | tee "$out/table.md"

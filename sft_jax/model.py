@@ -326,6 +326,10 @@ def _cudnn_packed(q, k, v, segment_ids, max_segments: int):
     T = q.shape[1]
     M = max_segments or max(1, T // 16)
     lengths, offsets, n_runs = packed_segments(segment_ids, M)
+    # cuDNN leaves positions outside every segment (padding) unwritten, in the output and in
+    # dq/dk/dv: select them away on the way in, so their gradients are exact zeros.
+    real = (segment_ids > 0)[:, :, None, None]
+    q, k, v = (jnp.where(real, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
     out = fa.dot_product_attention(
         q, k, v, None, None, lengths, lengths, offsets, offsets,
         scale=1.0 / math.sqrt(q.shape[-1]), mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
