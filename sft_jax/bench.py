@@ -85,6 +85,37 @@ def jax_batch(hf_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def make_packed_batch(cfg: GPT2Config, batch: int, seq: int, seed: int = 0) -> tuple[dict, dict]:
+    """Packed rows, as training sees them: documents of log-uniform length in [30, 600]
+    (``seed``), random tokens, the first 30% of each document prompt, packed by
+    ``sft_jax.data.pack`` (the trainer's packer, seeded plan) into rows of ``seq``; the first
+    ``batch`` rows. Returns (JAX batch, HF batch); the HF batch adds ``position_ids`` and a
+    4D block-diagonal causal ``attention_mask`` (B,1,T,T) bool, so both sides compute the
+    same thing (transformers' GPT-2 has no varlen attention without extra packages)."""
+    from sft_jax.data.pack import SFTDataset, assemble, packing_rows
+
+    rng = np.random.default_rng(seed)
+    n_docs = max(64, 4 * batch * seq // 150)  # plenty: the plan's first rows are full rows
+    lengths = np.exp(rng.uniform(np.log(30), np.log(min(600, seq)), n_docs)).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(0, cfg.vocab_size, size=int(offsets[-1]), dtype=np.int64).astype(np.int32)
+    supervised = np.concatenate([np.arange(n) >= int(PROMPT_FRACTION * n) for n in lengths])
+    dataset = SFTDataset(tokens, supervised, offsets, (lengths - (PROMPT_FRACTION * lengths).astype(np.int64)).astype(np.int32))
+    rows = packing_rows(lengths, seq, seed, shuffle=True)
+    if len(rows) < batch:
+        raise ValueError(f"only {len(rows)} packed rows for batch {batch}")
+    jb = assemble(dataset, rows[:batch], seq)
+    seg = jb["segment_ids"]
+    causal = np.tril(np.ones((seq, seq), bool))
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, :, None] > 0)
+    mask |= np.eye(seq, dtype=bool)  # padding rows see themselves only: finite softmax, no loss there
+    labels = np.full(jb["tokens"].shape, -100, np.int64)  # HF shifts: label t is the target of position t-1
+    labels[:, 1:] = np.where(jb["weights"][:, :-1] > 0, jb["targets"][:, :-1], -100)
+    hf = {"input_ids": jb["tokens"].astype(np.int64), "labels": labels,
+          "position_ids": jb["positions"].astype(np.int64), "attention_mask": mask[:, None]}
+    return jb, hf
+
+
 def _timed(step: Callable[[], Callable[[], float]], warmup: int, steps: int) -> tuple[float, float]:
     """Run ``warmup`` untimed then ``steps`` timed calls of ``step`` (which returns a
     function that waits for the device and returns the step's loss). Returns (first step's loss, seconds per step)."""
@@ -100,9 +131,10 @@ def _timed(step: Callable[[], Callable[[], float]], warmup: int, steps: int) -> 
 
 
 def _result(framework: str, cfg: GPT2Config, batch: int, seq: int, first_loss: float, step_time: float,
-            peak_bytes: Optional[int], device_kind: str, **extra) -> dict:
+            peak_bytes: Optional[int], device_kind: str, supervised: Optional[int] = None, **extra) -> dict:
     tokens_per_s = batch * seq / step_time
     return {
+        "supervised_tokens_per_s": None if supervised is None else supervised / step_time,
         "framework": framework,
         "first_loss": first_loss,
         "step_time_s": step_time,
@@ -125,24 +157,39 @@ def make_jax_step(cfg: GPT2Config, tx: optax.GradientTransformation, schedule: o
     return mesh, shardings, step
 
 
-def run_jax(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup: int, loss_chunk: int = LOSS_CHUNK) -> dict:
-    B, T = hf_batch["input_ids"].shape
+def jax_step_fn(cfg: GPT2Config, params: dict, host_batch: dict, *, total_steps: int, warmup: int,
+                loss_chunk: int = LOSS_CHUNK):
+    """(one_step, mesh, loss chunk): ``one_step()`` runs the trainer's step once on the
+    device-resident batch and returns a function that waits for it and returns its loss.
+    ``params`` are donated."""
+    B, T = host_batch["tokens"].shape
     chunk = loss_chunk if 0 < loss_chunk < T and T % loss_chunk == 0 else 0
-    tx, schedule = make_optimizer(dataclasses.replace(OPTIM, warmup_steps=warmup), warmup + steps)
+    tx, schedule = make_optimizer(dataclasses.replace(OPTIM, warmup_steps=warmup), total_steps)
     mesh, shardings, train_step = make_jax_step(cfg, tx, schedule, chunk)
-    batch = shd.global_batch(jax_batch(hf_batch), mesh, B)
+    batch = shd.global_batch(host_batch, mesh, B)
     state = [ts.init_state(cfg, tx, mesh, shardings, params={"params": params})]
 
     def one_step():
         state[0], out = train_step(state[0], batch)
         return lambda: float(jax.block_until_ready(out)["loss"])
 
+    return one_step, mesh, chunk
+
+
+def run_jax(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup: int, loss_chunk: int = LOSS_CHUNK,
+            jax_rows: Optional[dict] = None) -> dict:
+    """The trainer's step on ``hf_batch`` (or on ``jax_rows``, the same rows in this stack's
+    layout, e.g. from ``make_packed_batch``)."""
+    B, T = hf_batch["input_ids"].shape
+    host_batch = jax_rows if jax_rows is not None else jax_batch(hf_batch)
+    one_step, mesh, chunk = jax_step_fn(cfg, params, host_batch, total_steps=warmup + steps, warmup=warmup,
+                                        loss_chunk=loss_chunk)
     first_loss, step_time = _timed(one_step, warmup, steps)
     device = mesh.devices.flat[0]
     memory = metrics.device_memory(device)
     return _result("jax", cfg, B, T, first_loss, step_time, memory and memory["peak_bytes_in_use"],
-                   device.device_kind, compute_dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention,
-                   loss_chunk=chunk)
+                   device.device_kind, supervised=int(host_batch["weights"].sum()), compute_dtype=cfg.dtype,
+                   remat=cfg.remat, attention=cfg.attention, loss_chunk=chunk)
 
 
 # --- PyTorch / HF transformers -------------------------------------------------
@@ -162,7 +209,9 @@ def torch_model(cfg: GPT2Config, params: dict, device: str):
     return model.to(device)
 
 
-def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup: int) -> dict:
+def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup: int, compile: bool = False) -> dict:
+    """HF eager (or ``compile=True``: ``torch.compile`` of the same model) on ``hf_batch``;
+    ``position_ids`` and a 4D ``attention_mask`` are passed through when present (packed rows)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -186,6 +235,9 @@ def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warm
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lrs[min(s, len(lrs) - 1)]) / optim.lr)
     ids = torch.from_numpy(hf_batch["input_ids"]).to(device)
     labels = torch.from_numpy(hf_batch["labels"]).to(device)
+    extra = {k: torch.from_numpy(np.ascontiguousarray(hf_batch[k])).to(device)
+             for k in ("position_ids", "attention_mask") if k in hf_batch}
+    forward = torch.compile(model) if compile else model
     autocast = cuda and cfg.dtype != "float32"
     amp = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if autocast else contextlib.nullcontext()
     if cuda:
@@ -193,7 +245,7 @@ def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warm
 
     def one_step():
         with amp:
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = forward(input_ids=ids, labels=labels, **extra).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
         opt.step()
@@ -206,9 +258,12 @@ def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warm
     peak = torch.cuda.max_memory_allocated() if cuda else None
     kind = torch.cuda.get_device_name() if cuda else "cpu"
     B, T = hf_batch["input_ids"].shape
-    result = _result("torch", cfg, B, T, first_loss, step_time, peak, kind,
-                     compute_dtype=cfg.dtype if autocast else "float32", remat="full" if torch_remat else "none")
-    del model, opt
+    supervised = int((hf_batch["labels"][:, 1:] != -100).sum())
+    result = _result("torch.compile" if compile else "torch", cfg, B, T, first_loss, step_time, peak, kind,
+                     supervised=supervised, compute_dtype=cfg.dtype if autocast else "float32",
+                     remat="full" if torch_remat else "none",
+                     attention="sdpa, 4D block-diagonal mask" if "attention_mask" in hf_batch else "sdpa causal")
+    del model, forward, opt
     if cuda:
         torch.cuda.empty_cache()  # hand the memory back before JAX runs
     return result
@@ -264,37 +319,162 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+# --- sweep: several presets, batches, row layouts and systems in one run ---------
+
+ROW_KINDS = ("dense", "packed")
+TORCH_SYSTEMS = ("torch", "torch.compile")
+
+
+def versions() -> dict:
+    """Library versions and device, for the JSON record."""
+    import platform
+
+    out = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
+           "device_kind": jax.devices()[0].device_kind}
+    for name in ("jaxlib", "torch", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def _problem(cfg: GPT2Config, rows: str, batch: int, seq: int, seed: int) -> tuple[dict, Optional[dict]]:
+    if rows == "dense":
+        return make_batch(cfg, batch, seq, seed), None
+    jb, hf = make_packed_batch(cfg, batch, seq, seed)
+    return hf, jb
+
+
+def sweep(presets, batches, rows, attentions, *, seq: int, steps: int, warmup: int = 2, dtype: str = "auto",
+          remat: str = "none", torch_systems=("torch",), seed: int = 0, log=print, on_record=None) -> list[dict]:
+    """One record per (preset, rows, batch, system): JAX once per attention path, torch eager
+    and/or torch.compile, all on the same initial weights and the same rows. A configuration
+    that fails (out of memory at a large batch, a kernel this device lacks) is recorded with
+    its error instead of numbers, and the sweep goes on. The JAX peak memory is the process's
+    peak so far (XLA has no reset), so it is exact for the first JAX record of a process only."""
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    records = []
+    for preset in presets:
+        cfg = GPT2Config.preset(preset, remat=remat, dtype=dtype)
+        if seq > cfg.n_positions:
+            raise ValueError(f"--seq {seq} exceeds n_positions={cfg.n_positions}")
+        host_params = jax.device_get(init_params(cfg, jax.random.key(seed))["params"])
+        for row_kind in rows:
+            for batch in batches:
+                hf_batch, jax_rows = _problem(cfg, row_kind, batch, seq, seed)
+                key = {"preset": preset, "rows": row_kind, "batch": batch, "seq": seq, "steps": steps,
+                       "warmup": warmup, "dtype": dtype, "remat": remat}
+                runs = [(name, lambda name=name: run_torch(cfg, host_params, hf_batch, steps=steps, warmup=warmup,
+                                                           compile=name == "torch.compile"))
+                        for name in torch_systems]
+                runs += [(f"jax/{attn}", lambda attn=attn: run_jax(
+                    cfg.replace(attention=attn), jax.tree.map(jnp.asarray, host_params), hf_batch,
+                    steps=steps, warmup=warmup, jax_rows=jax_rows)) for attn in attentions]
+                for system, run in runs:
+                    try:
+                        rec = {**key, "system": system, **run()}
+                    except Exception as e:  # recorded and printed, not hidden: the cell says why it is empty
+                        rec = {**key, "system": system, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                    records.append(rec)
+                    log(_record_line(rec))
+                    if on_record is not None:
+                        on_record(records)
+    return records
+
+
+def _record_line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['preset']} {r['rows']} B={r['batch']} {r['system']}: not measured ({r['error']})"
+    return (f"{r['preset']} {r['rows']} B={r['batch']} {r['system']}: {r['tokens_per_s']:,.0f} tokens/s, "
+            f"{r['supervised_tokens_per_s']:,.0f} supervised/s, first loss {r['first_loss']:.5f}")
+
+
+def sweep_table(records: list[dict]) -> str:
+    """Markdown: each system at its own best batch, per preset and row layout; ratios to torch
+    eager and torch.compile on dense rows. Cells without a measurement say so."""
+    best: dict = {}
+    for r in records:
+        k = (r["preset"], r["rows"], r["system"])
+        if "error" not in r and (k not in best or r["tokens_per_s"] > best[k]["tokens_per_s"]):
+            best[k] = r
+        best.setdefault(k, r)
+    lines = ["| preset | rows | system | best B | tokens/s | supervised tokens/s | MFU | peak mem (GiB) | first loss "
+             "| × torch | × torch.compile |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    nm = "not measured"
+    for (preset, rows, system), r in best.items():
+        if "error" in r:
+            lines.append(f"| {preset} | {rows} | {system} | {nm} | {nm} | {nm} | {nm} | {nm} | {nm} | {nm} | {nm} |")
+            continue
+        mfu = nm if r["mfu"] is None else f"{r['mfu']:.1%}"
+        mem = nm if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
+        ratios = []
+        for ref in TORCH_SYSTEMS:
+            other = best.get((preset, "dense", ref))
+            ok = rows == "dense" and other is not None and "error" not in other
+            ratios.append(f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}×" if ok else "—")
+        lines.append(f"| {preset} | {rows} | {system} | {r['batch']} | {r['tokens_per_s']:,.0f} "
+                     f"| {r['supervised_tokens_per_s']:,.0f} | {mfu} | {mem} | {r['first_loss']:.4f} | {ratios[0]} | {ratios[1]} |")
+    lines.append("\nMFU counts T = 1024 attention FLOPs on packed rows too (the block-diagonal mask skips some); "
+                 "ratios to torch use dense rows only.")
+    return "\n".join(lines)
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        items = [kind(x) for x in text.split(",") if x]
+        bad = [x for x in items if choices is not None and x not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list" + (f" of {list(choices)}" if choices else ""))
+        return items
+    return parse
+
+
 def main(argv=None):
+    from sft_jax.model import ATTENTION_IMPLS, PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="gpt2", help="model preset (sft_jax.model.PRESETS)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--preset", default=["gpt2"], type=_csv(str),
+                    help="model preset(s), comma-separated (sft_jax.model.PRESETS); 'all' = the four GPT-2 sizes")
+    ap.add_argument("--batch", type=_csv(int), default=[8], help="batch size(s), e.g. 8,16,32: each system "
+                    "is reported at its own best batch")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
     ap.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
-    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
-                    help="JAX attention kernel (cudnn: fused, GPU + bf16 only, else falls back to xla)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the HF PyTorch run")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--attention", default=["auto"], type=_csv(str, ATTENTION_IMPLS),
+                    help="JAX attention path(s), comma-separated (sft_jax.model.resolve_attention)")
+    ap.add_argument("--rows", default=["dense"], type=_csv(str, ROW_KINDS),
+                    help="dense (one causal document a row) and/or packed (log-uniform [30, 600] documents "
+                         "packed by sft_jax.data.pack)")
+    ap.add_argument("--torch-compile", action="store_true", help="add torch.compile of the same HF step as a column")
+    ap.add_argument("--no-torch", action="store_true", help="skip the HF PyTorch runs")
+    ap.add_argument("--json", help="write {versions, records: one per configuration} here")
     args = cli.parse(ap, argv)
-    from sft_jax.model import PRESETS
-
-    if args.preset not in PRESETS:
-        return cli.user_error(f"--preset {args.preset!r}: choose one of {sorted(PRESETS)}")
-    if min(args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
+    presets = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] if "all" in args.preset else args.preset
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        return cli.user_error(f"--preset {','.join(unknown)}: choose from {sorted(PRESETS)} or all")
+    if min(*args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
         return cli.user_error("--batch, --seq and --steps must be at least 1, --warmup at least 0")
+    torch_systems = () if args.no_torch else (TORCH_SYSTEMS if args.torch_compile else ("torch",))
+
+    def write_json(records):  # after every record, so a run stopped early keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"versions": versions(), "records": records}, f, indent=2)
+
     try:
-        results = benchmark(args.preset, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                            dtype=args.dtype, remat=args.remat, attention=args.attention,
-                            with_torch=not args.no_torch)
+        records = sweep(presets, args.batch, args.rows, args.attention, seq=args.seq, steps=args.steps,
+                        warmup=args.warmup, dtype=args.dtype, remat=args.remat, torch_systems=torch_systems,
+                        log=lambda line: print(line, flush=True), on_record=write_json)
     except ValueError as e:  # --seq beyond the preset's context
         return cli.user_error(e)
-    print(markdown_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    print(sweep_table(records))
     return 0
 
 

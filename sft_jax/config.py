@@ -50,7 +50,7 @@ class ModelSection:
     n_positions: int = 1024  # context length for init_from=scratch (HF models bring their own)
     dtype: str = "bfloat16"  # compute dtype (weights stay float32): float32 | bfloat16 | float16
     remat: str = "none"  # rematerialisation: none | full | save_dots | offload
-    attention: str = "xla"  # xla (reference) | cudnn (fused, GPU only)
+    attention: str = "auto"  # auto | xla (reference) | cudnn_bias | cudnn_packed | pallas | splash (see model.resolve_attention)
     scan_layers: bool = True  # scan the layer stack (one compiled block) instead of unrolling
 
 

@@ -102,7 +102,8 @@ def model_and_tokenizer(config: Config):
     """(GPT2Config, tokenizer, hf_dir or None), reading no weights. The tokenizer carries the
     chat template the run trains with, so every checkpoint (and the export) stores it."""
     m = config.model
-    compute = dict(dtype=m.dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers)
+    compute = dict(dtype=m.dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers,
+                   max_segments_per_row=config.data.max_segments_per_row)
     if m.init_from == "scratch":
         tokenizer = demo_tokenizer(seed=0) if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
         cfg = GPT2Config.preset(m.preset, vocab_size=len(tokenizer), n_positions=m.n_positions,

@@ -23,6 +23,7 @@ class DataConfig:
     template: str | None = None  # None -> built-in plain-text template; else a Jinja string or a .jinja path
     max_length: int = 512  # tokens per document and per packed row; must be <= model n_positions
     batching: str = "packing"  # packing | buckets
+    max_segments_per_row: int = 0  # packing: documents per row at most; 0 = max_length // 16 (static M of cudnn_packed)
     buckets: tuple[int, ...] = (128, 256, 512, 1024)  # pad lengths for `buckets` (capped at max_length)
     train_on_prompt: bool = False  # also put loss on prompt tokens
     last_turn_only: bool = False  # chat: supervise only the last assistant turn
@@ -55,6 +56,8 @@ class DataConfig:
             raise DataError(f"data.max_length={self.max_length}: expected >= 2")
         if self.num_proc < 0:
             raise DataError(f"data.num_proc={self.num_proc}: expected >= 0 (0 = one per CPU core)")
+        if self.max_segments_per_row < 0:
+            raise DataError(f"data.max_segments_per_row={self.max_segments_per_row}: expected >= 0 (0 = max_length // 16)")
         if self.prefetch < 0:
             raise DataError(f"data.prefetch={self.prefetch}: expected >= 0")
         if not self.buckets or any(b < 2 for b in self.buckets):

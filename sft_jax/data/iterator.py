@@ -66,6 +66,7 @@ class BatchIterator:
         shuffle: bool = True,
         loop: bool = True,
         prefetch: int = 2,
+        max_segments: int = 0,  # data.max_segments_per_row (0: max_length // 16)
     ):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
@@ -83,7 +84,7 @@ class BatchIterator:
         self.buckets = bucket_lengths(buckets, max_length)
         per_process = global_batch_size // process_count
         self._slice = slice(process_index * per_process, (process_index + 1) * per_process)
-        self._rows = packing_rows(dataset.lengths, max_length, seed, shuffle) if mode == "packing" else None
+        self._rows = packing_rows(dataset.lengths, max_length, seed, shuffle, max_segments) if mode == "packing" else None
         self._plans: dict[int, object] = {}  # epoch -> row order (packing) or batches (buckets); last two kept
         self._lock = threading.Lock()
         self.step = step
@@ -248,6 +249,7 @@ def eval_batches(
     buckets=(128, 256, 512, 1024),
     process_index: int = 0,
     process_count: int = 1,
+    max_segments: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One deterministic pass over `dataset` in order; the last batch is filled with weight-0 padding rows."""
     if mode not in MODES:
@@ -256,7 +258,7 @@ def eval_batches(
         raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
     per_process = batch_size // process_count
     rows = (
-        best_fit_rows(dataset.lengths, max_length, np.arange(len(dataset)))
+        best_fit_rows(dataset.lengths, max_length, np.arange(len(dataset)), max_segments)
         if mode == "packing"
         else [[d] for d in range(len(dataset))]
     )

@@ -58,8 +58,16 @@ class SFTDataset:
         return SFTDataset(self.tokens[flat], self.supervised[flat], offsets, self.response_tokens[indices], examples)
 
 
-def best_fit_rows(lengths: np.ndarray, capacity: int, order: np.ndarray) -> list[list[int]]:
-    """Pack documents, taken in `order`, into rows of `capacity` tokens by online best fit."""
+def default_max_segments(capacity: int) -> int:
+    """data.max_segments_per_row when unset (0): one document per 16 tokens of row, at least 1.
+    The fused packed attention (model.attention=cudnn_packed) makes the same default."""
+    return max(1, capacity // 16)
+
+
+def best_fit_rows(lengths: np.ndarray, capacity: int, order: np.ndarray, max_segments: int = 0) -> list[list[int]]:
+    """Pack documents, taken in `order`, into rows of `capacity` tokens by online best fit; a row
+    holds at most `max_segments` documents (0: ``default_max_segments(capacity)``)."""
+    cap = max_segments or default_max_segments(capacity)
     smallest = int(lengths.min()) if len(lengths) else 1
     rows: list[list[int]] = []
     room: list[tuple[int, int]] = []  # sorted (free tokens, row id) of rows that can still take a document
@@ -73,15 +81,15 @@ def best_fit_rows(lengths: np.ndarray, capacity: int, order: np.ndarray) -> list
             free, row = room.pop(i)
             rows[row].append(doc)
             free -= need
-        if free >= smallest:  # rows with less room than any document are closed for good
+        if free >= smallest and len(rows[row]) < cap:  # full rows (room or segments) are closed for good
             bisect.insort(room, (free, row))
     return rows
 
 
-def packing_rows(lengths: np.ndarray, capacity: int, seed: int, shuffle: bool) -> list[list[int]]:
+def packing_rows(lengths: np.ndarray, capacity: int, seed: int, shuffle: bool, max_segments: int = 0) -> list[list[int]]:
     """The run's fixed packing plan (see module docstring)."""
     order = np.random.default_rng([seed, 7]).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-    return best_fit_rows(lengths, capacity, order)
+    return best_fit_rows(lengths, capacity, order, max_segments)
 
 
 def bucket_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:

@@ -33,6 +33,7 @@ class SplitReport:
     errors: list[str]  # first messages of dropped bad rows
     read_by_source: dict[str, int] = dataclasses.field(default_factory=dict)  # rows read per source
     to_eval: int = 0  # train only: examples carved from the rows read into eval (data.eval_fraction)
+    max_segments_seen: int = 0  # packing: the most documents in one row (<= data.max_segments_per_row)
 
 
 @dataclasses.dataclass
@@ -112,6 +113,7 @@ def split_report(
     batch_size: int,
     seed: int,
     shuffle: bool,
+    max_segments: int = 0,
 ) -> SplitReport:
     """Statistics of one split's final dataset."""
     responses = dataset.response_tokens
@@ -134,6 +136,9 @@ def split_report(
         errors=list(errors),
         read_by_source=dict(read_by_source or {}),
         to_eval=to_eval,
+        max_segments_seen=max(map(len, packing_rows(dataset.lengths, max_length, seed, shuffle, max_segments)),
+                              default=0)
+        if mode == "packing" else 0,
     )
 
 
@@ -163,6 +168,7 @@ def report_to_markdown(report: DataReport) -> str:
             f"| tokens | {split.tokens} |",
             f"| supervised tokens | {split.supervised_tokens} ({split.supervised_fraction:.1%}) |",
             f"| {split.batching} efficiency | {split.efficiency:.1%} |",
+            *([f"| most documents in one row | {split.max_segments_seen} |"] if split.batching == "packing" else []),
             "",
             "| tokens per document | mean | p50 | p95 | max |",
             "|---|---|---|---|---|",

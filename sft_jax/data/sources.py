@@ -346,6 +346,7 @@ def _encode_split(split: _Split, cfg, renderer, seed: int, batch_size: int, *, w
         batch_size=batch_size,
         seed=seed,
         shuffle=cfg.shuffle,
+        max_segments=cfg.max_segments_per_row,
     )
     return dataset, report
 

@@ -90,7 +90,7 @@ class SFTObjective(Objective, SFTLoss):
         iterator = BatchIterator(train_ds, global_batch_size=c.train.global_batch_size, seed=c.train.seed,
                                  mode=d.batching, max_length=d.max_length, buckets=d.buckets,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                 shuffle=d.shuffle, prefetch=d.prefetch)
+                                 shuffle=d.shuffle, prefetch=d.prefetch, max_segments=d.max_segments_per_row)
         # eval examples the data path dropped: no sample or exact match for them, but counted
         self.eval_dropped = sum(report.eval.dropped.values()) if report.eval else 0
         return Data(iterator, eval_ds, report_to_markdown(report))
@@ -105,7 +105,7 @@ class SFTObjective(Objective, SFTLoss):
             sums = []
             batches = eval_batches(eval_ds, batch_size=E, max_length=d.max_length, mode=d.batching,
                                    buckets=d.buckets, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   process_count=jax.process_count(), max_segments=d.max_segments_per_row)
             for i, batch in enumerate(batches):
                 if c.train.eval_max_batches and i >= c.train.eval_max_batches:
                     break
