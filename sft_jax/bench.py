@@ -458,7 +458,7 @@ def main(argv=None):
     presets = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] if "all" in args.preset else args.preset
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
-        return cli.user_error(f"--preset {','.join(unknown)}: choose from {sorted(PRESETS)} or all")
+        return cli.user_error(f"--preset {','.join(unknown)}: choose one of {sorted(PRESETS)} or all")
     if min(*args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
         return cli.user_error("--batch, --seq and --steps must be at least 1, --warmup at least 0")
     torch_systems = () if args.no_torch else (TORCH_SYSTEMS if args.torch_compile else ("torch",))
