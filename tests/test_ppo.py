@@ -15,6 +15,7 @@ import pytest
 
 from sft_jax import ppo
 from sft_jax.core.setup import model_and_tokenizer
+from sft_jax.data.formats import decode
 from sft_jax.model import GPT2, token_nll
 from sft_jax.objectives import sft
 from train_fixtures import metrics, tiny_config
@@ -68,9 +69,24 @@ def test_first_update_ratio_is_one_and_rollout_logps_match_the_model(tmp_path, a
     np.testing.assert_allclose(batch["ref_logp"][mask], batch["old_logp"][mask], rtol=1e-6, atol=1e-6)
     assert np.all(batch["advantages"][~mask] == 0)
     if advantage == "grpo":
-        # every row of a group shares its advantage; groups are consecutive rows
-        row_adv = [batch["advantages"][i][mask[i]][0] for i in range(len(mask))]
-        assert rollout["zero_adv_groups"] >= 0 and np.isfinite(row_adv).all()
+        # GRPO's advantages recomputed in NumPy from the responses: a group = the rows with
+        # one prompt; reward = length_reward (+ the EOS penalty when the answer has none)
+        _, tokenizer, _ = model_and_tokenizer(cfg)
+        groups: dict = {}
+        for i, row in enumerate(batch["tokens"]):
+            response = [t for t in row[P:][:int(mask[i].sum())] if t != eos]
+            score = len(decode(tokenizer, response)) + (0.0 if eos in row[P:] else cfg.ppo.eos_penalty)
+            groups.setdefault(row[:P].tobytes(), []).append((i, score))
+        assert sorted(map(len, groups.values())) == [group_size] * (len(mask) // group_size)
+        zero = 0
+        for members in groups.values():
+            scores = np.array([s for _, s in members])
+            flat = scores.std() < 1e-6
+            zero += flat
+            expected = np.zeros_like(scores) if flat else (scores - scores.mean()) / (scores.std() + 1e-6)
+            for (i, _), adv in zip(members, expected):
+                np.testing.assert_allclose(batch["advantages"][i][mask[i]], adv, rtol=1e-4, atol=1e-5)
+        assert rollout["zero_adv_groups"] == zero
     else:
         assert abs(batch["advantages"][mask].mean()) < 1e-5  # whitened over the rollout (one mini-batch)
     assert second["ratio_dev"] > 0  # the second epoch sees the moved policy

@@ -78,7 +78,8 @@ class RolloutIterator:
     every checkpoint) is the step and the KL controller's beta."""
 
     def __init__(self, n_prompts: int, prompts_per_rollout: int, updates_per_rollout: int, seed: int, kl_ctl):
-        self.n, self.per, self.updates, self.seed, self.kl_ctl = n_prompts, prompts_per_rollout, updates_per_rollout, seed, kl_ctl
+        self.n, self.per, self.updates = n_prompts, prompts_per_rollout, updates_per_rollout
+        self.seed, self.kl_ctl = seed, kl_ctl
         self.rollouts_per_epoch = max(1, n_prompts // prompts_per_rollout)
         self.steps_per_epoch = self.rollouts_per_epoch * updates_per_rollout
         self.step = 0
@@ -297,7 +298,8 @@ class PPOObjective(sft.SFTObjective):
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         stats = {
             "reward_mean": float(raw.mean()), "reward_std": float(raw.std()), "score_mean": float(score.mean()),
-            "kl_per_response": float(jnp.sum(k1) / self.rows), "entropy": float(jnp.sum(entropy * mask) / jnp.sum(mask)),
+            "kl_per_response": float(jnp.sum(k1) / self.rows),
+            "entropy": float(jnp.sum(entropy * mask) / jnp.sum(mask)),
             "response_length": float(n_resp.mean()), "eos_penalty_rate": float(1.0 - has_eos.mean()),
             "zero_adv_groups": int(zero_groups), "rollout_time_s": time.perf_counter() - t0, "sample_time_s": t_sample,
         }
