@@ -145,6 +145,35 @@ class RunSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class PPOSection:
+    """RL fine-tuning (``python -m sft_jax.ppo``). One rollout = ``rollout_prompts`` prompts x
+    ``group_size`` answers; it is trained on for ``epochs`` passes of mini-batches of
+    ``train.global_batch_size`` rows, so one rollout is epochs * rows / global_batch_size
+    optimizer steps (``train.steps`` counts optimizer steps)."""
+
+    advantage: str = "gae"  # gae (PPO with a critic) | grpo (group-relative, no critic)
+    reward_fn: str = "sft_jax.data.demo:exact_match_reward"  # module:function(prompts, responses, examples)
+    rollout_prompts: int = 16  # prompts per rollout
+    group_size: int = 1  # answers sampled per prompt (GRPO: the group, e.g. 8)
+    epochs: int = 2  # passes over each rollout batch
+    prompt_length: int = 48  # prompts are left-padded to this many tokens (a fixed shape)
+    max_new_tokens: int = 16  # response length limit while sampling
+    kl_coef: float = 0.05  # beta: weight of the KL to the reference (initial value if adaptive)
+    kl_estimator: str = "k1"  # k1 | k3 (per-token KL estimator)
+    kl_target: Optional[float] = None  # set: adaptive beta (Ziegler et al. 2019) aiming at this per-response KL
+    kl_horizon: int = 10000  # adaptive controller's horizon (samples)
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    clip: float = 0.2  # policy ratio clip epsilon
+    value_clip: float = 0.2  # value clip epsilon
+    value_coef: float = 0.5  # weight of the critic's loss in the summed loss
+    whiten_advantages: bool = True  # PPO: whiten advantages over the rollout's response tokens
+    eos_penalty: float = -1.0  # added to the reward of answers that do not end in EOS
+    critic_init: str = "actor"  # actor (the SFT model's trunk + a zero value head) | scratch
+    eval_kl_prompts: int = 64  # held-out prompts sampled at temperature 1 for the KL metric
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelSection = ModelSection()  # what to train
     data: DataConfig = DataConfig()  # what to train on (sft_jax.data)
@@ -154,6 +183,7 @@ class Config:
     checkpoint: CheckpointSection = CheckpointSection()  # orbax checkpoints
     run: RunSection = RunSection()  # where outputs go
     distributed: DistributedConfig = DistributedConfig()  # multi-process settings (sft_jax.distributed)
+    ppo: PPOSection = PPOSection()  # RL fine-tuning (python -m sft_jax.ppo)
 
     # --- derived numbers -------------------------------------------------------
     def micro_batch_size(self) -> int:
@@ -353,6 +383,28 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0, optim.max_nonfinite_steps >= 1")
     if c.every < 0 or c.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    _validate_ppo(cfg)
+
+
+def _validate_ppo(cfg: Config) -> None:
+    p = cfg.ppo
+    if p.advantage not in ("gae", "grpo"):
+        raise ConfigError(f"ppo.advantage={p.advantage!r}: choose gae or grpo")
+    if p.kl_estimator not in ("k1", "k3"):
+        raise ConfigError(f"ppo.kl_estimator={p.kl_estimator!r}: choose k1 or k3")
+    if ":" not in p.reward_fn:
+        raise ConfigError(f"ppo.reward_fn={p.reward_fn!r}: expected module:function")
+    if min(p.rollout_prompts, p.group_size, p.epochs, p.prompt_length, p.max_new_tokens) < 1:
+        raise ConfigError("ppo.rollout_prompts, group_size, epochs, prompt_length, max_new_tokens must be >= 1")
+    if p.advantage == "grpo" and p.group_size < 2:
+        raise ConfigError(f"ppo.group_size={p.group_size}: GRPO needs >= 2 answers per prompt")
+    if (p.rollout_prompts * p.group_size) % cfg.train.global_batch_size:
+        raise ConfigError(f"ppo.rollout_prompts x ppo.group_size = {p.rollout_prompts * p.group_size} rows per "
+                          f"rollout is not a multiple of train.global_batch_size={cfg.train.global_batch_size}")
+    if p.kl_target is not None and p.kl_target <= 0:
+        raise ConfigError("ppo.kl_target must be > 0 (or null for a fixed ppo.kl_coef)")
+    if p.critic_init not in ("actor", "scratch"):
+        raise ConfigError(f"ppo.critic_init={p.critic_init!r}: choose actor or scratch")
 
 
 def _plain(x):

@@ -185,6 +185,12 @@ class MetricsLogger:
                          if k not in ("step", "split", "time") and isinstance(v, (int, float)))
         self._bar.write(f"step {step}: {shown}")
 
+    def log_split(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        """Metrics of another kind at a training step (e.g. PPO's "rollout" statistics)."""
+        if not self.enabled:
+            return
+        self._scalars(self._write(step, split, metrics), split)
+
     def log_text(self, step: int, tag: str, text: str) -> None:
         """A generated sample (or any text) under ``tag``."""
         if not self.enabled:

@@ -98,6 +98,20 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
+def exact_match_reward(prompts: list[str], responses: list[str], examples: list) -> list[float]:
+    """The demo's RL reward (``ppo.reward_fn``): 1.0 where the response equals the example's
+    answer after stripping whitespace, else 0.0. ``examples`` are rows with an "output"
+    field or chat messages (the answer is the last assistant turn)."""
+    def answer(example) -> str:
+        if isinstance(example, dict) and "output" in example:
+            return str(example["output"])
+        messages = example if isinstance(example, list) else example.get("messages", [])
+        replies = [m["content"] for m in messages if m.get("role") == "assistant"]
+        return replies[-1] if replies else ""
+
+    return [float(r.strip() == answer(ex).strip()) for r, ex in zip(responses, examples, strict=True)]
+
+
 def demo_tokenizer(seed: int = 0, vocab_size: int = 768):
     """A deterministic byte-level BPE (768 tokens: every demo answer is 1-5 tokens) with the built-in template."""
     from sft_jax.data.formats import BUILTIN_TEMPLATE, Renderer, to_messages

@@ -95,6 +95,11 @@ class SFTObjective(Objective, SFTLoss):
         self.eval_dropped = sum(report.eval.dropped.values()) if report.eval else 0
         return Data(iterator, eval_ds, report_to_markdown(report))
 
+    def decoding_params(self, loop):
+        """The causal LM's parameters, readable whole by every process (generation, export);
+        objectives that train more than the LM (PPO's critic) return just the LM."""
+        return loop.host_params()
+
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, loop, step: int) -> dict:
         c, d = self.config, self.config.data
@@ -140,7 +145,7 @@ class SFTObjective(Objective, SFTLoss):
     def generate(self, loop, prompts: list[list[int]]) -> list[str]:
         from sft_jax.sampling import generate
 
-        params = loop.host_params()
+        params = self.decoding_params(loop)
         if jax.process_index() != 0:  # samples and exact match are logged by process 0 alone
             return [""] * len(prompts)
         if jax.process_count() > 1:  # generate on process 0's first device, outside the global mesh
@@ -161,7 +166,7 @@ class SFTObjective(Objective, SFTLoss):
     def export(self, loop, out: Path) -> list[str]:
         """A self-verifying HF causal-LM directory at ``out/hf``."""
         export_dir = out / "hf"
-        params = loop.host_params()
+        params = self.decoding_params(loop)
         if jax.process_index() == 0:
             from sft_jax.hf import export_hf
 

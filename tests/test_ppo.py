@@ -1,0 +1,92 @@
+"""PPO and GRPO through the training core on a tiny model (python -m sft_jax.ppo's ``run``).
+
+References: the rollout's old log-probs recomputed independently from the model's own
+NLL (``model.token_nll``) on the same sequences; the policy ratio on the first epoch's
+first mini-batch, which must be 1 (the parameters have not moved since the rollout); the
+KL to the frozen reference, 0 before the first update (the reference is the start); the
+masks against the sampled responses' own EOS positions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_jax import ppo
+from sft_jax.core.setup import model_and_tokenizer
+from sft_jax.data.formats import decode
+from sft_jax.model import GPT2, token_nll
+from sft_jax.objectives import sft
+from train_fixtures import metrics, tiny_config
+
+
+def length_reward(prompts, responses, examples):
+    """A reward that differs within a group: the response's length in characters."""
+    return [float(len(r)) for r in responses]
+
+
+def ppo_run(out, advantage, group_size, rows):
+    seen = {}
+
+    def keep(step, batch):
+        seen.setdefault(step, {k: np.array(v) for k, v in batch.items()})
+        return batch
+
+    cfg = tiny_config(out, "train.steps=2", f"ppo.advantage={advantage}", f"ppo.rollout_prompts={rows // group_size}",
+                      f"ppo.group_size={group_size}", "ppo.prompt_length=40", "ppo.max_new_tokens=8", "ppo.epochs=2",
+                      f"train.global_batch_size={rows}", "ppo.reward_fn=test_ppo:length_reward",
+                      "ppo.eval_kl_prompts=0", "train.resume=never", "optim.warmup_steps=0")
+    result = ppo.run(cfg, devices=jax.devices()[:1], batch_transform=keep)
+    return cfg, result, seen
+
+
+@pytest.mark.parametrize("advantage,group_size", [("gae", 1), ("grpo", 4)])
+def test_first_update_ratio_is_one_and_rollout_logps_match_the_model(tmp_path, advantage, group_size):
+    cfg, result, seen = ppo_run(tmp_path / advantage, advantage, group_size, rows=8)
+    assert result.status == "done" and result.step == 2
+    first, second = metrics(tmp_path / advantage)[:2]
+    # step 1 = the first epoch's first mini-batch: the policy is the one that sampled it
+    assert abs(first["ratio"] - 1.0) < 1e-5 and first["ratio_dev"] < 1e-5
+    assert first["clipfrac"] == 0.0 and abs(first["kl"]) < 1e-5  # the reference is the start
+    (rollout,) = metrics(tmp_path / advantage, "rollout")
+    batch = seen[0]
+    mask = batch["mask"].astype(bool)
+    # masks: from the last prompt slot up to and including the response's EOS (or the limit)
+    P, eos = cfg.ppo.prompt_length, batch["tokens"][0, 0]
+    for row, m in zip(batch["tokens"], mask):
+        response = list(row[P:])
+        n = response.index(eos) + 1 if eos in response else len(response)
+        assert np.flatnonzero(m).tolist() == list(range(P - 1, P - 1 + n))
+    assert rollout["response_length"] == pytest.approx(mask.sum() / len(mask))
+    # old log-probs = -NLL of the initial model on the same rows, computed independently
+    model_cfg, _, _ = model_and_tokenizer(cfg)
+    params0 = sft.init_params(model_cfg, jax.random.key(cfg.train.seed))
+    model = GPT2(model_cfg)
+    hidden = model.apply(params0, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+    nll = np.asarray(token_nll(params0["params"]["wte"], hidden, jnp.asarray(batch["targets"]), model_cfg))
+    np.testing.assert_allclose(batch["old_logp"][mask], -nll[mask], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch["ref_logp"][mask], batch["old_logp"][mask], rtol=1e-6, atol=1e-6)
+    assert np.all(batch["advantages"][~mask] == 0)
+    if advantage == "grpo":
+        # GRPO's advantages recomputed in NumPy from the responses: a group = the rows with
+        # one prompt; reward = length_reward (+ the EOS penalty when the answer has none)
+        _, tokenizer, _ = model_and_tokenizer(cfg)
+        groups: dict = {}
+        for i, row in enumerate(batch["tokens"]):
+            response = [t for t in row[P:][:int(mask[i].sum())] if t != eos]
+            score = len(decode(tokenizer, response)) + (0.0 if eos in row[P:] else cfg.ppo.eos_penalty)
+            groups.setdefault(row[:P].tobytes(), []).append((i, score))
+        assert sorted(map(len, groups.values())) == [group_size] * (len(mask) // group_size)
+        zero = 0
+        for members in groups.values():
+            scores = np.array([s for _, s in members])
+            flat = scores.std() < 1e-6
+            zero += flat
+            expected = np.zeros_like(scores) if flat else (scores - scores.mean()) / (scores.std() + 1e-6)
+            for (i, _), adv in zip(members, expected):
+                np.testing.assert_allclose(batch["advantages"][i][mask[i]], adv, rtol=1e-4, atol=1e-5)
+        assert rollout["zero_adv_groups"] == zero
+    else:
+        assert abs(batch["advantages"][mask].mean()) < 1e-5  # whitened over the rollout (one mini-batch)
+    assert second["ratio_dev"] > 0  # the second epoch sees the moved policy
