@@ -2,6 +2,8 @@
 machine lowers and compiles, and for hand-written snippets in the forms XLA GPU emits
 (the GPU tests in tests/test_gpu.py rest on these readers)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ from hlo_checks import cudnn_attention_calls, dot_operand_dtypes, host_offload_t
 from sft_jax.model import GPT2, GPT2Config, init_params
 
 CFG = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+BF16_CUDNN = CFG.replace(attention="cudnn", dtype="bfloat16")  # on CPU: the silent XLA fallback
+F32_REMAT = CFG.replace(remat="full", dtype="float32")
 
 # The forms the readers must recognise, as jax 0.11 / XLA GPU print them.
 LOWERED_CUDNN = ('%5:2 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%1, %2, %3) {api_version = 2 : i32, '
@@ -34,7 +38,9 @@ def _batch():
     return tokens, positions, jnp.ones((2, 16), jnp.int32)
 
 
+@functools.cache
 def _lowered_loss_grad(cfg):
+    """Lowered loss-and-gradient of the model on ``cfg``; cached: two configs serve all tests."""
     params = init_params(cfg, jax.random.key(0))
     batch = _batch()
     loss = lambda p: GPT2(cfg).apply(p, *batch).astype(jnp.float32).mean()
@@ -45,7 +51,7 @@ def test_cudnn_reader_finds_the_fused_call_and_none_in_the_cpu_fallback():
     assert cudnn_attention_calls(LOWERED_CUDNN) == {"__cudnn$fmhaSoftmax": 1}
     assert cudnn_attention_calls(COMPILED_CUDNN) == {"__cudnn$fmhaSoftmax": 1, "__cudnn$fmhaSoftmaxBackward": 1}
     # attention=cudnn on CPU silently falls back to XLA: the reader must say "no cuDNN call"
-    lowered = _lowered_loss_grad(CFG.replace(attention="cudnn", dtype="bfloat16"))
+    lowered = _lowered_loss_grad(BF16_CUDNN)
     assert not cudnn_attention_calls(lowered.as_text())
     assert not cudnn_attention_calls(lowered.compile().as_text())
 
@@ -54,13 +60,13 @@ def test_offload_reader_counts_host_transfers_and_none_under_plain_remat():
     assert host_offload_transfers(LOWERED_OFFLOAD) == 1
     assert host_offload_transfers(COMPILED_OFFLOAD) == 2
     assert host_offload_transfers(LOWERED_OFFLOAD.replace("pinned_host", "device")) == 0
-    lowered = _lowered_loss_grad(CFG.replace(remat="full", dtype="float32"))
+    lowered = _lowered_loss_grad(F32_REMAT)
     assert not host_offload_transfers(lowered.as_text())
     assert not host_offload_transfers(lowered.compile().as_text())
 
 
 def test_dot_reader_tells_bf16_from_float32_compute():
-    bf16 = dot_operand_dtypes(_lowered_loss_grad(CFG.replace(dtype="bfloat16")).as_text())
-    f32 = dot_operand_dtypes(_lowered_loss_grad(CFG.replace(dtype="float32")).as_text())
+    bf16 = dot_operand_dtypes(_lowered_loss_grad(BF16_CUDNN).as_text())
+    f32 = dot_operand_dtypes(_lowered_loss_grad(F32_REMAT).as_text())
     assert bf16[("bf16", "bf16")] >= 4 and f32[("f32", "f32")] >= 4, (bf16, f32)
     assert ("bf16", "bf16") not in f32
