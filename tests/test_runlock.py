@@ -59,15 +59,16 @@ def test_the_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
 
 def test_lease_is_renewed_respected_and_taken_over_when_expired(tmp_path):
     directory = epath.Path(tmp_path)
-    holder = Lease(directory, ttl_s=0.6, settle_s=0.0)
+    # ttl 1.5 s, renewed every 0.5 s: a renewal can be a whole second late on a loaded machine
+    holder = Lease(directory, ttl_s=1.5, settle_s=0.0)
     holder.acquire()
-    time.sleep(1.0)  # longer than the ttl: only the renewals keep it
+    time.sleep(2.0)  # longer than the ttl: only the renewals keep it
     with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
-        Lease(directory, ttl_s=0.6, settle_s=0.0).acquire()
+        Lease(directory, ttl_s=1.5, settle_s=0.0).acquire()
     holder._stop.set()  # the holder dies: no more renewals, nobody deletes the lease
     holder._thread.join()
-    time.sleep(0.7)
-    newcomer = Lease(directory, ttl_s=0.6, settle_s=0.0)
+    time.sleep(1.7)
+    newcomer = Lease(directory, ttl_s=1.5, settle_s=0.0)
     newcomer.acquire()
     assert newcomer.read()["token"] == newcomer.me["token"]
     newcomer.release()

@@ -10,6 +10,7 @@ import numpy as np
 import transformers
 
 from hlo_checks import dot_operand_dtypes
+from sft_jax import sharding as shd
 from sft_jax import trainer
 from sft_jax.core import step as core_step
 from train_fixtures import losses, metrics, tiny_config, train_cli
@@ -28,7 +29,8 @@ def test_bf16_tracks_float32(tmp_path, monkeypatch):
 
         def first_lowered(state, batch, frozen=None):
             if len(lowered) < len(curves) + 1:  # once per run, before the state is donated
-                lowered.append(jax.jit(step).lower(state, batch, frozen).as_text())
+                with shd.rules_context(kwargs["mesh"]):
+                    lowered.append(jax.jit(step.jitted).lower(state, batch, frozen).as_text())
             return step(state, batch, frozen)
 
         first_lowered.batch_shardings = step.batch_shardings
