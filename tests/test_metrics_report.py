@@ -200,7 +200,8 @@ def test_bench_runs_both_frameworks_on_the_same_computation(monkeypatch):
 
     monkeypatch.setattr(bench, "_timed", recording)
     traces = train_step.TRACE_COUNTS["train"]
-    results = bench.benchmark("tiny", batch=2, seq=64, steps=2, warmup=1, dtype="float32")
+    # no warmup: the lr is the peak from the first update, so both later losses follow real updates
+    results = bench.benchmark("tiny", batch=2, seq=64, steps=3, warmup=0, dtype="float32")
     assert train_step.TRACE_COUNTS["train"] == traces + 1  # the trainer's own step, traced once
     for side in ("jax", "torch"):
         r = results[side]
@@ -212,6 +213,6 @@ def test_bench_runs_both_frameworks_on_the_same_computation(monkeypatch):
     torch_losses, jax_losses = step_losses
     assert len(jax_losses) == len(torch_losses) == 3  # before any update, after one, after two
     assert jax_losses[0] == results["jax"]["first_loss"] and torch_losses[0] == results["torch"]["first_loss"]
-    assert jax_losses[2] < jax_losses[0] - 1e-3  # the updates moved the loss: there is something to compare
+    assert jax_losses[2] < jax_losses[1] - 1e-3 < jax_losses[0] - 2e-3  # each update moved the loss
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=0, atol=1e-4)
     assert "| jax |" in bench.markdown_table(results) and "| torch |" in bench.markdown_table(results)
