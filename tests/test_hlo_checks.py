@@ -52,17 +52,17 @@ def test_cudnn_reader_finds_the_fused_call_and_none_in_the_cpu_fallback():
     assert cudnn_attention_calls(COMPILED_CUDNN) == {"__cudnn$fmhaSoftmax": 1, "__cudnn$fmhaSoftmaxBackward": 1}
     # attention=cudnn on CPU silently falls back to XLA: the reader must say "no cuDNN call"
     lowered = _lowered_loss_grad(BF16_CUDNN)
+    compiled = lowered.compile().as_text()
     assert not cudnn_attention_calls(lowered.as_text())
-    assert not cudnn_attention_calls(lowered.compile().as_text())
+    assert not cudnn_attention_calls(compiled)
+    assert not host_offload_transfers(compiled)  # and, compiled, no host buffer either (one compile serves both)
 
 
 def test_offload_reader_counts_host_transfers_and_none_under_plain_remat():
     assert host_offload_transfers(LOWERED_OFFLOAD) == 1
     assert host_offload_transfers(COMPILED_OFFLOAD) == 2
     assert host_offload_transfers(LOWERED_OFFLOAD.replace("pinned_host", "device")) == 0
-    lowered = _lowered_loss_grad(F32_REMAT)
-    assert not host_offload_transfers(lowered.as_text())
-    assert not host_offload_transfers(lowered.compile().as_text())
+    assert not host_offload_transfers(_lowered_loss_grad(F32_REMAT).as_text())
 
 
 def test_dot_reader_tells_bf16_from_float32_compute():
