@@ -8,6 +8,11 @@ back to the XLA reference (tests/test_model_parity.py proves that fallback) and
 Reference: the XLA attention path in float32 on the same weights. bfloat16 cuDNN logits
 agree with it to 5e-2 max abs (bf16 has 8 mantissa bits; logits are O(1) on these
 weights); the float32 path agrees to 1e-4.
+
+Numbers alone cannot tell the features from their absence (the model catches cuDNN errors
+and falls back to XLA; a remat that offloads nothing gives the same gradients), so each
+test also asserts, with the CPU-tested readers in tests/hlo_checks.py, the cuDNN
+fused-attention custom calls and the host-offload transfers in the lowered and compiled step.
 """
 
 import jax
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hlo_checks import cudnn_attention_calls, host_offload_transfers
 from sft_jax.model import GPT2, GPT2Config, init_params, token_nll
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
@@ -63,6 +69,22 @@ def test_cudnn_attention_matches_the_xla_reference(params, packed):
     np.testing.assert_allclose(f32[..., v][valid], ref[..., v][valid], atol=1e-4)
 
 
+def test_cudnn_attention_is_the_fused_kernel_forward_and_backward(params):
+    """The fused cuDNN kernel, not the silent XLA fallback, runs in the training step."""
+    cfg = CFG.replace(attention="cudnn", dtype="bfloat16")
+    batch = _batch(packed=True)
+    loss = lambda p: GPT2(cfg).apply(p, *batch).astype(jnp.float32).mean()
+    lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
+    for text in (lowered.as_text(), lowered.compile().as_text()):
+        calls = cudnn_attention_calls(text)
+        forward = sum(n for t, n in calls.items() if "Backward" not in t)
+        backward = sum(n for t, n in calls.items() if "Backward" in t)
+        assert forward >= CFG.n_layer and backward >= CFG.n_layer, calls
+    # the float32 request is the XLA reference: no cuDNN call
+    assert not cudnn_attention_calls(jax.jit(lambda p: GPT2(CFG.replace(attention="cudnn", dtype="float32"))
+                                             .apply(p, *batch)).lower(params).as_text())
+
+
 def test_remat_offload_gives_the_same_gradients(params):
     batch = _batch(packed=True)
     targets = jnp.roll(batch[0], -1, axis=1)
@@ -73,11 +95,18 @@ def test_remat_offload_gives_the_same_gradients(params):
             hidden = GPT2(cfg).apply(p, *batch, return_hidden=True)
             nll = token_nll(p["params"]["wte"], hidden, targets, cfg, chunk=64)
             return (nll * weights).sum() / weights.sum()
-        return jax.jit(jax.value_and_grad(f))(params)
+        return jax.jit(jax.value_and_grad(f))
 
     with jax.default_matmul_precision("highest"):  # float32 for real, not TF32: differences are remat's alone
-        l0, g0 = loss(CFG.replace(dtype="float32", remat="none"))
-        l1, g1 = loss(CFG.replace(dtype="float32", remat="offload"))
+        # the offloaded activations really leave the device (and nothing does without offload)
+        lowered = loss(CFG.replace(dtype="float32", remat="offload")).lower(params)
+        offload = lowered.compile()
+        assert host_offload_transfers(lowered.as_text()) > 0
+        assert host_offload_transfers(offload.as_text()) > 0
+        assert not host_offload_transfers(loss(CFG.replace(dtype="float32", remat="full")).lower(params).as_text())
+        l0, g0 = loss(CFG.replace(dtype="float32", remat="none"))(params)
+        l1, g1 = offload(params)
     assert abs(float(l0) - float(l1)) < 1e-5
+    assert jax.tree.structure(g0) == jax.tree.structure(g1)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

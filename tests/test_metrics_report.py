@@ -5,6 +5,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from sft_jax import metrics
@@ -179,14 +180,28 @@ def test_report_copes_with_missing_keys(tmp_path):
 
 # --- benchmark ---------------------------------------------------------------------
 
-def test_bench_runs_both_frameworks_on_the_same_computation():
+def test_bench_runs_both_frameworks_on_the_same_computation(monkeypatch):
+    """Same weights, same batch, same masked loss, and the same optimizer step: the loss
+    agrees before any update and after one and two (AdamW, schedule, clipping, decay mask
+    on both sides). The per-step losses are read by wrapping ``bench._timed``."""
     pytest.importorskip("torch")
     from sft_jax import bench
 
     from sft_jax import train_step
 
+    step_losses = []  # one list per framework, in run order (torch, then jax)
+    timed = bench._timed
+
+    def recording(step, warmup, steps):
+        pending = []
+        out = timed(lambda: pending.append(step()) or pending[-1], warmup, steps)
+        step_losses.append([read() for read in pending])
+        return out
+
+    monkeypatch.setattr(bench, "_timed", recording)
     traces = train_step.TRACE_COUNTS["train"]
-    results = bench.benchmark("tiny", batch=2, seq=64, steps=2, warmup=1, dtype="float32")
+    # no warmup: the lr is the peak from the first update, so both later losses follow real updates
+    results = bench.benchmark("tiny", batch=2, seq=64, steps=3, warmup=0, dtype="float32")
     assert train_step.TRACE_COUNTS["train"] == traces + 1  # the trainer's own step, traced once
     for side in ("jax", "torch"):
         r = results[side]
@@ -194,6 +209,10 @@ def test_bench_runs_both_frameworks_on_the_same_computation():
             assert math.isfinite(r[key]) and r[key] > 0, (side, key, r[key])
         assert r["mfu"] is None  # CPU has no peak
     assert math.isfinite(results["jax_over_torch"]) and results["jax_over_torch"] > 0
-    # Same weights, same batch, same masked loss: the first step's loss agrees.
     assert abs(results["jax"]["first_loss"] - results["torch"]["first_loss"]) < 1e-4
+    torch_losses, jax_losses = step_losses
+    assert len(jax_losses) == len(torch_losses) == 3  # before any update, after one, after two
+    assert jax_losses[0] == results["jax"]["first_loss"] and torch_losses[0] == results["torch"]["first_loss"]
+    assert jax_losses[2] < jax_losses[1] - 1e-3 < jax_losses[0] - 2e-3  # each update moved the loss
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=0, atol=1e-4)
     assert "| jax |" in bench.markdown_table(results) and "| torch |" in bench.markdown_table(results)

@@ -5,16 +5,38 @@ from __future__ import annotations
 import json
 import time
 
+import jax
 import numpy as np
 import transformers
 
+from hlo_checks import dot_operand_dtypes
+from sft_jax import sharding as shd
 from sft_jax import trainer
+from sft_jax.core import step as core_step
 from train_fixtures import losses, metrics, tiny_config, train_cli
 
 
-def test_bf16_tracks_float32(tmp_path):
+def test_bf16_tracks_float32(tmp_path, monkeypatch):
     """The tiny demo-like run in bfloat16 compute (float32 master weights and loss) vs
-    float32: the per-step loss gap stays under 0.05 nats (measured: at most 0.006, mean 0.001)."""
+    float32: the per-step loss gap stays under 0.05 nats (measured: at most 0.006, mean 0.001).
+    A gap of 0 would also pass that bound, so the step each run trains with is lowered and
+    its matmuls read: bf16 x bf16 dots in the bfloat16 run, none in the float32 one."""
+    lowered = []
+    make = core_step.make_train_step
+
+    def recording(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def first_lowered(state, batch, frozen=None):
+            if len(lowered) < len(curves) + 1:  # once per run, before the state is donated
+                with shd.rules_context(kwargs["mesh"]):
+                    lowered.append(jax.jit(step.jitted).lower(state, batch, frozen).as_text())
+            return step(state, batch, frozen)
+
+        first_lowered.batch_shardings = step.batch_shardings
+        return first_lowered
+
+    monkeypatch.setattr(core_step, "make_train_step", recording)
     curves = {}
     for dtype in ("float32", "bfloat16"):
         cfg = tiny_config(tmp_path / dtype, "train.steps=40", f"model.dtype={dtype}", "train.log_every=1")
@@ -24,6 +46,9 @@ def test_bf16_tracks_float32(tmp_path):
     b16 = np.array([curves["bfloat16"][s] for s in range(1, 41)])
     assert f32[-1] < f32[0] - 1.0  # it learned something
     assert np.max(np.abs(b16 - f32)) < 0.05, np.abs(b16 - f32)
+    f32_dots, b16_dots = (dot_operand_dtypes(text) for text in lowered)
+    assert ("bf16", "bf16") not in f32_dots and f32_dots[("f32", "f32")] > 0, f32_dots
+    assert b16_dots[("bf16", "bf16")] >= 4, b16_dots  # qkv, attention out, mlp in, mlp out, at least
 
 
 def test_demo_as_shipped_reaches_exact_match_0_8(tmp_path):
