@@ -15,7 +15,9 @@ from sft_jax.objectives import preference_losses as pl
 
 torch = pytest.importorskip("torch")
 logps_fn = jax.jit(pl.sequence_logps, static_argnums=2, static_argnames="loss_chunk")
-dpo_fn = jax.jit(pl.dpo_loss, static_argnames=("beta", "loss_type", "label_smoothing"))
+dpo_fn = jax.jit(pl.dpo_loss, static_argnames="loss_type")
+scores_fn = jax.jit(pl.reward_scores, static_argnums=3)
+reward_loss_fn = jax.jit(pl.reward_loss)
 
 ROWS = [
     {"prompt": "add two numbers", "chosen": "the sum is four.", "rejected": "hello"},
@@ -139,15 +141,22 @@ def test_gradient_vanishes_with_beta(setup):
     jb = jax.tree.map(jnp.asarray, batch)
     reference = jax.lax.stop_gradient(pl.as_pairs(logps_fn(ref_params, jb, cfg)))
 
-    def grad_norm(beta, p):
-        loss = lambda q: dpo_fn(pl.as_pairs(logps_fn(q, jb, cfg)), reference, jb["pair_mask"], beta=beta)[0]
-        grads = jax.grad(loss)(p)
-        return float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
+    policy = pl.as_pairs(logps_fn(params, jb, cfg))
+    flip = (policy - reference)[..., 0] > (policy - reference)[..., 1]  # orient every pair so that h <= 0
 
-    # sigma(-beta h) <= 1/2 at beta=1e-6 and >= 1/2 at beta=0.1 when h <= 0, so start from the reference
-    # (h = 0) and also from the policy with labels oriented so that every pair's h is negative.
-    for start in (ref_params, params):
-        small, large = grad_norm(1e-6, start), grad_norm(0.1, start)
+    @jax.jit
+    def grad_norm(beta, p, flip):
+        def loss(q):
+            swap = lambda x: jnp.where(flip[..., None], x[..., ::-1], x)  # noqa: E731
+            return pl.dpo_loss(swap(pl.as_pairs(pl.sequence_logps(q, jb, cfg))), swap(reference), jb["pair_mask"],
+                               beta=beta)[0]
+        grads = jax.grad(loss)(p)
+        return jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+
+    # The gradient is beta * sigma(-beta h) * grad h per pair; sigma(-beta h) >= 1/2 at beta = 0.1 when h <= 0,
+    # so the ratio is at most 1e-5 there: start from the reference itself (h = 0) and from the policy.
+    for start, orient in ((ref_params, jnp.zeros_like(flip)), (params, flip)):
+        small, large = float(grad_norm(1e-6, start, orient)), float(grad_norm(0.1, start, orient))
         assert large > 0 and small <= 1e-5 * large * (1 + 1e-4), (small, large)
 
 
@@ -156,11 +165,11 @@ def test_reward_loss_and_head(setup):
     jb = jax.tree.map(jnp.asarray, batch)
     head = pl.init_reward_head(cfg, jax.random.key(0))
     assert head["score"]["kernel"].shape == (cfg.n_embd, 1)
-    scores = pl.as_pairs(pl.reward_scores(params, head, jb, cfg))  # (R, Kp, 2)
+    scores = pl.as_pairs(scores_fn(params, head, jb, cfg))  # (R, Kp, 2)
     mask = jb["pair_mask"]
     rc, rr = np.asarray(scores[..., 0]), np.asarray(scores[..., 1])
     for margin in (0.0, 0.5):
-        loss, m = pl.reward_loss(scores[..., 0], scores[..., 1], mask, margin=margin)
+        loss, m = reward_loss_fn(scores[..., 0], scores[..., 1], mask, margin=margin)
         d = torch.tensor((rc - rr)[np.asarray(mask) > 0], dtype=torch.float64)
         np.testing.assert_allclose(float(loss), float(-torch.nn.functional.logsigmoid(d - margin).mean()), rtol=1e-5)
         assert float(m["accuracy"]) == pytest.approx(float((d > 0).double().mean()))
