@@ -37,9 +37,9 @@ import numpy as np
 from sft_jax.data.config import DataError
 from sft_jax.data.formats import FieldError, Renderer, _chat_messages, chat_template, check_prompt_tokens, decode
 from sft_jax.data.iterator import BatchIterator, eval_batches
-from sft_jax.data.pack import SFTDataset, assemble, best_fit_rows, packing_rows
+from sft_jax.data.pack import SFTDataset, assemble, best_fit_rows, bucket_for, bucket_lengths, packing_rows
 from sft_jax.data.report import OPEN, CLOSE, length_stats
-from sft_jax.data.sources import BadRows, _carve, _Split, _weighted_indices, load_source, parse_sources
+from sft_jax.data.sources import BadRows, _carve, _Split, _weighted_indices, add_rows, load_source, parse_sources
 
 PREFERENCE_FORMATS = ("preference", "hh")
 HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
@@ -133,10 +133,7 @@ def hh_pair(chosen, rejected) -> dict:
     limit = min(len(chosen), len(rejected))
     while common < limit and chosen[common] == rejected[common]:
         common += 1
-    cut = chosen.rfind(HH_ASSISTANT, 0, common)
-    # the marker must lie wholly inside the common prefix
-    while cut >= 0 and cut + len(HH_ASSISTANT) > common:
-        cut = chosen.rfind(HH_ASSISTANT, 0, cut)
+    cut = chosen.rfind(HH_ASSISTANT, 0, common)  # the last marker lying wholly inside the common prefix
     if cut < 0:
         raise FieldError("no_marker", "chosen", f"no {HH_ASSISTANT!r} inside the text chosen and rejected share")
     start = cut + len(HH_ASSISTANT)
@@ -257,6 +254,9 @@ def build_preference_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: i
 
 
 def _read_pairs(cfg, spec) -> _Split:
+    if cfg.format not in ("auto",) + PREFERENCE_FORMATS:
+        raise DataError(f"data.format={cfg.format!r} is not a preference format; use auto or one of "
+                        f"{PREFERENCE_FORMATS}")
     bad = BadRows(cfg.on_bad_example)
     split = _Split([], [], parse_sources(spec), 0, bad)
     for k, source in enumerate(split.sources):
@@ -264,22 +264,9 @@ def _read_pairs(cfg, spec) -> _Split:
             raise DataError("data.train=demo: the built-in demo has no preference pairs; give a file of pairs")
         raw = load_source(source.name, bad)
         fmt = cfg.format if cfg.format in PREFERENCE_FORMATS else None
-        if cfg.format not in ("auto",) + PREFERENCE_FORMATS:
-            raise DataError(f"data.format={cfg.format!r} is not a preference format; use auto or one of "
-                            f"{PREFERENCE_FORMATS}")
         if fmt is None and raw.rows:
             fmt = detect_preference_format(raw.rows, raw.name)
-        split.read += len(raw.rows)
-        for i, row in enumerate(raw.rows):
-            if row is None:
-                continue  # unparseable line, already counted
-            try:
-                pair = to_pair(row, fmt)
-            except FieldError as e:
-                bad.bad(e.reason, f"{raw.where(i)}: {e}")
-                continue
-            split.conversations.append(pair)
-            split.source_of.append(k)
+        add_rows(split, raw, k, lambda row: to_pair(row, fmt))
     return split
 
 
@@ -319,14 +306,10 @@ def _encode_pairs(split: _Split, cfg, renderer, seed: int, *, weighted: bool):
         prompts.append(start - cut)
     if not kept:
         raise DataError(f"data: every pair was dropped ({dict(dropped)}); raise max_length?")
-    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
-    offsets = np.zeros(len(tokens) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = lambda lists, dtype: np.fromiter((x for l in lists for x in l), dtype, int(offsets[-1]))  # noqa: E731
     prompt_tokens = np.asarray(prompts, np.int32)
-    responses = (lengths.reshape(-1, 2) - prompt_tokens[:, None]).reshape(-1).astype(np.int32)
-    dataset = PairDataset(SFTDataset(flat(tokens, np.int32), flat(supervised, np.bool_), offsets, responses),
-                          prompt_tokens, [split.conversations[i] for i in kept])
+    responses = [len(t) - p for t, p in zip(tokens, np.repeat(prompt_tokens, 2))]
+    dataset = PairDataset(SFTDataset.from_lists(tokens, supervised, responses), prompt_tokens,
+                          [split.conversations[i] for i in kept])
     if weighted:
         dataset = dataset.select(_weighted_indices([split.source_of[i] for i in kept], split.sources, seed))
     report = PreferenceSplitReport(
@@ -346,14 +329,16 @@ def _encode_pairs(split: _Split, cfg, renderer, seed: int, *, weighted: bool):
 
 
 def _rows_stat(dataset: PairDataset, cfg, seed: int) -> dict:
-    """Rows per epoch and the non-padding share of their tokens (packing) or per pair (buckets)."""
+    """Rows per epoch, the most pairs in one row, and the non-padding share of the rows' tokens (buckets: each
+    pair padded to its own bucket, a lower bound on the padding of real batches)."""
+    lengths = dataset.lengths
     if cfg.batching == "packing":
-        rows = packing_rows(dataset.lengths, cfg.max_length, seed, cfg.shuffle)
-        n, most = len(rows), max(len(r) for r in rows)
+        rows = packing_rows(lengths, cfg.max_length, seed, cfg.shuffle)
+        n, most, total = len(rows), max(len(r) for r in rows), len(rows) * cfg.max_length
     else:
-        n, most = len(dataset), 1
-    return {"rows": n, "max_pairs_per_row": most,
-            "efficiency": round(float(dataset.lengths.sum()) / (n * cfg.max_length), 4)}
+        pads = bucket_lengths(cfg.buckets, cfg.max_length)
+        n, most, total = len(dataset), 1, sum(bucket_for(int(length), pads) for length in lengths)
+    return {"rows": n, "max_pairs_per_row": most, "efficiency": round(float(lengths.sum()) / total, 4)}
 
 
 def marked_pair(dataset: PairDataset, tokenizer, i: int = 0) -> str:
