@@ -225,7 +225,7 @@ def build_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: int, seed: i
 
 def _read_split(cfg, spec, demo_split: str, seed: int) -> _Split:
     from sft_jax.data.demo import make_demo_examples
-    from sft_jax.data.formats import FieldError, detect_format, to_messages
+    from sft_jax.data.formats import detect_format, to_messages
 
     bad = BadRows(cfg.on_bad_example)
     split = _Split([], [], parse_sources(spec), 0, bad)
@@ -239,18 +239,26 @@ def _read_split(cfg, spec, demo_split: str, seed: int) -> _Split:
         if fmt is None:
             keys = {key for row in raw.rows if isinstance(row, dict) for key in row}
             fmt = detect_format(keys, raw.name) if raw.rows else "chat"
-        split.read += len(raw.rows)
-        for i, row in enumerate(raw.rows):
-            if row is None:
-                continue  # unparseable line, already counted
-            try:
-                messages = to_messages(row, fmt)
-            except FieldError as e:
-                bad.bad(e.reason, f"{raw.where(i)}: {e}")
-                continue
-            split.conversations.append(messages)
-            split.source_of.append(k)
+        add_rows(split, raw, k, lambda row: to_messages(row, fmt))
     return split
+
+
+def add_rows(split: _Split, raw: RawSource, k: int, convert) -> None:
+    """Validate the rows of source k with `convert` (row -> example, raising FieldError) into `split`; a bad
+    row goes to the split's BadRows, named by its file and line."""
+    from sft_jax.data.formats import FieldError
+
+    split.read += len(raw.rows)
+    for i, row in enumerate(raw.rows):
+        if row is None:
+            continue  # unparseable line, already counted
+        try:
+            example = convert(row)
+        except FieldError as e:
+            split.bad.bad(e.reason, f"{raw.where(i)}: {e}")
+            continue
+        split.conversations.append(example)
+        split.source_of.append(k)
 
 
 def _carve(train: _Split, fraction: float) -> _Split:
@@ -277,8 +285,6 @@ def _carve(train: _Split, fraction: float) -> _Split:
 
 
 def _encode_split(split: _Split, cfg, renderer, seed: int, batch_size: int, *, weighted: bool):
-    import numpy as np
-
     from sft_jax.data.formats import check_prompt_tokens, encode_documents
     from sft_jax.data.pack import SFTDataset
     from sft_jax.data.report import split_report
@@ -316,17 +322,7 @@ def _encode_split(split: _Split, cfg, renderer, seed: int, batch_size: int, *, w
         responses.append(sum(resp))
     if not kept:
         raise DataError(f"data: every example was dropped ({dict(dropped)}); raise max_length?")
-    lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
-    offsets = np.zeros(len(tokens) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = lambda lists, dtype: np.fromiter((x for l in lists for x in l), dtype, int(offsets[-1]))  # noqa: E731
-    dataset = SFTDataset(
-        flat(tokens, np.int32),
-        flat(supervised, np.bool_),
-        offsets,
-        np.asarray(responses, np.int32),
-        [split.conversations[i] for i in kept],
-    )
+    dataset = SFTDataset.from_lists(tokens, supervised, responses, [split.conversations[i] for i in kept])
     if weighted:
         dataset = dataset.select(_weighted_indices([split.source_of[i] for i in kept], split.sources, seed))
     report = split_report(
