@@ -21,34 +21,13 @@ pairs of this call plus ``pairs``, their count.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
+from sft_jax.config import DPO_LOSS_TYPES, DPOConfig  # noqa: F401  (the dpo: section)
 from sft_jax.model import GPT2, GPT2Config, token_nll
 
 Array = jax.Array
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    """Proposed ``dpo:`` config section (see the module docstring for the loss)."""
-
-    beta: float = 0.1  # strength of the KL regularisation to the reference
-    loss_type: str = "sigmoid"  # sigmoid (Rafailov et al.) | ipo (Azar et al., on summed log-probs)
-    label_smoothing: float = 0.0  # sigmoid only: assumed probability that a preference label is flipped
-
-    def __post_init__(self):
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"dpo.loss_type={self.loss_type!r}: choose one of {DPO_LOSS_TYPES}")
-        if not self.beta > 0:
-            raise ValueError(f"dpo.beta={self.beta}: expected > 0")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"dpo.label_smoothing={self.label_smoothing}: expected 0 <= label_smoothing < 0.5")
-        if self.loss_type == "ipo" and self.label_smoothing:
-            raise ValueError("dpo.label_smoothing applies to loss_type=sigmoid only")
 
 
 # ------------------------------------------------------------------------------------------ log-probs
