@@ -91,7 +91,7 @@ def by_source(correct: np.ndarray, rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def dpo_demo() -> int:
+def dpo_demo(overrides: tuple = ()) -> int:
     from sft_jax.config import load_config
     from sft_jax.core import loop as core_loop
     from sft_jax.data.demo import exact_match, make_demo_examples
@@ -100,7 +100,7 @@ def dpo_demo() -> int:
     t0 = time.perf_counter()
     sft_hf = ensure_sft_model()
     _, held_out = ensure_pairs(sft_hf)
-    config = load_config("dpo_demo")
+    config = load_config("dpo_demo", list(overrides))
     result = core_loop.run(config, DPOObjective)
     if result.status != "done":
         return 0
@@ -156,7 +156,7 @@ def _row_key(pair: dict) -> str:
     return json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
 
 
-def reward_demo() -> int:
+def reward_demo(overrides: tuple = ()) -> int:
     from sft_jax.config import load_config
     from sft_jax.core import loop as core_loop
     from sft_jax.objectives.reward import RewardObjective
@@ -164,7 +164,7 @@ def reward_demo() -> int:
 
     t0 = time.perf_counter()
     _, held_out = ensure_pairs(ensure_sft_model())
-    config = load_config("reward_demo")
+    config = load_config("reward_demo", list(overrides))
     result = core_loop.run(config, RewardObjective)
     if result.status != "done":
         return 0
