@@ -63,7 +63,7 @@ def read_rows(path: str) -> list[tuple[str, list[dict], dict]]:
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+            raise DataError(f"{path} line {n}: not valid JSON ({e})") from None
         try:
             if isinstance(row, dict) and "response" in row:
                 pair = to_pair({"prompt": row.get("prompt"), "chosen": row["response"], "rejected": row["response"]},
@@ -75,7 +75,7 @@ def read_rows(path: str) -> list[tuple[str, list[dict], dict]]:
                                        for h in ("chosen", "rejected")]))
         except FieldError as e:
             field = "response" if isinstance(row, dict) and "response" in row and e.field == "chosen" else e.field
-            raise DataError(f"{path}:{n}: field '{field}': {e.detail}") from None
+            raise DataError(f"{path} line {n}: field '{field}': {e.detail}") from None
     if not items:
         raise DataError(f"{path}: no rows to score")
     return items
