@@ -174,6 +174,32 @@ class PPOSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardSection:
+    """``python -m sft_jax.reward``: a scalar head on the trunk, loss -log sigma(r_c - r_r - margin)."""
+
+    margin: float = 0.0  # required score gap between chosen and rejected (0 = plain Bradley-Terry)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSection:
+    """``python -m sft_jax.dpo``: the policy against a frozen reference (the starting model)."""
+
+    beta: float = 0.1  # strength of the KL regularisation to the reference
+    loss_type: str = "sigmoid"  # sigmoid (Rafailov et al.) | ipo (Azar et al., on summed log-probs)
+    label_smoothing: float = 0.0  # sigmoid only: assumed probability that a preference label is flipped
+    # compute the reference's log-probs of every training pair once, store them in the run
+    # directory (keyed by example hash, reused on resume) instead of once per batch
+    precompute_reference: bool = False
+    kl_prompts: int = 64  # held-out prompts sampled (temperature 1) for the KL to the reference at each eval
+
+
+DPOConfig = DPOSection  # the name sft_jax.objectives.preference_losses used first
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelSection = ModelSection()  # what to train
     data: DataConfig = DataConfig()  # what to train on (sft_jax.data)
@@ -184,6 +210,8 @@ class Config:
     run: RunSection = RunSection()  # where outputs go
     distributed: DistributedConfig = DistributedConfig()  # multi-process settings (sft_jax.distributed)
     ppo: PPOSection = PPOSection()  # RL fine-tuning (python -m sft_jax.ppo)
+    reward: RewardSection = RewardSection()  # reward model (python -m sft_jax.reward)
+    dpo: DPOSection = DPOSection()  # direct preference optimisation (python -m sft_jax.dpo)
 
     # --- derived numbers -------------------------------------------------------
     def micro_batch_size(self) -> int:
@@ -384,6 +412,7 @@ def _validate(cfg: Config) -> None:
     if c.every < 0 or c.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     _validate_ppo(cfg)
+    _validate_preference(cfg)
 
 
 def _validate_ppo(cfg: Config) -> None:
@@ -405,6 +434,22 @@ def _validate_ppo(cfg: Config) -> None:
         raise ConfigError("ppo.kl_target must be > 0 (or null for a fixed ppo.kl_coef)")
     if p.critic_init not in ("actor", "scratch"):
         raise ConfigError(f"ppo.critic_init={p.critic_init!r}: choose actor or scratch")
+
+
+def _validate_preference(cfg: Config) -> None:
+    d = cfg.dpo
+    if d.loss_type not in DPO_LOSS_TYPES:
+        raise ConfigError(f"dpo.loss_type={d.loss_type!r}: choose one of {list(DPO_LOSS_TYPES)}")
+    if not d.beta > 0:
+        raise ConfigError(f"dpo.beta={d.beta}: expected > 0")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={d.label_smoothing}: expected 0 <= label_smoothing < 0.5")
+    if d.loss_type == "ipo" and d.label_smoothing:
+        raise ConfigError("dpo.label_smoothing applies to dpo.loss_type=sigmoid only")
+    if d.kl_prompts < 0:
+        raise ConfigError(f"dpo.kl_prompts={d.kl_prompts}: expected >= 0")
+    if cfg.reward.margin < 0:
+        raise ConfigError(f"reward.margin={cfg.reward.margin}: expected >= 0")
 
 
 def _plain(x):

@@ -205,8 +205,8 @@ class _Checkpoint:
             for raw in raw_keys:
                 self.where[raw.removeprefix("transformer.")] = (f, raw)
 
-    def check(self, layout: list[_Tensor]) -> None:
-        """Every tensor present with its HF shape and nothing unknown; else one clear error."""
+    def check(self, layout: list[_Tensor], extra_keys=()) -> None:
+        """Every tensor present with its HF shape and nothing unknown (besides ``extra_keys``); else one clear error."""
         expected = {}
         for t in layout:
             for k in t.hf_keys:
@@ -217,7 +217,8 @@ class _Checkpoint:
             f, raw = self.where[key]
             if f.shape(raw) != shape:
                 raise HFFormatError(f"{f.path}: tensor {raw!r} has shape {f.shape(raw)}, expected {shape}")
-        unknown = sorted(k for k in self.where if k not in expected and not IGNORED_KEYS.match(k))
+        unknown = sorted(k for k in self.where
+                         if k not in expected and k not in extra_keys and not IGNORED_KEYS.match(k))
         if unknown:
             raise HFFormatError(f"{self._files()}: unexpected tensors {unknown[:5]}{'...' if len(unknown) > 5 else ''}; "
                                 f"not a plain GPT-2 LM checkpoint")
@@ -314,18 +315,19 @@ def _sharding_leaf(x):
     return getattr(x, "sharding", x)
 
 
-def load_hf(path_or_name, *, shardings=None, **compute_overrides) -> tuple[GPT2Config, dict]:
+def load_hf(path_or_name, *, shardings=None, extra_keys=(), **compute_overrides) -> tuple[GPT2Config, dict]:
     """(GPT2Config, params) from an HF GPT-2 dir or hub name.
 
     ``shardings`` is a pytree of ``jax.sharding.Sharding`` (or abstract arrays carrying one)
     matching the params; each device then reads only its own slice. ``compute_overrides`` set
-    compute fields of the config (dtype, remat, scan_layers, attention).
+    compute fields of the config (dtype, remat, scan_layers, attention). ``extra_keys``: tensors
+    besides the trunk's that the dir may hold and the caller reads itself (a reward head).
     """
     directory = resolve_dir(str(path_or_name))
     cfg = read_config(directory, **compute_overrides)
     source = _Checkpoint(directory)
     layout = _layout(cfg)
-    source.check(layout)
+    source.check(layout, extra_keys)
     flat_shardings = None
     if shardings is not None:
         flat_shardings = {}
@@ -416,6 +418,27 @@ def _host_params(params) -> dict:
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
 
 
+def staging_dir(out_dir, overwrite: bool) -> tuple[Path, Path]:
+    """(out, tmp): the absolute export path, refused if it holds files and not ``overwrite``, and a fresh
+    temporary dir beside it to write and verify in."""
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise HFFormatError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the verified ``tmp`` (renames on one filesystem)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / "dir")
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
 def export_hf(params, cfg: GPT2Config, out_dir, *, tokenizer=None, chat_template: str | None = None,
               dtype: str = "float32", verify: bool = True, overwrite: bool = False) -> ExportReport:
     """Write an HF GPT-2 dir (config, safetensors, generation config, tokenizer), verify it, then
@@ -424,11 +447,7 @@ def export_hf(params, cfg: GPT2Config, out_dir, *, tokenizer=None, chat_template
         raise HFFormatError(f"export dtype {dtype!r}: choose float32 or bfloat16")
     if chat_template is not None and tokenizer is None:
         raise HFFormatError("chat_template needs a tokenizer to attach to")
-    out = Path(out_dir).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise HFFormatError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out, tmp = staging_dir(out_dir, overwrite)
     try:
         cfg32 = cfg.replace(dtype="float32")
         host = _host_params(params)
@@ -446,13 +465,7 @@ def export_hf(params, cfg: GPT2Config, out_dir, *, tokenizer=None, chat_template
         report = ExportReport(str(out), dtype, [], {})
         if verify:
             _verify(host, cfg32, tmp, dtype, tokenizer, report)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "dir")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        move_into_place(tmp, out)
         return report
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,8 @@ from sft_jax.model import GPT2Config
 from sft_jax.optim import make_optimizer
 from train_fixtures import read_yaml, shipped_configs, write_tiny_yaml
 
-HF_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
+HF_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",
+              "runs/demo/hf": "demo"}  # the SFT demo's export, where the preference demos start
 
 
 def test_top_level_configs_are_the_packaged_ones():
@@ -32,7 +33,8 @@ def test_top_level_configs_are_the_packaged_ones():
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.stem)
 def test_shipped_config_validates_and_shards_on_8_devices(path):
     cfg = load_config(path)
-    assert set(read_yaml(path)) <= {"model", "data", "train", "optim", "mesh", "checkpoint", "run", "distributed"}
+    assert set(read_yaml(path)) <= {"model", "data", "train", "optim", "mesh", "checkpoint", "run", "distributed",
+                                        "reward", "dpo"}
     m = cfg.model
     if m.init_from == "scratch":
         model_cfg = GPT2Config.preset(m.preset, vocab_size=512, n_positions=m.n_positions, dtype=m.dtype, remat=m.remat)

@@ -66,16 +66,16 @@ def losses(output_dir) -> dict[int, float]:
     return {r["step"]: r["last_loss"] for r in metrics(output_dir)}
 
 
-def train_cli(args, env_extra=None, devices: int | None = 8, timeout=600, **popen):
-    """``python -m sft_jax.train ARGS`` in a subprocess with ``devices`` fake CPU devices
-    (None: the plain single CPU device, as a user runs it)."""
+def train_cli(args, env_extra=None, devices: int | None = 8, timeout=600, module="sft_jax.train", **popen):
+    """``python -m MODULE ARGS`` (default sft_jax.train) in a subprocess with ``devices`` fake
+    CPU devices (None: the plain single CPU device, as a user runs it)."""
     env = dict(os.environ, **(env_extra or {}))
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     if devices is not None:
         flags += f" --xla_force_host_platform_device_count={devices}"
     env["XLA_FLAGS"] = flags.strip()
     env.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = [sys.executable, "-m", "sft_jax.train", *map(str, args)]
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     if popen.pop("background", False):
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

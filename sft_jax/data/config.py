@@ -19,7 +19,8 @@ class DataConfig:
     train: str | tuple = "demo"
     eval: str | tuple | None = None  # same syntax; None -> carve eval_fraction off train by a content hash
     eval_fraction: float = 0.05  # share of train examples held out when eval is None (0 -> no eval)
-    format: str = "auto"  # auto | alpaca | prompt_completion | chat | demo (auto: from the column names)
+    format: str = "auto"  # auto | alpaca | prompt_completion | chat | demo (auto: from the column names);
+    # preference pairs (sft_jax.data.preference): preference (prompt/chosen/rejected) | hh (full-text pairs)
     template: str | None = None  # None -> built-in plain-text template; else a Jinja string or a .jinja path
     max_length: int = 512  # tokens per document and per packed row; must be <= model n_positions
     batching: str = "packing"  # packing | buckets
@@ -41,7 +42,7 @@ class DataConfig:
 
     def __post_init__(self):
         choices = {
-            "format": ("auto", "alpaca", "prompt_completion", "chat", "demo"),
+            "format": ("auto", "alpaca", "prompt_completion", "chat", "demo", "preference", "hh"),
             "batching": ("packing", "buckets"),
             "truncation": ("prompt_left", "drop"),
             "on_bad_example": ("error", "skip"),

@@ -141,12 +141,16 @@ class BatchIterator:
                 epoch, k = divmod(r, self.rows_per_epoch)
                 end = not self.loop and epoch > 0  # past the single epoch: padding rows
                 rows.append([] if end else self._rows[self._plan(epoch)[k]])
-            return assemble(self.dataset, rows, self.max_length)
+            return self._assemble(rows, self.max_length)
         epoch, k = divmod(step, self.steps_per_epoch)
         docs = [] if not self.loop and epoch > 0 else self._plan(epoch)[k].tolist()
         width = bucket_for(max((int(self.dataset.lengths[d]) for d in docs), default=1), self.buckets)
         docs += [None] * (self.global_batch_size - len(docs))  # padding rows of the short batch
-        return assemble(self.dataset, [[] if d is None else [d] for d in docs[self._slice]], width)
+        return self._assemble([[] if d is None else [d] for d in docs[self._slice]], width)
+
+    def _assemble(self, rows: list, width: int) -> dict[str, np.ndarray]:
+        """Lay out rows of document ids; a subclass with other units (preference pairs) overrides this."""
+        return assemble(self.dataset, rows, width)
 
     # ---- iteration, state
 
@@ -250,8 +254,10 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     max_segments: int = 0,
+    assemble_rows=assemble,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One deterministic pass over `dataset` in order; the last batch is filled with weight-0 padding rows."""
+    """One deterministic pass over `dataset` in order; the last batch is filled with weight-0 padding rows.
+    `assemble_rows(dataset, rows, width)` lays out a batch (preference pairs pass their own)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     if batch_size % process_count:
@@ -267,4 +273,4 @@ def eval_batches(
         batch = rows[lo : lo + batch_size]
         width = max_length if mode == "packing" else bucket_for(max(int(lengths[r[0]]) for r in batch), pads)
         batch += [[]] * (batch_size - len(batch))
-        yield assemble(dataset, batch[process_index * per_process : (process_index + 1) * per_process], width)
+        yield assemble_rows(dataset, batch[process_index * per_process : (process_index + 1) * per_process], width)

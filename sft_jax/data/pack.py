@@ -36,6 +36,16 @@ class SFTDataset:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    @classmethod
+    def from_lists(cls, tokens: list, supervised: list, response_tokens, examples=None) -> SFTDataset:
+        """From per-document lists of token ids and supervised flags."""
+        lengths = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+        offsets = np.zeros(len(tokens) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = lambda lists, dtype: np.fromiter((x for l in lists for x in l), dtype, int(offsets[-1]))  # noqa: E731
+        return cls(flat(tokens, np.int32), flat(supervised, np.bool_), offsets,
+                   np.asarray(response_tokens, np.int32), examples)
+
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)

@@ -246,7 +246,7 @@ def _build(cfg, tokenizer, *, seed: int, global_batch_size=None):
 
 def _read_split(cfg, spec, demo_split: str, seed: int) -> _Split:
     from sft_jax.data.demo import make_demo_examples
-    from sft_jax.data.formats import FieldError, detect_format, to_messages
+    from sft_jax.data.formats import detect_format, to_messages
 
     bad = BadRows(cfg.on_bad_example)
     split = _Split([], [], parse_sources(spec), 0, bad)
@@ -260,20 +260,29 @@ def _read_split(cfg, spec, demo_split: str, seed: int) -> _Split:
         if fmt is None:
             keys = {key for row in raw.rows if isinstance(row, dict) for key in row}
             fmt = detect_format(keys, raw.name) if raw.rows else "chat"
-        split.read += len(raw.rows)
-        split.read_by_source[source.name] = split.read_by_source.get(source.name, 0) + len(raw.rows)
-        for i, row in enumerate(raw.rows):
-            if row is None:
-                continue  # unparseable line, already counted
-            raw.rows[i] = None  # release each raw row once converted: halves the peak for large files
-            try:
-                messages = to_messages(row, fmt)
-            except FieldError as e:
-                bad.bad(e.reason, f"{raw.where(i)}: {e}")
-                continue
-            split.conversations.append(messages)
-            split.source_of.append(k)
+        add_rows(split, raw, k, lambda row: to_messages(row, fmt))
     return split
+
+
+def add_rows(split: _Split, raw: RawSource, k: int, convert) -> None:
+    """Validate the rows of source k with `convert` (row -> example, raising FieldError) into `split`; a bad
+    row goes to the split's BadRows, named by its file and line."""
+    from sft_jax.data.formats import FieldError
+
+    split.read += len(raw.rows)
+    name = split.sources[k].name
+    split.read_by_source[name] = split.read_by_source.get(name, 0) + len(raw.rows)
+    for i, row in enumerate(raw.rows):
+        if row is None:
+            continue  # unparseable line, already counted
+        raw.rows[i] = None  # release each raw row once converted: halves the peak for large files
+        try:
+            example = convert(row)
+        except FieldError as e:
+            split.bad.bad(e.reason, f"{raw.where(i)}: {e}")
+            continue
+        split.conversations.append(example)
+        split.source_of.append(k)
 
 
 def _carve(train: _Split, fraction: float) -> _Split:

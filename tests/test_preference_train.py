@@ -1,0 +1,152 @@
+"""Reward model and DPO end to end on the training core, on the tiny config and demo pairs.
+
+References: the frozen reference rebuilt independently (bit-equal after DPO), log 2 at the
+first step (policy == reference), a one-device run (a data x fsdp x tensor mesh gives its
+losses), an uninterrupted run (kill -9 and rerun ends bit-equal), and the exported reward
+model scored through transformers' layout (``sft_jax.scoring``), which must give the
+accuracy the trainer's held-out evaluation reported."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from sft_jax import checkpoint as ckpt
+from sft_jax.core import loop as core_loop
+from sft_jax.data.demo_pairs import demo_pair_examples, make_pairs, write_jsonl
+from sft_jax.objectives import dpo
+from sft_jax.objectives.reward import RewardObjective
+from sft_jax.scoring import score_file
+from train_fixtures import losses, metrics, tiny_config, train_cli, write_tiny_yaml
+
+STEPS, EVERY = 4, 2
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Demo pairs (rejected = the task's corruption): 300 training, 48 held-out."""
+    root = tmp_path_factory.mktemp("pairs")
+    train, held_out = demo_pair_examples(300, 48)
+    return write_jsonl(make_pairs(train), root / "train.jsonl"), write_jsonl(make_pairs(held_out), root / "eval.jsonl")
+
+
+def pair_overrides(pairs, *extra):
+    return (f"data.train={pairs[0]}", f"data.eval={pairs[1]}", "data.format=preference", *extra)
+
+
+class RecordingDPO(dpo.DPOObjective):
+    """Keeps a host copy of the reference as built, and the policy and reference as they are at the end."""
+
+    def frozen_params(self, mesh):
+        params, shardings = super().frozen_params(mesh)
+        RecordingDPO.start = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+        return params, shardings
+
+    def export(self, loop, out):
+        flat = lambda tree: traverse_util.flatten_dict(jax.device_get(tree), sep="/")  # noqa: E731
+        RecordingDPO.last = {"params": flat(loop.host_params()), "frozen": flat(loop.frozen)}
+        return []
+
+
+def test_dpo_keeps_the_reference_frozen_and_a_mesh_gives_one_device_losses(tmp_path, pairs):
+    runs = {}
+    for name, devices, shape in [("one", jax.devices()[:1], "[1,1,1]"), ("mesh", jax.devices(), "[2,2,2]")]:
+        cfg = tiny_config(tmp_path / name, *pair_overrides(pairs, f"train.steps={STEPS}", f"mesh.shape={shape}",
+                                                           "train.micro_batch_size=4", "run.export=true",
+                                                           f"dpo.kl_prompts={8 if name == 'one' else 0}"))
+        result = core_loop.run(cfg, RecordingDPO, devices=devices)
+        assert result.status == "done"
+        runs[name] = losses(tmp_path / name)
+        if name == "one":
+            start = RecordingDPO.start
+            # the reference after 4 updates: bit-equal to itself before them; the policy moved off it
+            assert sorted(RecordingDPO.last["frozen"]) == sorted(start)
+            for key, value in start.items():
+                np.testing.assert_array_equal(RecordingDPO.last["frozen"][key], value, err_msg=key)
+            assert not np.array_equal(RecordingDPO.last["params"]["params/wte"], start["params/wte"])
+            first = metrics(tmp_path / name)[0]
+            assert first["last_loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy == reference
+            assert first["chosen_logratio"] == 0.0 and first["margin"] == 0.0
+            for key in ("reward_accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logratio"):
+                assert all(np.isfinite(r[key]) for r in metrics(tmp_path / name)), key
+            (final,) = metrics(tmp_path / name, "eval")
+            assert set(final) >= {"eval_loss", "eval_reward_accuracy", "eval_sampled_kl"}
+            assert final["eval_sampled_kl"] != 0.0 and np.isfinite(final["eval_sampled_kl"])
+            assert "# Preference pairs" in (tmp_path / name / "data_report.md").read_text()
+    np.testing.assert_allclose([runs["mesh"][s] for s in range(1, STEPS + 1)],
+                               [runs["one"][s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
+def test_reward_model_on_demo_pairs_mesh_parity_and_export_scores_the_same(tmp_path, pairs):
+    runs = {}
+    for name, devices, shape in [("one", jax.devices()[:1], "[1,1,1]"), ("mesh", jax.devices(), "[2,2,2]")]:
+        cfg = tiny_config(tmp_path / name, *pair_overrides(pairs, "train.steps=3", f"mesh.shape={shape}",
+                                                           "train.micro_batch_size=4", f"run.export={name == 'one'}",
+                                                           "train.eval_max_batches=0"))
+        assert core_loop.run(cfg, RewardObjective, devices=devices).status == "done"
+        runs[name] = losses(tmp_path / name)
+    np.testing.assert_allclose([runs["mesh"][s] for s in (1, 2, 3)], [runs["one"][s] for s in (1, 2, 3)], rtol=1e-5)
+    (final,) = metrics(tmp_path / "one", "eval")
+    print(f"reward model held-out accuracy on demo pairs: {final['eval_accuracy']:.3f}")
+    assert 0.0 <= final["eval_accuracy"] <= 1.0  # reported; learning is the demo's to show (not tested here)
+    # the exported GPT2ForSequenceClassification, scored through sft_jax.scoring, agrees with the trainer
+    lines, summary = score_file(tmp_path / "one" / "hf", str(pairs[1]))
+    assert len(lines) == 48 and summary.endswith(f"{final['eval_accuracy']:.4f}")
+
+
+# --- kill -9 and rerun, through the real command lines (one CPU device, as users run them) ---
+
+cli = functools.partial(train_cli, devices=None)
+
+
+def final_state(run_dir):
+    out = ckpt.restore(run_dir / "checkpoints", step=STEPS, with_opt_state=True)
+    return losses(run_dir), jax.device_get(out["params"]), jax.device_get(out["opt_state"])
+
+
+@pytest.mark.parametrize("module,extra", [
+    ("sft_jax.dpo", ()),
+    ("sft_jax.dpo", ("dpo.precompute_reference=true",)),
+    ("sft_jax.reward", ()),
+], ids=["dpo", "dpo_precomputed", "reward"])
+def test_kill_9_and_rerun_ends_bit_equal(tmp_path, pairs, module, extra):
+    def config(name):
+        return write_tiny_yaml(tmp_path / f"{name}.yaml", tmp_path / name, *pair_overrides(pairs, *extra),
+                               f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=10",
+                               "dpo.kl_prompts=0", cache_dir=tmp_path / "xla_cache")
+
+    done = cli(["--config", config("straight")], module=module)
+    assert done.returncode == 0, done.stdout + done.stderr
+    killed = config("killed")
+    first = cli(["--config", killed], module=module, env_extra={"SFT_JAX_TEST_KILL": f"{EVERY}:after_save"})
+    assert first.returncode == -9 and ckpt.latest_step(tmp_path / "killed" / "checkpoints") == EVERY
+    stored = sorted((tmp_path / "killed" / dpo.REFERENCE_DIR).glob("*.npz"))
+    assert len(stored) == (1 if extra else 0)
+    before = [p.read_bytes() for p in stored]
+    second = cli(["--config", killed], module=module)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [p.read_bytes() for p in stored] == before  # the resume reused the stored reference log-probs
+    reference, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert resumed[0] == reference[0] and sorted(resumed[0]) == list(range(1, STEPS + 1))
+    for a, b in zip(jax.tree.leaves(resumed[1:]), jax.tree.leaves(reference[1:])):
+        np.testing.assert_array_equal(a, b)
+    if module == "sft_jax.dpo":
+        assert reference[0][1] == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_bad_preference_row_stops_the_command_with_one_line(tmp_path, pairs):
+    bad = tmp_path / "bad.jsonl"
+    lines = pairs[0].read_text().splitlines()[:5]
+    bad.write_text("\n".join(lines[:3] + ['{"prompt": "Sort the digits.", "chosen": "1 2"}'] + lines[3:]) + "\n")
+    cfg = write_tiny_yaml(tmp_path / "bad.yaml", tmp_path / "run", f"data.train={bad}", "data.format=preference",
+                          "train.steps=1")
+    out = cli(["--config", cfg], module="sft_jax.dpo")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert str(bad) in out.stderr and " line 4" in out.stderr and "rejected" in out.stderr
+    assert not (tmp_path / "run").exists()
