@@ -207,11 +207,20 @@ def assemble_pairs(dataset: PairDataset, rows: list, width: int, pairs_per_row: 
     return batch
 
 
+def pair_cap(max_length: int, max_segments_per_row: int) -> int:
+    """Pairs per packed row such that their 2 segments each stay within data.max_segments_per_row
+    (the static segment count of the fused attention paths)."""
+    from sft_jax.data.pack import default_max_segments
+
+    return max(1, (max_segments_per_row or default_max_segments(max_length)) // 2)
+
+
 class PreferenceBatchIterator(BatchIterator):
     """BatchIterator over pairs (same arguments, same determinism and resume); `global_batch_size` counts
     rows. Kp (pairs_per_row) is fixed for the run: the most pairs any row of the packing plan holds."""
 
     def __init__(self, dataset: PairDataset, **kwargs):
+        kwargs["max_segments"] = pair_cap(kwargs["max_length"], kwargs.get("max_segments", 0))
         super().__init__(dataset, **kwargs)
         self.pairs_per_row = max(len(row) for row in self._rows) if self.mode == "packing" else 1
 
@@ -221,9 +230,10 @@ class PreferenceBatchIterator(BatchIterator):
 
 def preference_eval_batches(dataset: PairDataset, *, batch_size: int, max_length: int, mode: str = "packing", **kwargs):
     """One deterministic pass over the pairs in order (see sft_jax.data.iterator.eval_batches)."""
+    kwargs["max_segments"] = cap = pair_cap(max_length, kwargs.get("max_segments", 0))
     pairs_per_row = 1
     if mode == "packing":
-        pairs_per_row = max(len(r) for r in best_fit_rows(dataset.lengths, max_length, np.arange(len(dataset))))
+        pairs_per_row = max(len(r) for r in best_fit_rows(dataset.lengths, max_length, np.arange(len(dataset)), cap))
     layout = lambda ds, rows, width: assemble_pairs(ds, rows, width, pairs_per_row)  # noqa: E731
     return eval_batches(dataset, batch_size=batch_size, max_length=max_length, mode=mode, assemble_rows=layout, **kwargs)
 
@@ -333,7 +343,7 @@ def _rows_stat(dataset: PairDataset, cfg, seed: int) -> dict:
     pair padded to its own bucket, a lower bound on the padding of real batches)."""
     lengths = dataset.lengths
     if cfg.batching == "packing":
-        rows = packing_rows(lengths, cfg.max_length, seed, cfg.shuffle)
+        rows = packing_rows(lengths, cfg.max_length, seed, cfg.shuffle, pair_cap(cfg.max_length, cfg.max_segments_per_row))
         n, most, total = len(rows), max(len(r) for r in rows), len(rows) * cfg.max_length
     else:
         pads = bucket_lengths(cfg.buckets, cfg.max_length)

@@ -48,7 +48,7 @@ class PairData:
         iterator = PairIterator(train_ds, global_batch_size=c.train.global_batch_size, seed=c.train.seed,
                                 mode=d.batching, max_length=d.max_length, buckets=d.buckets,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
-                                shuffle=d.shuffle, prefetch=d.prefetch)
+                                shuffle=d.shuffle, prefetch=d.prefetch, max_segments=d.max_segments_per_row)
         return Data(iterator, eval_ds, report.to_markdown())
 
     def normalizer(self, batch):
@@ -72,7 +72,7 @@ class PairData:
         sums = []
         batches = preference_eval_batches(eval_ds, batch_size=E, max_length=d.max_length, mode=d.batching,
                                           buckets=d.buckets, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+                                          process_count=jax.process_count(), max_segments=d.max_segments_per_row)
         for i, batch in enumerate(batches):
             if c.train.eval_max_batches and i >= c.train.eval_max_batches:
                 break
