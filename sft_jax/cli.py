@@ -47,6 +47,24 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, HFFormatError, CheckpointError
 
 
+def run_training(start) -> int:
+    """The exit status of a training command: ``start()`` loads the config and runs the core
+    (returning its ``RunResult``). A user mistake is one line and 2; too many non-finite steps
+    in a row, 1; a preempted run says how to resume and exits 0."""
+    from sft_jax.core.loop import NonFiniteError
+
+    try:
+        result = start()
+    except user_errors() as e:
+        return user_error(e)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.status == "preempted":
+        print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
+    return 0
+
+
 def resolve_path(path: str, *, must_be_local: bool = False) -> str:
     """An absolute local path for anything that looks like or exists as a local path.
 

@@ -30,17 +30,7 @@ def run_command(argv, *, prog: str, doc: str, objective: str, default_config: st
 
     module, name = objective.split(":")
     objective_cls = getattr(importlib.import_module(f"sft_jax.objectives.{module}"), name)
-    try:
-        config = cli.load_config(args.config, args.overrides)
-        result = core_loop.run(config, objective_cls)
-    except cli.user_errors() as e:
-        return cli.user_error(e)
-    except core_loop.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if result.status == "preempted":
-        print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
-    return 0
+    return cli.run_training(lambda: core_loop.run(cli.load_config(args.config, args.overrides), objective_cls))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,20 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     from sft_jax import trainer
     from sft_jax.config import load_config
 
-    try:
+    def start():
         config = cli.load_config(args.config, args.overrides)
         if config.model.init_from == DEMO_SFT_DIR and not Path(DEMO_SFT_DIR).is_dir():
             print(f"sft_jax.ppo: {DEMO_SFT_DIR} is absent: training the SFT demo first", file=sys.stderr, flush=True)
             trainer.run(load_config(None, []))
-        result = run(config)
-    except cli.user_errors() as e:
-        return cli.user_error(e)
-    except trainer.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if result.status == "preempted":
-        print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
-    return 0
+        return run(config)
+
+    return cli.run_training(start)
 
 
 if __name__ == "__main__":

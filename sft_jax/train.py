@@ -24,17 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sft_jax import trainer
 
-    try:
-        config = cli.load_config(args.config, args.overrides)
-        result = trainer.run(config)
-    except cli.user_errors() as e:
-        return cli.user_error(e)
-    except trainer.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if result.status == "preempted":
-        print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
-    return 0
+    return cli.run_training(lambda: trainer.run(cli.load_config(args.config, args.overrides)))
 
 
 if __name__ == "__main__":
