@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax import checkpoint as ckpt
-from sft_jax.analysis.run import one_doc_rows, row_width
+from sft_jax.analysis.run import AnalysisError, one_doc_rows, row_width
 from sft_jax.model import GPT2, GPT2Config
 from sft_jax.objectives.sft import SFTObjective
 from sft_jax.train_step import summed_nll
@@ -74,6 +74,9 @@ def short_run(run, name: str, steps: int, *, train_on_prompt=None, subset=None):
         optim=dataclasses.replace(c.optim, warmup_steps=warmup),
         data=c.data if train_on_prompt is None else dataclasses.replace(c.data, train_on_prompt=train_on_prompt))
     result = core_run(config, functools.partial(_SubsetSFT, subset=subset))
+    if result.status != "done":
+        raise AnalysisError(f"{out}: the {name} study run stopped at step {result.step} ({result.status}); "
+                            "run the study again")
     restored = ckpt.restore(out / "checkpoints")
     return result, restored["params"]
 
