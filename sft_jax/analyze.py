@@ -2,7 +2,7 @@
 instruction tuning measured on a run; writes RUN_DIR/analysis.md (+ plots) and analysis.json.
 
 Default studies (train nothing): tokens, variance, stability, compute, memory. Opt-in
-studies that train on short schedules (masking, data-size) are named but not built yet."""
+studies that train short schedules under RUN_DIR/analysis_runs/: masking, data-size."""
 
 from __future__ import annotations
 
@@ -24,26 +24,24 @@ def parse_args(argv=None):
     p.add_argument("--spike-k", type=float, default=SPIKE_K, help="grad-norm spike: > k x the trailing median")
     p.add_argument("--compute-max-len", type=int, default=None,
                    help="longest T timed by the compute study (default max(n_positions, 1024))")
+    p.add_argument("--study-steps", type=int, default=0,
+                   help="optimizer steps per run of the opt-in studies (default: min(200, the run's steps))")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of documents and the bootstrap")
     return p.parse_args(argv)
 
 
-def analyze(run_dir, studies, *, spike_k: float, seed: int = 0, compute_max_len=None) -> tuple[Path, list[dict]]:
+def analyze(run_dir, studies, *, spike_k: float, seed: int = 0, compute_max_len=None, study_steps: int = 0) -> tuple[Path, list[dict]]:
     from sft_jax import report as train_report
     from sft_jax.analysis import report, studies as st
     from sft_jax.analysis.run import AnalysisError, load_run
 
     unknown = [s for s in studies if s not in st.STUDIES]
     if unknown:
-        opt_in = [s for s in unknown if s in st.OPT_IN_STUDIES]
-        if opt_in:
-            raise AnalysisError(f"--studies {opt_in[0]}: this opt-in study is not built yet; "
-                                f"available: {','.join(st.STUDIES)}")
         raise AnalysisError(f"--studies: unknown study {unknown[0]!r}; choose from {','.join(st.STUDIES)}")
     t0 = time.perf_counter()
     run = load_run(run_dir)
     opts = st.Options(spike_k=spike_k, plot_dir=run.directory / "analysis_plots", seed=seed,
-                      compute_max_len=compute_max_len)
+                      compute_max_len=compute_max_len, study_steps=study_steps)
     sections, seconds = [], {}
     for name in studies:
         t = time.perf_counter()
@@ -62,9 +60,12 @@ def main(argv=None) -> int:
     from sft_jax.analysis.run import AnalysisError
 
     studies = [s.strip() for s in args.studies.split(",") if s.strip()]
+    if args.study_steps < 0:
+        print(f"sft_jax.analyze: --study-steps={args.study_steps}: expected >= 0", file=sys.stderr)
+        return 2
     try:
         md, sections = analyze(args.run_dir, studies, spike_k=args.spike_k, seed=args.seed,
-                               compute_max_len=args.compute_max_len)
+                               compute_max_len=args.compute_max_len, study_steps=args.study_steps)
     except (AnalysisError, ConfigError) as e:
         print(f"sft_jax.analyze: {e}", file=sys.stderr)
         return 2

@@ -118,6 +118,20 @@ def test_stability_finds_a_planted_spike_and_the_lr_formula():
     assert stability.lr_deviation(records, cfg.optim, 50)["relative_to_peak"] < 1e-6
 
 
+def test_prompt_copy_rate_of_known_responses():
+    from sft_jax.analysis.training import prompt_copy_rate
+
+    prompt = [1, 2, 3, 4, 5, 6]
+    responses = [[1, 2, 3, 4, 9],  # 4-grams (1,2,3,4) found, (2,3,4,9) not: 1 of 2
+                 [5, 6],  # n = 2: (5,6) found: 1 of 1
+                 [6, 5, 4],  # n = 3: (6,5,4) not found: 0 of 1
+                 [7],  # under 2 tokens: excluded
+                 []]
+    out = prompt_copy_rate([prompt] * 5, responses)
+    assert out == {"rate": 2 / 4, "ngrams": 4, "responses": 3, "excluded_short": 2}
+    assert np.isnan(prompt_copy_rate([prompt], [[1]])["rate"])
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from sft_jax import trainer
@@ -158,3 +172,45 @@ def test_analyze_cli_errors_are_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "config.yaml: not found" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_opt_in_studies_on_a_tiny_run(tiny_run):
+    """masking and data-size train short schedules through the real trainer into analysis_runs/."""
+    from sft_jax.analysis import studies as st
+    from sft_jax.analysis import training
+    from sft_jax.analysis.run import load_run
+
+    from sft_jax.config import load_config
+    from sft_jax.metrics import read_metrics
+
+    def steps_of(out):
+        return max(r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "train")
+
+    run = load_run(tiny_run)
+    opts = st.Options(plot_dir=tiny_run / "analysis_plots", study_steps=3)
+    masking = st.masking_study(run, opts)
+    assert masking["verdict"] in ("holds", "does not hold", "inconclusive")
+    for name, on_prompt in (("response_only", False), ("full_loss", True)):
+        out = tiny_run / "analysis_runs" / name
+        assert load_config(out / "config.yaml").data.train_on_prompt is on_prompt
+        assert steps_of(out) == 3
+        assert np.isfinite(masking["numbers"][name]["eval_loss_response"])
+    copy = masking["numbers"]["reference_copy"]
+    assert copy["responses"] + copy["excluded_short"] == len(training.copy_examples(run)[0])
+    # the response-only run's eval loss is the loss of the restored final checkpoint on the eval docs
+    from sft_jax import checkpoint as ckpt
+
+    params = ckpt.restore(tiny_run / "analysis_runs" / "response_only" / "checkpoints")["params"]
+    docs = np.arange(min(training.LOSS_DOCS, len(run.eval_ds)))
+    assert masking["numbers"]["response_only"]["eval_loss_response"] == pytest.approx(
+        training.mean_nll(run.model_cfg, params, run.eval_ds, docs), rel=1e-6)
+
+    sizes = st.data_size_study(run, opts)
+    rows = sizes["numbers"]["sizes"]
+    n = len(run.train_ds)
+    assert [r["n"] for r in rows] == [n // 8, n // 4, n // 2, n]
+    for r in rows:
+        assert r["gap"] == pytest.approx(r["eval_loss"] - r["train_loss"])
+        assert steps_of(tiny_run / "analysis_runs" / f"data_{r['n']}") == 3
+    assert sizes["verdict"] in ("holds", "does not hold", "inconclusive")
+    assert len(sizes["plots"]) == 1 and Path(sizes["plots"][0]).is_file()

@@ -15,7 +15,7 @@ from sft_jax.analysis import compute, memory, stability, tokens, variance
 from sft_jax.analysis.run import Run, one_doc_rows, row_width
 
 DEFAULT_STUDIES = ("tokens", "variance", "stability", "compute", "memory")
-OPT_IN_STUDIES = ("masking", "data-size")  # they train; not built yet (see README)
+OPT_IN_STUDIES = ("masking", "data-size")  # they train short schedules under RUN_DIR/analysis_runs/
 GRAD_DOCS = 64  # documents whose gradients the token study splits
 GRAD_BATCH = 16  # documents per gradient batch
 MIN_STATE_SHARE = 0.5  # claim 6 holds if parameters + gradients + Adam are at least this share of XLA's bytes
@@ -27,6 +27,7 @@ class Options:
     plot_dir: Path | None = None
     seed: int = 0
     compute_max_len: int | None = None  # longest T the compute study times (default max(n_positions, 1024))
+    study_steps: int = 0  # optimizer steps per opt-in study run (0: min(STUDY_STEPS, the run's steps))
 
 
 def section(key, title, claim, method, thresholds, numbers, verdict, notes=(), plots=()) -> dict:
@@ -283,3 +284,108 @@ def memory_study(run: Run, opts: Options) -> dict:
 
 STUDIES = {"tokens": token_study, "variance": variance_study, "stability": stability_study,
            "compute": compute_study, "memory": memory_study}
+
+
+# --- opt-in: masking and data size (they train) ---------------------------------------------
+
+MIN_COPY_INCREASE = 0.02  # claim 5 holds if the full-loss model's prompt-copy rate exceeds the response-only one's by more
+MIN_GAP_DROP = 0.0  # data size: the train-eval gap at n must be below the gap at n/8 by more than this (nats)
+
+
+def _response_only_eval(run):
+    """The held-out split under the response-only loss mask (rebuilt if the run trained on prompts)."""
+    if not run.config.data.train_on_prompt:
+        return run.eval_ds
+    from sft_jax.data import build_datasets
+
+    d = dataclasses.replace(run.config.data, train_on_prompt=False)
+    return build_datasets(d, run.tokenizer, n_positions=run.model_cfg.n_positions,
+                          vocab_size=run.model_cfg.vocab_size, seed=run.config.train.seed,
+                          global_batch_size=run.config.train.global_batch_size)[1]
+
+
+def _first(ds, n: int) -> np.ndarray:
+    return np.arange(min(n, len(ds)))
+
+
+def masking_study(run: Run, opts: Options) -> dict:
+    from sft_jax.analysis import training
+
+    steps = training.study_steps(run, opts.study_steps)
+    eval_ds = _response_only_eval(run)
+    claim = ("5. Without the instruction mask, the loss also trains the model to reproduce the instruction; "
+             "masking removes that term.")
+    method = (f"Two runs of {steps} optimizer steps from the run's starting point on its data, written to "
+              "RUN_DIR/analysis_runs/{response_only,full_loss}: data.train_on_prompt false vs true, all else equal. "
+              f"Compared on the response-only eval loss of the first {training.LOSS_DOCS} held-out documents and on "
+              f"the prompt-copy rate of greedy generations for the first {training.COPY_PROMPTS} held-out prompts: "
+              f"the pooled share of response n-grams (n = min({training.MAX_NGRAM}, response length)) found in the "
+              f"prompt, beside the reference answers' own rate; responses under {training.MIN_RESPONSE} tokens "
+              "are excluded and counted.")
+    thresholds = {"MIN_COPY_INCREASE": MIN_COPY_INCREASE,
+                  "STUDY_STEPS": training.STUDY_STEPS}
+    if eval_ds is None or not len(eval_ds):
+        return section("masking", "Masking", claim, method, thresholds, {}, "inconclusive",
+                       ["the run has no held-out split (data.eval_fraction = 0 and no data.eval)"])
+    docs = _first(eval_ds, training.LOSS_DOCS)
+    prompts, refs = training.copy_examples(run)
+    numbers = {"steps": steps, "eval_documents": len(docs),
+               "reference_copy": training.prompt_copy_rate(prompts, refs)}
+    for name, on_prompt in (("response_only", False), ("full_loss", True)):
+        _, params = training.short_run(run, name, steps, train_on_prompt=on_prompt)
+        numbers[name] = {"eval_loss_response": training.mean_nll(run.model_cfg, params, eval_ds, docs),
+                         "copy": training.prompt_copy_rate(prompts, training.greedy_responses(run, params, prompts))}
+    gain = numbers["full_loss"]["eval_loss_response"] - numbers["response_only"]["eval_loss_response"]
+    ref_rate = numbers["reference_copy"]["rate"]
+    excess = {k: numbers[k]["copy"]["rate"] - ref_rate for k in ("response_only", "full_loss")}
+    numbers.update({"eval_loss_gain": gain, "copy_excess_over_reference": excess})
+    increase = numbers["full_loss"]["copy"]["rate"] - numbers["response_only"]["copy"]["rate"]
+    numbers["copy_increase_full_over_response_only"] = increase
+    verdict = ("inconclusive" if not np.isfinite(increase) else
+               "holds" if increase > MIN_COPY_INCREASE else "does not hold")
+    return section("masking", "Masking", claim, method, thresholds, numbers, verdict,
+                   [f"holds if the full-loss model's prompt-copy rate exceeds the response-only model's by more than "
+                    f"{MIN_COPY_INCREASE}; inconclusive if no response is long enough; measured {increase:.4f}. "
+                    f"Response-only eval loss, full minus response-only: {gain:.4f} nats (reported, not judged)"])
+
+
+def data_size_study(run: Run, opts: Options) -> dict:
+    from sft_jax.analysis import training
+
+    steps = training.study_steps(run, opts.study_steps)
+    n = len(run.train_ds)
+    claim = ("7. Generalisation needs many examples (n >> d/eps); small instruction sets lower bias but raise "
+             "variance: at a fixed number of steps, fewer examples are fit more closely and generalise worse.")
+    method = (f"Runs of {steps} optimizer steps each (same start, same schedule) on the first n/8, n/4, n/2 and n "
+              f"of the run's {n} kept training documents (data path order), in RUN_DIR/analysis_runs/data_<n>. "
+              f"Train loss on the first {training.LOSS_DOCS} documents of each subset, eval loss on the first "
+              f"{training.LOSS_DOCS} held-out documents (the run's loss mask), and the gap eval - train.")
+    thresholds = {"MIN_GAP_DROP": MIN_GAP_DROP, "STUDY_STEPS": training.STUDY_STEPS}
+    if run.eval_ds is None or not len(run.eval_ds):
+        return section("data-size", "Data size", claim, method, thresholds, {}, "inconclusive",
+                       ["the run has no held-out split (data.eval_fraction = 0 and no data.eval)"])
+    eval_docs = _first(run.eval_ds, training.LOSS_DOCS)
+    rows = []
+    for k in sorted({max(1, n // d) for d in (8, 4, 2, 1)}):
+        _, params = training.short_run(run, f"data_{k}", steps, subset=np.arange(k))
+        tr = training.mean_nll(run.model_cfg, params, run.train_ds, _first(run.train_ds, min(k, training.LOSS_DOCS)))
+        ev = training.mean_nll(run.model_cfg, params, run.eval_ds, eval_docs)
+        rows.append({"n": k, "train_loss": tr, "eval_loss": ev, "gap": ev - tr})
+    drop = rows[0]["gap"] - rows[-1]["gap"]
+    numbers = {"steps": steps, "kept_documents": n, "sizes": rows, "gap_drop_smallest_to_all": drop}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ns = [r["n"] for r in rows]
+    for key in ("train_loss", "eval_loss", "gap"):
+        ax.semilogx(ns, [r[key] for r in rows], "o-", label=key)
+    ax.set_xlabel("training documents n")
+    ax.set_ylabel("nats per target")
+    ax.legend()
+    plots = _save(fig, opts, "data_size.png")
+    verdict = "inconclusive" if len(rows) < 2 else ("holds" if drop > MIN_GAP_DROP else "does not hold")
+    return section("data-size", "Data size", claim, method, thresholds, numbers, verdict,
+                   [f"holds if the gap at the smallest n exceeds the gap at all n by more than {MIN_GAP_DROP}; "
+                    f"measured {drop:.4f}"], plots)
+
+
+STUDIES.update({"masking": masking_study, "data-size": data_size_study})
