@@ -427,9 +427,6 @@ def _validate_ppo(cfg: Config) -> None:
         raise ConfigError("ppo.rollout_prompts, group_size, epochs, prompt_length, max_new_tokens must be >= 1")
     if p.advantage == "grpo" and p.group_size < 2:
         raise ConfigError(f"ppo.group_size={p.group_size}: GRPO needs >= 2 answers per prompt")
-    if (p.rollout_prompts * p.group_size) % cfg.train.global_batch_size:
-        raise ConfigError(f"ppo.rollout_prompts x ppo.group_size = {p.rollout_prompts * p.group_size} rows per "
-                          f"rollout is not a multiple of train.global_batch_size={cfg.train.global_batch_size}")
     if p.kl_target is not None and p.kl_target <= 0:
         raise ConfigError("ppo.kl_target must be > 0 (or null for a fixed ppo.kl_coef)")
     if p.critic_init not in ("actor", "scratch"):

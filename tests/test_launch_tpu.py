@@ -29,7 +29,7 @@ class Slice:
         self.root, self.workers = root, workers
 
     def run(self, *args, timeout=120, **env):
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("STANDIN_", "HF_"))}
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("STANDIN_", "HF_", "SFT_JAX_"))}
         full.update(PATH=standin_path(self.root), STANDIN_ROOT=str(self.root), STANDIN_WORKERS=str(self.workers),
                     TPU_NAME="sft", ZONE="us-central2-b", POLL_SECONDS="0.1", LOG_DIR=str(self.root / "logs"),
                     RUN_ID="r1", TMPDIR=str(self.root))

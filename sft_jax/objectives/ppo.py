@@ -111,6 +111,9 @@ class PPOObjective(sft.SFTObjective):
         p = self.ppo = config.ppo
         self.with_critic = p.advantage == "gae"
         self.rows = p.rollout_prompts * p.group_size
+        if self.rows % config.train.global_batch_size:  # checked here, not in config: SFT configs need not fit it
+            raise ConfigError(f"ppo.rollout_prompts x ppo.group_size = {self.rows} rows per rollout is not a "
+                              f"multiple of train.global_batch_size={config.train.global_batch_size}")
         self.mini_batches = self.rows // config.train.global_batch_size
         self.updates_per_rollout = p.epochs * self.mini_batches
         self.length = p.prompt_length + p.max_new_tokens
