@@ -125,7 +125,7 @@ def test_iterator_is_deterministic_and_splits_by_process(tmp_path):
     for key in whole:
         np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
     b = PreferenceBatchIterator(train, **kwargs)
-    b.restore(a.state() | {"step": 5, "epoch": a.epoch_of(5)})
+    b.restore({"step": 5, "epoch": a.epoch_of(5), "global_batch_size": 4, "rows": a.first_row(5)})
     for key, value in next(b).items():
         np.testing.assert_array_equal(value, whole[key])
     # buckets: one pair per row; eval: every pair exactly once
