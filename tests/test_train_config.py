@@ -34,7 +34,7 @@ def test_top_level_configs_are_the_packaged_ones():
 def test_shipped_config_validates_and_shards_on_8_devices(path):
     cfg = load_config(path)
     assert set(read_yaml(path)) <= {"model", "data", "train", "optim", "mesh", "checkpoint", "run", "distributed",
-                                        "reward", "dpo"}
+                                        "reward", "dpo", "ppo"}
     m = cfg.model
     if m.init_from == "scratch":
         model_cfg = GPT2Config.preset(m.preset, vocab_size=512, n_positions=m.n_positions, dtype=m.dtype, remat=m.remat)
