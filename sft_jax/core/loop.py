@@ -316,6 +316,18 @@ class Loop:
         self.last_eval = results
         return results
 
+    def held_out_sums(self, batches) -> list[float]:
+        """``eval_fn`` over held-out host batches (at most ``train.eval_max_batches``); each of its
+        outputs summed over the batches."""
+        E, limit = self.config.micro_batch_size(), self.config.train.eval_max_batches
+        sums = []
+        for i, batch in enumerate(batches):
+            if limit and i >= limit:
+                break
+            device_batch = core_step.global_batch(batch, self.eval_fn.batch_shardings, E)
+            sums.append(self.eval_fn(self.state.params, device_batch, self.frozen))
+        return [float(sum(x)) for x in zip(*jax.device_get(sums))]
+
     def host_params(self):
         """Parameters every process can read whole: the sharded ones with one process; with
         several, gathered from all of them (a collective: every process must call this)."""

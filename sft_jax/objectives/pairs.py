@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.core.step import global_batch
 from sft_jax.data.preference import PreferenceBatchIterator, build_preference_datasets, preference_eval_batches
 from sft_jax.objectives.base import Data
 
@@ -68,18 +67,10 @@ class PairData:
         eval_ds = loop.eval_data
         if eval_ds is None or not len(eval_ds):
             return None
-        E = c.micro_batch_size()
-        sums = []
-        batches = preference_eval_batches(eval_ds, batch_size=E, max_length=d.max_length, mode=d.batching,
-                                          buckets=d.buckets, process_index=jax.process_index(),
+        batches = preference_eval_batches(eval_ds, batch_size=c.micro_batch_size(), max_length=d.max_length,
+                                          mode=d.batching, buckets=d.buckets, process_index=jax.process_index(),
                                           process_count=jax.process_count(), max_segments=d.max_segments_per_row)
-        for i, batch in enumerate(batches):
-            if c.train.eval_max_batches and i >= c.train.eval_max_batches:
-                break
-            batch = self.eval_batch(batch)
-            sums.append(loop.eval_fn(loop.state.params, global_batch(batch, loop.eval_fn.batch_shardings, E),
-                                     loop.frozen))
-        return [float(sum(x)) for x in zip(*jax.device_get(sums))]
+        return loop.held_out_sums(self.eval_batch(batch) for batch in batches)
 
 
 def summed(metrics: dict, names) -> dict:

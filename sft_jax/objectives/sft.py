@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_jax.core.step import global_batch
 from sft_jax.data import BatchIterator, build_datasets, chat_template, encode_prompt, eval_batches, report_to_markdown
 from sft_jax.data.demo import exact_match
 from sft_jax.data.formats import decode
@@ -106,17 +105,10 @@ class SFTObjective(Objective, SFTLoss):
         eval_ds = loop.eval_data
         results: dict = {}
         if eval_ds is not None and len(eval_ds):
-            E = c.micro_batch_size()
-            sums = []
-            batches = eval_batches(eval_ds, batch_size=E, max_length=d.max_length, mode=d.batching,
-                                   buckets=d.buckets, process_index=jax.process_index(),
+            batches = eval_batches(eval_ds, batch_size=c.micro_batch_size(), max_length=d.max_length,
+                                   mode=d.batching, buckets=d.buckets, process_index=jax.process_index(),
                                    process_count=jax.process_count(), max_segments=d.max_segments_per_row)
-            for i, batch in enumerate(batches):
-                if c.train.eval_max_batches and i >= c.train.eval_max_batches:
-                    break
-                sums.append(loop.eval_fn(loop.state.params, global_batch(batch, loop.eval_fn.batch_shardings, E),
-                                         loop.frozen))
-            nll, count = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+            nll, count = loop.held_out_sums(batches)
             results["eval_loss"] = nll / max(count, 1.0)
             results["eval_ppl"] = math.exp(min(results["eval_loss"], 50.0))
             results.update(self.generation_eval(loop, step))
