@@ -94,6 +94,27 @@ def _plain(value: Any) -> Any:
     return value
 
 
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX probes ``import torch`` at import time only so that it can accept torch tensors;
+    this logger writes Python floats. With torch installed (the test extra, most GPU images) that
+    probe costs 5 to 10 s at every training start, so it is answered "not installed" for the
+    duration of the import, unless torch is already loaded. A later ``import torch`` is unaffected."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # import torch -> ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
 class MetricsLogger:
     """Writes each logged step to ``output_dir/metrics.jsonl`` (one JSON object a line,
     flushed), to TensorBoard under ``output_dir/tb``, and to a tqdm bar with ETA.
@@ -139,10 +160,9 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_jsonl(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")
-        from tensorboardX import SummaryWriter
         from tqdm.auto import tqdm
 
-        self._tb = SummaryWriter(str(Path(output_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._tb = _summary_writer_class()(str(Path(output_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _write(self, step: int, split: str, fields: Mapping[str, Any]) -> dict:

@@ -2,7 +2,14 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU's LLVM backend at -O0 for the tests: most of a test's time is compiling tiny programs
+# (a tiny-config run: 31 -> 19 CPU seconds), and the programs run a few steps. Runs inherit the
+# flag through the environment; the demo test drops it (as shipped, and 400 steps long), and so
+# can anyone with SFT_JAX_TEST_XLA_OPT=1. Every comparison in the suite is between programs
+# compiled the same way, or against torch with a tolerance.
+TEST_XLA_FLAGS = "" if os.environ.get("SFT_JAX_TEST_XLA_OPT") == "1" else "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", TEST_XLA_FLAGS]).strip()
 # CPU unless asked otherwise: tests/test_gpu.py runs on a GPU with SFT_JAX_TEST_PLATFORMS=cuda
 # (benchmarks/gpu_check.sh); the rest of the suite assumes the 8 CPU devices.
 os.environ["JAX_PLATFORMS"] = os.environ.get("SFT_JAX_TEST_PLATFORMS", "cpu")
