@@ -55,7 +55,8 @@ PORT_ATTEMPTS = 3
 
 def _env(cache: Path, **extra) -> dict:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # local.sh sets the device count per process
+    # local.sh sets the device count per process; the suite's other XLA flags (conftest) stay
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
                PYTHON=sys.executable, HEARTBEAT_TIMEOUT=str(HEARTBEAT))
     env.update({k: str(v) for k, v in extra.items()})
@@ -98,7 +99,8 @@ def _lost_the_port(proc: subprocess.Popen, out: Path, logs: Path, timeout: float
 
 
 def _single(out: Path, cache: Path, steps: int = STEPS, extra=()) -> subprocess.CompletedProcess:
-    env = _env(cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = _env(cache)
+    env["XLA_FLAGS"] = (env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8").strip()
     return subprocess.run([sys.executable, "-m", "sft_jax.train", *_train_args(out, cache, steps, *extra)],
                           env=env, capture_output=True, text=True, timeout=600)
 
