@@ -10,7 +10,7 @@ Source syntax (DataConfig.train / DataConfig.eval):
     a list of the above             a mixture
 
 Local .json/.jsonl files are parsed here rather than by `datasets`' JSON loader so an error can name the
-1-based line; .parquet and .csv go through `datasets.load_dataset` (csv with every column read as a string,
+1-based line (JSON-lines files are streamed in chunks, never held whole: see _build); .parquet and .csv go through `datasets.load_dataset` (csv with every column read as a string,
 empty cells as ""), hub datasets through `datasets.load_dataset(name, config, split=split)`.
 """
 
