@@ -206,9 +206,8 @@ class SplitWriter:
                 out.add(EncodedChunk(part.tokens, part.supervised, part.lengths, part.response_tokens, b"".join(lines),
                                      sizes, Counter(), 0, 0, []))
         out.finish()
-        del dataset  # drop our maps of the unselected files before they are replaced
         for name in os.listdir(self.folder):
-            if name.startswith(self.split + ".selected."):
+            if name.startswith(self.split + ".selected."):  # the old maps keep the replaced files' inodes
                 os.replace(os.path.join(self.folder, name),
                            os.path.join(self.folder, self.split + name[len(self.split + ".selected") :]))
         return _load_split(self.folder, self.split)

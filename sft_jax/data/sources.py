@@ -368,7 +368,6 @@ def _finish(split: _Stream, cfg, renderer, seed: int, batch_size: int, *, weight
     dropped.update(split.dropped)
     kept = sum(n for _, n in split.runs)
     if not kept:
-        split.store.discard()
         raise DataError(f"data: every example was dropped ({dict(dropped)}); raise max_length?")
     dataset = split.store.finish()
     if weighted:
