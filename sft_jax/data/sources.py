@@ -250,7 +250,8 @@ def _build(cfg, tokenizer, *, seed: int, global_batch_size=None, folder: str | N
     or, with `folder`, written to the cache files there as they come (sft_jax.data.cache.SplitWriter), so at
     no time does any process hold every example. Errors come in the same order as reading everything first:
     bad rows of every source (JSON errors of a file before its field errors), then per split the template
-    check and the empty-split errors.
+    check and the empty-split errors. (One exception: a template that cannot render an example at all now
+    fails when that example's chunk is tokenized, before the bad rows of later sources are seen.)
     """
     from sft_jax.data.formats import Renderer, chat_template
     from sft_jax.data.report import DataReport
