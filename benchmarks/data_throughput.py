@@ -13,8 +13,12 @@ Each phase runs in a fresh python process, so its peak RSS is its own:
              the data work a second run does before its first train step
 
 "process" is the phase's whole wall time (imports included), CPU its user + system seconds over all its
-processes. Peak RSS is `ru_maxrss` of the phase's main process; "workers" is the largest tokenizing worker's (each of
-the --num-proc workers peaks at about that). With --epoch a phase also assembles one epoch of batches.
+processes. Memory: "main" is the phase process's peak RSS (`ru_maxrss`); "workers" the largest peak (VmHWM) of its
+child processes (the tokenizing workers and multiprocessing's resource tracker); "all" the largest sum of the RSS of the main process and all its workers at one moment, sampled
+every 50 ms from /proc (the figure to hold against a memory budget; "main + workers" adds their separate peaks, an
+upper bound). A spawned worker's own `ru_maxrss` is not used: Linux carries the parent's RSS at fork into the
+child's `ru_maxrss` across exec, so it reports the parent's size, not the worker's. With --epoch a phase also
+assembles one epoch of batches.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 WORDS = ("the model data train token write explain list give three reasons why summary poem story sea city "
@@ -61,8 +66,56 @@ def peak_mb(who) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
+class TreeMemory:
+    """Samples the RSS of this process and its descendants from /proc until stopped (Linux)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.all_mb, self.worker_peak_mb = interval, 0.0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            total = 0.0
+            for pid in self._tree(me):
+                fields = self._status(pid)
+                total += fields.get("VmRSS", 0.0)
+                if pid != me and "VmHWM" in fields:
+                    self.worker_peak_mb[pid] = max(self.worker_peak_mb.get(pid, 0.0), fields["VmHWM"])
+            self.all_mb = max(self.all_mb, total)
+            self._stop.wait(self.interval)
+
+    @staticmethod
+    def _status(pid: int) -> dict:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return {k: int(v.split()[0]) / 1024 for k, _, v in (line.partition(":") for line in f)
+                        if k in ("VmRSS", "VmHWM")}
+        except OSError:  # exited between listing and reading
+            return {}
+
+    @classmethod
+    def _tree(cls, pid: int) -> list[int]:
+        out = [pid]
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    for child in f.read().split():
+                        out += cls._tree(int(child))
+        except OSError:
+            pass
+        return out
+
+
 def phase(args) -> None:
     """One phase in this process; prints one JSON line."""
+    memory = TreeMemory()
     from transformers import PreTrainedTokenizerFast
 
     from sft_jax.data import BatchIterator, DataConfig, build_datasets
@@ -82,13 +135,17 @@ def phase(args) -> None:
         for step in range(1, it.steps_per_epoch):
             it.batch_at(step)
     done = time.perf_counter()
+    memory.stop()
     print(json.dumps({
         "phase": args.phase, "documents": len(train), "tokens": int(train.offsets[-1]), "rows": it.rows_per_epoch,
         "efficiency": report.train.efficiency, "build_datasets_s": round(built - start, 1),
         "plan_and_first_batch_s": round(first - built, 1), "epoch_s": round(done - first, 1) if args.epoch else None,
         "cpu_s": round(sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
                            for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)), 1),
-        "peak_rss_mb": round(peak_mb(resource.RUSAGE_SELF)), "worker_peak_rss_mb": round(peak_mb(resource.RUSAGE_CHILDREN)),
+        "peak_rss_mb": round(peak_mb(resource.RUSAGE_SELF)),
+        "worker_peak_rss_mb": round(max(memory.worker_peak_mb.values(), default=0)),
+        "workers": len(memory.worker_peak_mb), "all_peak_rss_mb": round(memory.all_mb),
+        "sum_of_peaks_mb": round(peak_mb(resource.RUSAGE_SELF) + sum(memory.worker_peak_mb.values())),
     }), flush=True)
 
 
@@ -118,8 +175,9 @@ def main() -> None:
                                  text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             print(f"{name:>6}: build_datasets {r['build_datasets_s']:6.1f} s | plan + first batch "
-                  f"{r['plan_and_first_batch_s']:5.1f} s | peak RSS {r['peak_rss_mb']:6d} MB (workers "
-                  f"{r['worker_peak_rss_mb']} MB) | process {time.perf_counter() - start:5.1f} s, CPU {r['cpu_s']} s | "
+                  f"{r['plan_and_first_batch_s']:5.1f} s | peak RSS: all {r['all_peak_rss_mb']:5d} MB, main "
+                  f"{r['peak_rss_mb']:5d} MB, {r['workers']} child processes {r['worker_peak_rss_mb']} MB each at most (main + "
+                  f"workers {r['sum_of_peaks_mb']} MB) | process {time.perf_counter() - start:5.1f} s, CPU {r['cpu_s']} s | "
                   f"{r['documents']} docs, {r['tokens']} tokens, packing efficiency {r['efficiency']:.1%}"
                   + (f" | one epoch {r['epoch_s']} s" if r["epoch_s"] is not None else ""), flush=True)
 

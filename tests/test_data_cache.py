@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from data_fixtures import alpaca_rows, small_tokenizer, write_jsonl
 
-from sft_jax.data import BatchIterator, DataConfig, build_datasets
+from sft_jax.data import BatchIterator, DataConfig, DataError, build_datasets
 from sft_jax.data import sources
 from sft_jax.data.formats import BUILTIN_TEMPLATE
 from sft_jax.data.report import report_to_dict
@@ -79,6 +79,24 @@ def test_cache_round_trips_exactly(tmp_path, monkeypatch, batching):
     assert len(folders(tmp_path / "cache")) == 1
 
 
+def test_bad_rows_named_and_ordered_as_when_read_whole(tmp_path, monkeypatch):
+    """The build streams a file in chunks, yet its bad rows come as when it was read whole: the malformed JSON
+    lines first (error mode raises the first one even when a field error comes earlier), then the field errors."""
+    monkeypatch.setattr(sources, "CHUNK", 2)
+    rows = alpaca_rows(6)
+    rows[1] = {"instruction": "no output"}  # line 2, first chunk: a field error
+    rows[4] = "{not json"  # line 5, third chunk
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    cfg = DataConfig(train=path, eval_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    tokenizer = small_tokenizer()
+    with pytest.raises(DataError, match=r"bad.jsonl line 5: malformed JSON"):
+        build(cfg, tokenizer)
+    _, _, report = build(dataclasses.replace(cfg, on_bad_example="skip"), tokenizer)
+    assert [e.split(": ")[0] for e in report.train.errors] == [f"{path} line 5", f"{path} line 2"]
+    assert "field 'output': missing" in report.train.errors[1]
+    assert report.train.dropped == {"malformed_json": 1, "missing_field": 1} and report.train.kept == 4
+
+
 def test_changed_inputs_rebuild(tmp_path):
     """A changed source file, tokenizer, template text (same .jinja path) or max_length gets a new cache equal to
     the in-memory build of the changed inputs; data.cache=rebuild replaces a cache in place."""
@@ -112,7 +130,7 @@ CHILD = textwrap.dedent(
     """
     import hashlib, json, sys
     from transformers import PreTrainedTokenizerFast
-    from sft_jax.data import BatchIterator, DataConfig, build_datasets
+    from sft_jax.data import BatchIterator, DataConfig, DataError, build_datasets
     cfg = DataConfig(**json.loads(sys.argv[1]))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(sys.argv[2])
     train, _, _ = build_datasets(cfg, tokenizer, n_positions=1024, vocab_size=len(tokenizer), seed=0,

@@ -22,7 +22,9 @@ by name only (their revision is not known before download): after a hub dataset 
 
 Building: the first process to take the lock builds into <fingerprint>.tmp.<pid>.<random>/ and renames it
 into place (atomic on POSIX filesystems), so a killed build leaves only a tmp folder, never a usable half
-cache; the next builder removes such leftovers. Other processes (on this host, or on other hosts when the
+cache; the next builder removes such leftovers. The build streams: each chunk of tokenized rows is appended
+to the files as it comes (SplitWriter), so no process holds the raw rows, the chat messages or the token
+arrays of the whole dataset. Other processes (on this host, or on other hosts when the
 filesystem supports flock, e.g. NFSv4 or Lustre) block on the lock and then memory-map the finished folder.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -37,6 +40,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -91,7 +95,8 @@ def file_digest(path: str) -> str:
 
 
 def cached_datasets(cfg, tokenizer, *, seed: int, global_batch_size, build):
-    """build(cfg, tokenizer, seed=..., global_batch_size=...)'s (train, eval, report), through the cache."""
+    """build(cfg, tokenizer, seed=..., global_batch_size=..., folder=...)'s (train, eval, report), through the
+    cache; `build` writes the split files into `folder` (sources._build)."""
     root = cache_root(cfg)
     digest, inputs = fingerprint(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size)
     final = os.path.join(root, digest)
@@ -124,16 +129,15 @@ def _build_locked(cfg, tokenizer, root, digest, inputs, seed, global_batch_size,
     if hook.startswith("sleep:"):
         time.sleep(float(hook.split(":", 1)[1]))
     start = time.perf_counter()
-    train, eval_, report = build(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size)
     tmp = os.path.join(root, f"{digest}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
     os.makedirs(tmp)
     try:
-        token_dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.int32
-        sizes = {"train": _write_split(tmp, "train", train, token_dtype)}
-        if hook == "kill":  # a builder killed mid-way: the arrays are half written, nothing is renamed
+        # The build writes the arrays into tmp as it goes (SplitWriter) and returns them memory-mapped.
+        train, eval_, report = build(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size, folder=tmp)
+        if hook == "kill":  # a builder killed mid-way: the arrays are written, nothing is renamed
             os.kill(os.getpid(), signal.SIGKILL)
-        if eval_ is not None:
-            sizes["eval"] = _write_split(tmp, "eval", eval_, token_dtype)
+        sizes = {name: {"documents": len(ds), "tokens": int(ds.offsets[-1])}
+                 for name, ds in (("train", train), ("eval", eval_)) if ds is not None}
         from sft_jax.data.report import report_to_json
 
         with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
@@ -152,17 +156,96 @@ def _build_locked(cfg, tokenizer, root, digest, inputs, seed, global_batch_size,
     _log(f"built the data cache {final} ({_size_mb(final):.0f} MB) in {time.perf_counter() - start:.1f} s")
 
 
-def _write_split(folder: str, split: str, dataset, token_dtype) -> dict:
-    np.save(os.path.join(folder, f"{split}.tokens.npy"), dataset.tokens.astype(token_dtype, copy=False))
-    np.save(os.path.join(folder, f"{split}.supervised.npy"), dataset.supervised.astype(np.bool_, copy=False))
-    np.save(os.path.join(folder, f"{split}.offsets.npy"), dataset.offsets.astype(np.int64, copy=False))
-    np.save(os.path.join(folder, f"{split}.response_tokens.npy"), dataset.response_tokens.astype(np.int32))
-    offsets = [0]
-    with open(os.path.join(folder, f"{split}.examples.jsonl"), "wb") as f:
-        for messages in dataset.examples or []:
-            offsets.append(offsets[-1] + f.write(json.dumps(messages, ensure_ascii=False).encode() + b"\n"))
-    np.save(os.path.join(folder, f"{split}.examples.offsets.npy"), np.asarray(offsets, np.int64))
-    return {"documents": len(dataset), "tokens": int(dataset.offsets[-1])}
+class SplitWriter:
+    """A split's documents appended to the cache files as the build produces them (the build's on-disk store;
+    sources._InMemory is the in-memory one): only per-document lengths stay in memory until finish()."""
+
+    def __init__(self, folder: str, split: str, vocab_size: int):
+        self.folder, self.split, self.vocab_size = folder, split, vocab_size
+        token_dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+        self._tokens = _NpyWriter(self._path("tokens"), token_dtype)
+        self._supervised = _NpyWriter(self._path("supervised"), np.bool_)
+        self._examples = open(self._path("examples.jsonl", ext=""), "wb")
+        self._lengths, self._responses, self._example_sizes = [], [], []
+
+    def _path(self, name: str, ext: str = ".npy") -> str:
+        return os.path.join(self.folder, f"{self.split}.{name}{ext}")
+
+    def add(self, chunk) -> None:
+        """Append an EncodedChunk built with json_examples (its examples are JSON lines)."""
+        self._tokens.write(chunk.tokens)
+        self._supervised.write(chunk.supervised)
+        self._examples.write(chunk.examples)
+        self._lengths.append(chunk.lengths)
+        self._responses.append(chunk.responses)
+        self._example_sizes.append(chunk.example_sizes)
+
+    def finish(self):
+        """Close the files and memory-map them as an SFTDataset."""
+        self._tokens.close()
+        self._supervised.close()
+        self._examples.close()
+        for name, sizes in (("offsets", self._lengths), ("examples.offsets", self._example_sizes)):
+            offsets = np.zeros(sum(map(len, sizes)) + 1, np.int64)
+            np.cumsum(np.concatenate(sizes), out=offsets[1:])
+            np.save(self._path(name), offsets)
+        np.save(self._path("response_tokens"), np.concatenate(self._responses).astype(np.int32))
+        self._lengths, self._responses, self._example_sizes = [], [], []
+        return _load_split(self.folder, self.split)
+
+    def select(self, dataset, indices, block: int = 16384):
+        """Rewrite the split as the documents at `indices` (source weights repeat some), a block at a time."""
+        from sft_jax.data.sources import EncodedChunk
+
+        out = SplitWriter(self.folder, self.split + ".selected", self.vocab_size)
+        with open(dataset.examples.path, "rb") as examples:
+            for lo in range(0, len(indices), block):
+                part = dataset.select(indices[lo : lo + block], examples=False)
+                lines = [dataset.examples.raw(i, examples) for i in indices[lo : lo + block].tolist()]
+                sizes = np.fromiter(map(len, lines), np.int64, len(lines))
+                out.add(EncodedChunk(part.tokens, part.supervised, part.lengths, part.response_tokens, b"".join(lines),
+                                     sizes, Counter(), 0, 0, []))
+        out.finish()
+        for name in os.listdir(self.folder):
+            if name.startswith(self.split + ".selected."):  # the old maps keep the replaced files' inodes
+                os.replace(os.path.join(self.folder, name),
+                           os.path.join(self.folder, self.split + name[len(self.split + ".selected") :]))
+        return _load_split(self.folder, self.split)
+
+    def discard(self) -> None:
+        for f in (self._tokens, self._supervised, self._examples):
+            f.close()
+        for name in os.listdir(self.folder):
+            if name.startswith(self.split + "."):
+                os.remove(os.path.join(self.folder, name))
+
+
+class _NpyWriter:
+    """A 1-D .npy file written in pieces: its header, which holds the length, goes last into the space kept for
+    it (a 1-D header is 128 bytes for any length, numpy pads it to a multiple of 64)."""
+
+    HEADER = 128
+
+    def __init__(self, path: str, dtype):
+        self.dtype, self.n = np.dtype(dtype), 0
+        self.f = open(path, "wb")
+        self.f.write(b"\0" * self.HEADER)
+
+    def write(self, array) -> None:
+        array = np.ascontiguousarray(array, self.dtype)
+        self.f.write(array.data)
+        self.n += len(array)
+
+    def close(self) -> None:
+        if self.f.closed:
+            return
+        header = io.BytesIO()
+        descr = np.lib.format.dtype_to_descr(self.dtype)
+        np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": (self.n,)})
+        assert len(header.getvalue()) == self.HEADER, header.getvalue()
+        self.f.seek(0)
+        self.f.write(header.getvalue())
+        self.f.close()
 
 
 def _complete(folder: str) -> bool:
@@ -212,6 +295,11 @@ class Examples:
         with open(self.path, "rb") as f:
             f.seek(lo)
             return json.loads(f.read(hi - lo))
+
+    def raw(self, i: int, f) -> bytes:
+        """Example i's JSON line, read from the open file `f`."""
+        f.seek(int(self._offsets[i]))
+        return f.read(int(self._offsets[i + 1] - self._offsets[i]))
 
     def __iter__(self):
         with open(self.path, "rb") as f:

@@ -283,7 +283,11 @@ def encode_documents(
     """Tokenize every piece of every conversation in one batched call and assemble documents."""
     all_pieces = [renderer.pieces(messages) for messages in conversations]
     texts = [text for pieces in all_pieces for text, _ in pieces]
-    ids = renderer.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids = []
+    if texts:  # ids only: the attention masks and token type ids it would also build are never read
+        ids = renderer.tokenizer(
+            texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+        )["input_ids"]
     out = EncodedDocs([], [], [], [])
     cursor = 0
     for pieces in all_pieces:

@@ -55,8 +55,8 @@ class SFTDataset:
         lo, hi = self.offsets[i], self.offsets[i + 1]
         return self.tokens[lo:hi], self.supervised[lo:hi]
 
-    def select(self, indices) -> SFTDataset:
-        """A dataset of the documents at `indices` (repeats allowed), in that order."""
+    def select(self, indices, examples: bool = True) -> SFTDataset:
+        """A dataset of the documents at `indices` (repeats allowed), in that order (without examples: none)."""
         indices = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[indices]
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
@@ -64,8 +64,8 @@ class SFTDataset:
         # flat source index of every output token: start of its document + position within it
         starts = np.repeat(self.offsets[:-1][indices] - offsets[:-1], lengths)
         flat = starts + np.arange(offsets[-1], dtype=np.int64)
-        examples = None if self.examples is None else [self.examples[i] for i in indices]
-        return SFTDataset(self.tokens[flat], self.supervised[flat], offsets, self.response_tokens[indices], examples)
+        chosen = None if self.examples is None or not examples else [self.examples[i] for i in indices]
+        return SFTDataset(self.tokens[flat], self.supervised[flat], offsets, self.response_tokens[indices], chosen)
 
 
 def default_max_segments(capacity: int) -> int:
