@@ -104,6 +104,14 @@ def test_reward_model_on_demo_pairs_mesh_parity_and_export_scores_the_same(tmp_p
 cli = functools.partial(train_cli, devices=None)
 
 
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """One persistent compilation cache for all the runs below: a program any of them has
+    compiled (the straight run's, for the killed run and its rerun; identical ones across
+    commands) is loaded, not compiled again."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
 def final_state(run_dir):
     out = ckpt.restore(run_dir / "checkpoints", step=STEPS, with_opt_state=True)
     return losses(run_dir), jax.device_get(out["params"]), jax.device_get(out["opt_state"])
@@ -114,11 +122,11 @@ def final_state(run_dir):
     ("sft_jax.dpo", ("dpo.precompute_reference=true",)),
     ("sft_jax.reward", ()),
 ], ids=["dpo", "dpo_precomputed", "reward"])
-def test_kill_9_and_rerun_ends_bit_equal(tmp_path, pairs, module, extra):
+def test_kill_9_and_rerun_ends_bit_equal(tmp_path, pairs, xla_cache, module, extra):
     def config(name):
         return write_tiny_yaml(tmp_path / f"{name}.yaml", tmp_path / name, *pair_overrides(pairs, *extra),
                                f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=10",
-                               "dpo.kl_prompts=0", cache_dir=tmp_path / "xla_cache")
+                               "dpo.kl_prompts=0", cache_dir=xla_cache)
 
     done = cli(["--config", config("straight")], module=module)
     assert done.returncode == 0, done.stdout + done.stderr
