@@ -13,7 +13,7 @@ import pytest
 
 from sft_jax import train_step as ts
 from sft_jax.analysis import compute, stability, tokens, variance
-from sft_jax.model import GPT2Config, init_params
+from sft_jax.model import GPT2Config
 from train_fixtures import REPO, fixed_batches, tiny_config
 
 
@@ -28,16 +28,27 @@ def _split_batch(rows=4, length=16, vocab=64):
     return dict(batch, segment_ids=seg, weights=weights, positions=pos)
 
 
-def test_gradient_split_prompt_part_is_zero_under_the_response_mask():
-    cfg = GPT2Config.preset("tiny", vocab_size=64, n_positions=16)
-    params = init_params(cfg, jax.random.key(0))
+# One tiny model with random weights (numpy: no init to compile) for the gradient tests, which
+# share the analysis's one compiled program; references are jitted, not run op by op.
+TINY = GPT2Config.preset("tiny", vocab_size=64, n_positions=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return compute.random_params(TINY, seed=0)
+
+
+def test_gradient_split_prompt_part_is_zero_under_the_response_mask(tiny_params):
+    cfg, params = TINY, tiny_params
     batch = _split_batch()
     masked = tokens.gradient_split(cfg, params, [(batch, batch["weights"])])
     assert masked["grad_norm_prompt"] == 0.0 and masked["prompt_share"] == 0.0
     assert masked["response_share"] == pytest.approx(1.0)
     # the response part is the trainer's own gradient of the summed response NLL
-    _, grads = ts.accumulated_grads(ts.GPT2(cfg), params, {k: jnp.asarray(v) for k, v in batch.items()}, 1)
-    reference = float(ts.global_norm(grads)) * batch["weights"].sum()
+    trainer_grads = jax.jit(lambda p, b: ts.accumulated_grads(ts.GPT2(cfg), p, b, 1))
+    _, grads = trainer_grads(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    reference = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    reference *= batch["weights"].sum()
     assert masked["grad_norm_response"] == pytest.approx(reference, rel=1e-4)
     full = tokens.full_weights(batch)
     assert full[:, 7].sum() == 0 and full[:, 15].sum() == 0 and full[:, :7].all()  # no target across documents
@@ -72,16 +83,15 @@ def test_noise_scale_of_known_gradients():
     assert out["B_simple"] == pytest.approx(P * s * s / np.sum(G * G), rel=0.05)
 
 
-def test_model_per_example_statistics_match_a_loop():
-    cfg = GPT2Config.preset("tiny", vocab_size=64, n_positions=16)
-    params = init_params(cfg, jax.random.key(1))
+def test_model_per_example_statistics_match_a_loop(tiny_params):
+    cfg, params = TINY, tiny_params
     batch = _split_batch(rows=5)
     total, sq, dev = variance.per_example_stats(cfg, params, batch)
     model = ts.GPT2(cfg)
+    row_grad = jax.jit(jax.grad(lambda p, row: ts.summed_nll(model, p, row, 0)))
     flat = []
     for i in range(5):
-        row = {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()}
-        g = jax.grad(lambda p: ts.summed_nll(model, p, row, 0))(params)
+        g = row_grad(params, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})
         flat.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]))
     flat = np.stack(flat)
     np.testing.assert_allclose(sq, np.sum(flat ** 2, axis=1), rtol=1e-4)

@@ -17,7 +17,7 @@ from sft_jax.analysis.run import Run, one_doc_rows, row_width
 DEFAULT_STUDIES = ("tokens", "variance", "stability", "compute", "memory")
 OPT_IN_STUDIES = ("masking", "data-size")  # they train short schedules under RUN_DIR/analysis_runs/
 GRAD_DOCS = 64  # documents whose gradients the token study splits
-GRAD_BATCH = 16  # documents per gradient batch
+GRAD_BATCH = variance.CHUNK  # documents per gradient batch: the variance study's compiled shape
 MIN_STATE_SHARE = 0.5  # claim 6 holds if parameters + gradients + Adam are at least this share of XLA's bytes
 
 
