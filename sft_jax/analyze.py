@@ -34,12 +34,16 @@ def analyze(run_dir, studies, *, spike_k: float, seed: int = 0, compute_max_len=
     from sft_jax import report as train_report
     from sft_jax.analysis import report, studies as st
     from sft_jax.analysis.run import AnalysisError, load_run
+    from sft_jax.core.setup import enable_compilation_cache
 
     unknown = [s for s in studies if s not in st.STUDIES]
     if unknown:
         raise AnalysisError(f"--studies: unknown study {unknown[0]!r}; choose from {','.join(st.STUDIES)}")
     t0 = time.perf_counter()
     run = load_run(run_dir)
+    # the run's persistent XLA cache, as the trainer uses it: a repeated analysis, and the opt-in
+    # studies' short runs (the trainer's own programs when they run the run's steps), skip compiles
+    enable_compilation_cache(run.config.train.compilation_cache)
     opts = st.Options(spike_k=spike_k, plot_dir=run.directory / "analysis_plots", seed=seed,
                       compute_max_len=compute_max_len, study_steps=study_steps)
     sections, seconds = [], {}
