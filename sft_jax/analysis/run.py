@@ -55,7 +55,7 @@ class Run:
         root = self.checkpoint_root
         if not root.is_dir() or ckpt.latest_step(root) is None:
             return None, None
-        out = ckpt.restore(root)
+        out = ckpt.restore(root, with_tokenizer=False)
         return out["step"], on_first_device(out["params"])
 
     def latest_checkpoint(self):
