@@ -150,8 +150,7 @@ def tiny_run(tmp_path_factory):
     short runs (the run's own 20 steps by default) load the trainer's programs instead of compiling."""
     root = tmp_path_factory.mktemp("analyze")
     out = root / "run"
-    config = write_tiny_yaml(root / "tiny.yaml", out, "train.steps=20", "train.log_every=5", "checkpoint.every=10",
-                             cache_dir=root / "xla")
+    config = write_tiny_yaml(root / "tiny.yaml", out, "train.steps=20", "train.log_every=5", cache_dir=root / "xla")
     done = train_cli(["--config", config], devices=None)
     assert done.returncode == 0, done.stdout + done.stderr
     studies = ",".join(st.DEFAULT_STUDIES + st.OPT_IN_STUDIES)

@@ -63,15 +63,21 @@ class Run:
         return self._latest
 
 
+# The init runs once: compiled without LLVM's optimisations it compiles about 4x faster (demo
+# model on CPU: 1.4 s against 6.4 s) and gives the same weights up to float rounding (7e-9).
+RUN_ONCE = {"xla_backend_optimization_level": 0}
+
+
 def seeded_init(cfg: GPT2Config, seed: int):
     """``init_params`` under one jit, as the trainer runs it (op by op, its layer scan alone
     takes many seconds to compile on CPU)."""
-    return _jitted_init(cfg)(jax.random.key(seed))
+    return _compiled_init(cfg)(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_init(cfg: GPT2Config):
-    return jax.jit(lambda key: init_params(cfg, key))
+def _compiled_init(cfg: GPT2Config):
+    init = jax.jit(lambda key: init_params(cfg, key))
+    return init.lower(jax.random.key(0)).compile(compiler_options=RUN_ONCE)
 
 
 def on_first_device(tree):
