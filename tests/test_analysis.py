@@ -147,14 +147,16 @@ def test_prompt_copy_rate_of_known_responses():
 def tiny_run(tmp_path_factory):
     """20 steps of the tiny config, then all seven studies, through the two command lines on one
     CPU device as a user runs them. They share a persistent compilation cache: the opt-in studies'
-    short runs (the run's own 20 steps by default) load the trainer's programs instead of compiling."""
+    short runs (the run's own 20 steps by default) load the trainer's programs instead of compiling.
+    Smaller than the defaults: T = 64, 128 for the compute study, n/2 and n for the data-size study."""
     root = tmp_path_factory.mktemp("analyze")
     out = root / "run"
     config = write_tiny_yaml(root / "tiny.yaml", out, "train.steps=20", "train.log_every=5", cache_dir=root / "xla")
     done = train_cli(["--config", config], devices=None)
     assert done.returncode == 0, done.stdout + done.stderr
     studies = ",".join(st.DEFAULT_STUDIES + st.OPT_IN_STUDIES)
-    done = train_cli([out, "--studies", studies, "--compute-max-len", "128"], devices=None, module="sft_jax.analyze")
+    done = train_cli([out, "--studies", studies, "--compute-max-len", "128", "--data-sizes", "2,1"], devices=None,
+                     module="sft_jax.analyze")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| claim | study | verdict |" in done.stdout
     return out
@@ -190,13 +192,16 @@ def test_analyze_cli_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "config.yaml: not found" in err and len(err.strip().splitlines()) == 1
+    assert main([str(tmp_path), "--data-sizes", "4,0"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-sizes='4,0'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_opt_in_studies_on_a_tiny_run(tiny_run):
     """masking and data-size trained short schedules through the real trainer into analysis_runs/."""
     from sft_jax.analysis import training
     from sft_jax.analysis.run import load_run
-
+    from sft_jax.analyze import parse_args
     from sft_jax.config import load_config
     from sft_jax.metrics import read_metrics
 
@@ -227,7 +232,8 @@ def test_opt_in_studies_on_a_tiny_run(tiny_run):
     sizes = sections["data-size"]
     rows = sizes["numbers"]["sizes"]
     n = len(run.train_ds)
-    assert [r["n"] for r in rows] == [n // 8, n // 4, n // 2, n]
+    assert [r["n"] for r in rows] == [n // 2, n]  # --data-sizes 2,1
+    assert parse_args(["RUN"]).data_sizes == "8,4,2,1" and st.Options().data_sizes == (8, 4, 2, 1)
     for r in rows:
         assert r["gap"] == pytest.approx(r["eval_loss"] - r["train_loss"])
         assert steps_of(tiny_run / "analysis_runs" / f"data_{r['n']}") == steps
