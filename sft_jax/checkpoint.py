@@ -177,12 +177,14 @@ def _single_device_target(step_dir: Path, item: str):
 
 
 def restore(path, step: int | None = None, *, params_target=None, opt_state_target=None,
-            with_opt_state: bool = False) -> dict:
+            with_opt_state: bool = False, with_tokenizer: bool = True) -> dict:
     """Restore a checkpoint; ``path`` is a manager root (newest step unless ``step``) or a step dir.
 
     Targets are abstract pytrees (``jax.ShapeDtypeStruct`` with ``.sharding``), so arrays land
     sharded on any mesh; without a target they land whole on the first local device.
-    Returns {params, opt_state, model_config: GPT2Config, tokenizer, train_state, step}.
+    Returns {params, opt_state, model_config: GPT2Config, tokenizer, train_state, step};
+    ``with_tokenizer=False`` leaves tokenizer None (building it imports transformers' AutoTokenizer
+    and with it torch: seconds a caller that needs only the weights can skip).
     """
     step_dir, step = _resolve_step_dir(path, step)
     present = {name for name in ITEMS if (step_dir / name).is_dir()}
@@ -197,7 +199,7 @@ def restore(path, step: int | None = None, *, params_target=None, opt_state_targ
         target = opt_state_target if opt_state_target is not None else _single_device_target(step_dir, "opt_state")
         items["opt_state"] = ocp.args.StandardRestore(target)
     for name in ("tokenizer", "train_state"):
-        if name in present:
+        if name in present and (with_tokenizer or name != "tokenizer"):
             items[name] = ocp.args.JsonRestore()
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
     try:
@@ -208,7 +210,7 @@ def restore(path, step: int | None = None, *, params_target=None, opt_state_targ
         "params": out["params"],
         "opt_state": out["opt_state"] if want_opt else None,
         "model_config": GPT2Config.from_dict(out["model_config"]),
-        "tokenizer": tokenizer_from_files(out["tokenizer"] if "tokenizer" in present else None),
+        "tokenizer": tokenizer_from_files(out["tokenizer"] if "tokenizer" in out else None),
         "train_state": out["train_state"] if "train_state" in present else None,
         "step": step,
     }

@@ -13,8 +13,9 @@ import pytest
 
 from sft_jax import train_step as ts
 from sft_jax.analysis import compute, stability, tokens, variance
-from sft_jax.model import GPT2Config, init_params
-from train_fixtures import REPO, fixed_batches, tiny_config
+from sft_jax.analysis import studies as st
+from sft_jax.model import GPT2Config
+from train_fixtures import fixed_batches, tiny_config, train_cli, write_tiny_yaml
 
 
 def _split_batch(rows=4, length=16, vocab=64):
@@ -28,16 +29,27 @@ def _split_batch(rows=4, length=16, vocab=64):
     return dict(batch, segment_ids=seg, weights=weights, positions=pos)
 
 
-def test_gradient_split_prompt_part_is_zero_under_the_response_mask():
-    cfg = GPT2Config.preset("tiny", vocab_size=64, n_positions=16)
-    params = init_params(cfg, jax.random.key(0))
+# One tiny model with random weights (numpy: no init to compile) for the gradient tests, which
+# share the analysis's one compiled program; references are jitted, not run op by op.
+TINY = GPT2Config.preset("tiny", vocab_size=64, n_positions=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return compute.random_params(TINY, seed=0)
+
+
+def test_gradient_split_prompt_part_is_zero_under_the_response_mask(tiny_params):
+    cfg, params = TINY, tiny_params
     batch = _split_batch()
     masked = tokens.gradient_split(cfg, params, [(batch, batch["weights"])])
     assert masked["grad_norm_prompt"] == 0.0 and masked["prompt_share"] == 0.0
     assert masked["response_share"] == pytest.approx(1.0)
     # the response part is the trainer's own gradient of the summed response NLL
-    _, grads = ts.accumulated_grads(ts.GPT2(cfg), params, {k: jnp.asarray(v) for k, v in batch.items()}, 1)
-    reference = float(ts.global_norm(grads)) * batch["weights"].sum()
+    trainer_grads = jax.jit(lambda p, b: ts.accumulated_grads(ts.GPT2(cfg), p, b, 1))
+    _, grads = trainer_grads(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    reference = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    reference *= batch["weights"].sum()
     assert masked["grad_norm_response"] == pytest.approx(reference, rel=1e-4)
     full = tokens.full_weights(batch)
     assert full[:, 7].sum() == 0 and full[:, 15].sum() == 0 and full[:, :7].all()  # no target across documents
@@ -72,16 +84,15 @@ def test_noise_scale_of_known_gradients():
     assert out["B_simple"] == pytest.approx(P * s * s / np.sum(G * G), rel=0.05)
 
 
-def test_model_per_example_statistics_match_a_loop():
-    cfg = GPT2Config.preset("tiny", vocab_size=64, n_positions=16)
-    params = init_params(cfg, jax.random.key(1))
+def test_model_per_example_statistics_match_a_loop(tiny_params):
+    cfg, params = TINY, tiny_params
     batch = _split_batch(rows=5)
     total, sq, dev = variance.per_example_stats(cfg, params, batch)
     model = ts.GPT2(cfg)
+    row_grad = jax.jit(jax.grad(lambda p, row: ts.summed_nll(model, p, row, 0)))
     flat = []
     for i in range(5):
-        row = {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()}
-        g = jax.grad(lambda p: ts.summed_nll(model, p, row, 0))(params)
+        g = row_grad(params, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})
         flat.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]))
     flat = np.stack(flat)
     np.testing.assert_allclose(sq, np.sum(flat ** 2, axis=1), rtol=1e-4)
@@ -134,20 +145,30 @@ def test_prompt_copy_rate_of_known_responses():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from sft_jax import trainer
-
-    out = tmp_path_factory.mktemp("analyze") / "run"
-    trainer.run(tiny_config(out, "train.steps=20", "train.log_every=5", "checkpoint.every=10"), devices=jax.devices()[:1])
+    """20 steps of the tiny config, then all seven studies, through the two command lines on one
+    CPU device as a user runs them. They share a persistent compilation cache: the opt-in studies'
+    short runs (the run's own 20 steps by default) load the trainer's programs instead of compiling.
+    Smaller than the defaults: T = 64, 128 for the compute study, n/2 and n for the data-size study."""
+    root = tmp_path_factory.mktemp("analyze")
+    out = root / "run"
+    config = write_tiny_yaml(root / "tiny.yaml", out, "train.steps=20", "train.log_every=5", cache_dir=root / "xla")
+    done = train_cli(["--config", config], devices=None)
+    assert done.returncode == 0, done.stdout + done.stderr
+    studies = ",".join(st.DEFAULT_STUDIES + st.OPT_IN_STUDIES)
+    done = train_cli([out, "--studies", studies, "--compute-max-len", "128", "--data-sizes", "2,1"], devices=None,
+                     module="sft_jax.analyze")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| claim | study | verdict |" in done.stdout
     return out
 
 
-def test_analyze_on_a_tiny_run(tiny_run):
-    from sft_jax.analyze import main
+def _sections(run_dir) -> dict:
+    return {s["key"]: s for s in json.loads((run_dir / "analysis.json").read_text())["sections"]}
 
-    assert main([str(tiny_run), "--compute-max-len", "256"]) == 0
-    data = json.loads((tiny_run / "analysis.json").read_text())
-    sections = {s["key"]: s for s in data["sections"]}
-    assert list(sections) == ["tokens", "variance", "stability", "compute", "memory"]
+
+def test_analyze_on_a_tiny_run(tiny_run):
+    sections = _sections(tiny_run)
+    assert list(sections) == ["tokens", "variance", "stability", "compute", "memory", "masking", "data-size"]
     for s in sections.values():
         assert s["verdict"] in ("holds", "does not hold", "inconclusive")
         assert s["thresholds"] and s["claim"] and s["method"]
@@ -155,6 +176,7 @@ def test_analyze_on_a_tiny_run(tiny_run):
     assert tok["L_A/L_Q"] == pytest.approx(tok["L_A"]["mean"] / tok["L_Q"]["mean"])
     assert "gradients_at_step_20" in tok
     assert sections["stability"]["numbers"]["steps"] == 20
+    assert sorted(map(int, sections["compute"]["numbers"]["median_s"])) == [64, 128]
     mem = sections["memory"]["numbers"]
     assert mem["arguments_predicted_over_xla"] == 1.0
     md = (tiny_run / "analysis.md").read_text()
@@ -164,22 +186,22 @@ def test_analyze_on_a_tiny_run(tiny_run):
     assert len(plots) == 3 and all(Path(p).is_file() for p in plots)
 
 
-def test_analyze_cli_errors_are_one_line(tmp_path):
-    import subprocess
-    import sys
+def test_analyze_cli_errors_are_one_line(tmp_path, capsys):
+    from sft_jax.analyze import main
 
-    done = subprocess.run([sys.executable, "-m", "sft_jax.analyze", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "config.yaml: not found" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: not found" in err and len(err.strip().splitlines()) == 1
+    assert main([str(tmp_path), "--data-sizes", "4,0"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-sizes='4,0'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_opt_in_studies_on_a_tiny_run(tiny_run):
-    """masking and data-size train short schedules through the real trainer into analysis_runs/."""
-    from sft_jax.analysis import studies as st
+    """masking and data-size trained short schedules through the real trainer into analysis_runs/."""
     from sft_jax.analysis import training
     from sft_jax.analysis.run import load_run
-
+    from sft_jax.analyze import parse_args
     from sft_jax.config import load_config
     from sft_jax.metrics import read_metrics
 
@@ -187,13 +209,15 @@ def test_opt_in_studies_on_a_tiny_run(tiny_run):
         return max(r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "train")
 
     run = load_run(tiny_run)
-    opts = st.Options(plot_dir=tiny_run / "analysis_plots", study_steps=3)
-    masking = st.masking_study(run, opts)
+    steps = training.study_steps(run)
+    assert steps == 20  # the default: min(STUDY_STEPS, the run's steps)
+    sections = _sections(tiny_run)
+    masking = sections["masking"]
     assert masking["verdict"] in ("holds", "does not hold", "inconclusive")
     for name, on_prompt in (("response_only", False), ("full_loss", True)):
         out = tiny_run / "analysis_runs" / name
         assert load_config(out / "config.yaml").data.train_on_prompt is on_prompt
-        assert steps_of(out) == 3
+        assert steps_of(out) == steps
         assert np.isfinite(masking["numbers"][name]["eval_loss_response"])
     copy = masking["numbers"]["reference_copy"]
     assert copy["responses"] + copy["excluded_short"] == len(training.copy_examples(run)[0])
@@ -205,12 +229,13 @@ def test_opt_in_studies_on_a_tiny_run(tiny_run):
     assert masking["numbers"]["response_only"]["eval_loss_response"] == pytest.approx(
         training.mean_nll(run.model_cfg, params, run.eval_ds, docs), rel=1e-6)
 
-    sizes = st.data_size_study(run, opts)
+    sizes = sections["data-size"]
     rows = sizes["numbers"]["sizes"]
     n = len(run.train_ds)
-    assert [r["n"] for r in rows] == [n // 8, n // 4, n // 2, n]
+    assert [r["n"] for r in rows] == [n // 2, n]  # --data-sizes 2,1
+    assert parse_args(["RUN"]).data_sizes == "8,4,2,1" and st.Options().data_sizes == (8, 4, 2, 1)
     for r in rows:
         assert r["gap"] == pytest.approx(r["eval_loss"] - r["train_loss"])
-        assert steps_of(tiny_run / "analysis_runs" / f"data_{r['n']}") == 3
+        assert steps_of(tiny_run / "analysis_runs" / f"data_{r['n']}") == steps
     assert sizes["verdict"] in ("holds", "does not hold", "inconclusive")
     assert len(sizes["plots"]) == 1 and Path(sizes["plots"][0]).is_file()

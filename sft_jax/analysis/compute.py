@@ -48,26 +48,39 @@ def fit_cost_curve(ts, seconds) -> dict:
     return {"c0": float(coef[0]), "c1": float(coef[1]), "c2": float(coef[2])}
 
 
+def random_params(cfg: GPT2Config, seed: int = 0):
+    """Float32 weights of the architecture drawn N(0, 0.02) by numpy: a step's time does not depend
+    on the values, and the model's own init would cost a compile per position-table size."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02), shapes)
+
+
+def random_batch(cfg: GPT2Config, batch: int, length: int, rng) -> dict:
+    return {"tokens": rng.integers(0, cfg.vocab_size, (batch, length)).astype(np.int32),
+            "targets": rng.integers(0, cfg.vocab_size, (batch, length)).astype(np.int32),
+            "weights": np.ones((batch, length), np.float32),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+            "segment_ids": np.ones((batch, length), np.int32)}
+
+
 def time_steps(cfg: GPT2Config, batch: int, ts: list[int], *, seed: int = 0, warmup: int = WARMUP,
                repeats: int = REPEATS) -> dict[int, list[float]]:
-    """Seconds of forward + backward per length (``repeats`` timings after ``warmup`` untimed)."""
+    """Seconds of forward + backward per length (``repeats`` timings after ``warmup`` untimed).
+    Every length is compiled before any is timed: no warm-up includes a compile."""
     cfg = cfg.replace(n_positions=max(cfg.n_positions, max(ts)))
     model = GPT2(cfg)
-    params = init_params(cfg, jax.random.key(seed))
+    params = random_params(cfg, seed)
     grad = jax.jit(jax.value_and_grad(lambda p, b: summed_nll(model, p, b, 0)))
     rng = np.random.default_rng(seed)
+    batches = {T: {k: jnp.asarray(v) for k, v in random_batch(cfg, batch, T, rng).items()} for T in ts}
+    steps = {T: grad.lower(params, batches[T]).compile() for T in ts}
     out = {}
     for T in ts:
-        b = {"tokens": rng.integers(0, cfg.vocab_size, (batch, T)).astype(np.int32),
-             "targets": rng.integers(0, cfg.vocab_size, (batch, T)).astype(np.int32),
-             "weights": np.ones((batch, T), np.float32),
-             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (batch, T)).copy(),
-             "segment_ids": np.ones((batch, T), np.int32)}
-        b = {k: jnp.asarray(v) for k, v in b.items()}
         times = []
         for i in range(warmup + repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready(grad(params, b))
+            jax.block_until_ready(steps[T](params, batches[T]))
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         out[T] = times

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,21 +38,52 @@ class Run:
     def train_records(self) -> list[dict]:
         return [r for r in self.records if r.get("split") == "train"]
 
-    def initial_params(self):
-        """The model before training: ``model.init_from``'s weights, or the seeded init (as the trainer)."""
+    @functools.cached_property
+    def _initial(self):
         if self.hf_dir is not None:
             from sft_jax import hf
 
-            return hf.load_hf(self.hf_dir, dtype="float32")[1]
-        return init_params(self.model_cfg, jax.random.key(self.config.train.seed))
+            return on_first_device(hf.load_hf(self.hf_dir, dtype="float32")[1])
+        return on_first_device(seeded_init(self.model_cfg, self.config.train.seed))
 
-    def latest_checkpoint(self):
-        """(step, params) of the newest complete checkpoint, or (None, None)."""
+    def initial_params(self):
+        """The model before training: ``model.init_from``'s weights, or the seeded init (as the trainer)."""
+        return self._initial
+
+    @functools.cached_property
+    def _latest(self):
         root = self.checkpoint_root
         if not root.is_dir() or ckpt.latest_step(root) is None:
             return None, None
-        out = ckpt.restore(root)
-        return out["step"], out["params"]
+        out = ckpt.restore(root, with_tokenizer=False)
+        return out["step"], on_first_device(out["params"])
+
+    def latest_checkpoint(self):
+        """(step, params) of the newest complete checkpoint, or (None, None); restored once."""
+        return self._latest
+
+
+# The init runs once: compiled without LLVM's optimisations it compiles about 4x faster (demo
+# model on CPU: 1.4 s against 6.4 s) and gives the same weights up to float rounding (7e-9).
+RUN_ONCE = {"xla_backend_optimization_level": 0}
+
+
+def seeded_init(cfg: GPT2Config, seed: int):
+    """``init_params`` under one jit, as the trainer runs it (op by op, its layer scan alone
+    takes many seconds to compile on CPU)."""
+    return _compiled_init(cfg)(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_init(cfg: GPT2Config):
+    init = jax.jit(lambda key: init_params(cfg, key))
+    return init.lower(jax.random.key(0)).compile(compiler_options=RUN_ONCE)
+
+
+def on_first_device(tree):
+    """Committed to the first local device, where a restored checkpoint lands: parameters from
+    the init and from a checkpoint then hit the same compiled programs."""
+    return jax.device_put(tree, jax.local_devices()[0])
 
 
 def load_run(directory) -> Run:

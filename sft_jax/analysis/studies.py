@@ -17,7 +17,7 @@ from sft_jax.analysis.run import Run, one_doc_rows, row_width
 DEFAULT_STUDIES = ("tokens", "variance", "stability", "compute", "memory")
 OPT_IN_STUDIES = ("masking", "data-size")  # they train short schedules under RUN_DIR/analysis_runs/
 GRAD_DOCS = 64  # documents whose gradients the token study splits
-GRAD_BATCH = 16  # documents per gradient batch
+GRAD_BATCH = variance.CHUNK  # documents per gradient batch: the variance study's compiled shape
 MIN_STATE_SHARE = 0.5  # claim 6 holds if parameters + gradients + Adam are at least this share of XLA's bytes
 
 
@@ -28,6 +28,7 @@ class Options:
     seed: int = 0
     compute_max_len: int | None = None  # longest T the compute study times (default max(n_positions, 1024))
     study_steps: int = 0  # optimizer steps per opt-in study run (0: min(STUDY_STEPS, the run's steps))
+    data_sizes: tuple[int, ...] = (8, 4, 2, 1)  # the data-size study trains on n/k documents for each k
 
 
 def section(key, title, claim, method, thresholds, numbers, verdict, notes=(), plots=()) -> dict:
@@ -289,7 +290,7 @@ STUDIES = {"tokens": token_study, "variance": variance_study, "stability": stabi
 # --- opt-in: masking and data size (they train) ---------------------------------------------
 
 MIN_COPY_INCREASE = 0.02  # claim 5 holds if the full-loss model's prompt-copy rate exceeds the response-only one's by more
-MIN_GAP_DROP = 0.0  # data size: the train-eval gap at n must be below the gap at n/8 by more than this (nats)
+MIN_GAP_DROP = 0.0  # data size: the train-eval gap at n must be below the gap at the smallest n (n/8) by more than this (nats)
 
 
 def _response_only_eval(run):
@@ -356,7 +357,8 @@ def data_size_study(run: Run, opts: Options) -> dict:
     n = len(run.train_ds)
     claim = ("7. Generalisation needs many examples (n >> d/eps); small instruction sets lower bias but raise "
              "variance: at a fixed number of steps, fewer examples are fit more closely and generalise worse.")
-    method = (f"Runs of {steps} optimizer steps each (same start, same schedule) on the first n/8, n/4, n/2 and n "
+    fractions = ", ".join("n" if k == 1 else f"n/{k}" for k in sorted(set(opts.data_sizes), reverse=True))
+    method = (f"Runs of {steps} optimizer steps each (same start, same schedule) on the first {fractions} "
               f"of the run's {n} kept training documents (data path order), in RUN_DIR/analysis_runs/data_<n>. "
               f"Train loss on the first {training.LOSS_DOCS} documents of each subset, eval loss on the first "
               f"{training.LOSS_DOCS} held-out documents (the run's loss mask), and the gap eval - train.")
@@ -366,7 +368,7 @@ def data_size_study(run: Run, opts: Options) -> dict:
                        ["the run has no held-out split (data.eval_fraction = 0 and no data.eval)"])
     eval_docs = _first(run.eval_ds, training.LOSS_DOCS)
     rows = []
-    for k in sorted({max(1, n // d) for d in (8, 4, 2, 1)}):
+    for k in sorted({max(1, n // d) for d in opts.data_sizes}):
         _, params = training.short_run(run, f"data_{k}", steps, subset=np.arange(k))
         tr = training.mean_nll(run.model_cfg, params, run.train_ds, _first(run.train_ds, min(k, training.LOSS_DOCS)))
         ev = training.mean_nll(run.model_cfg, params, run.eval_ds, eval_docs)

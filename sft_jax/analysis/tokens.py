@@ -3,15 +3,11 @@ gradient split into its prompt-token and response-token parts."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.model import GPT2, GPT2Config
-from sft_jax.optim import global_norm
-from sft_jax.train_step import summed_nll
+from sft_jax.analysis import variance
+from sft_jax.model import GPT2Config
 
 MIN_LENGTH_RATIO = 2.0  # claim 1 holds if L_A / L_Q >= this
 
@@ -36,35 +32,27 @@ def full_weights(batch: dict) -> np.ndarray:
     return same_next.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=8)
-def _split_fn(cfg: GPT2Config):
-    model = GPT2(cfg)
-
-    @jax.jit
-    def split(params, batch, prompt_w, response_w):
-        grad = lambda w: jax.grad(lambda p: summed_nll(model, p, dict(batch, weights=w), 0))(params)
-        return grad(prompt_w), grad(response_w)
-
-    return split
-
-
 def gradient_split(cfg: GPT2Config, params, batches: list[tuple[dict, np.ndarray]]) -> dict:
     """Norms and cosine of grad(L_Q) and grad(L_A), where L_Q (L_A) is the summed NLL over the
     prompt (response) positions among ``loss_weights``, summed over ``batches`` of
     (batch, loss_weights); and each part's share of the total, <g_part, g> / |g|^2 (they sum to 1).
-    With the response-only mask as ``loss_weights`` the prompt part is exactly zero."""
-    split = _split_fn(cfg)
-    g_q = g_a = None
+    With the response-only mask as ``loss_weights`` the prompt part is exactly zero.
+
+    The sums come from the variance study's per-example program, in its chunks of
+    variance.CHUNK rows: one compile serves both studies; its running total is the gradient."""
+    stats = variance.gradient_stats_fn(cfg)
+    g_q = g_a = variance.zeros_like(params)
+    scale = np.float32(0)  # no centring: only the totals are used
     for batch, loss_w in batches:
         response_w = batch["weights"] * loss_w
-        prompt_w = loss_w - response_w
-        q, a = split(params, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(prompt_w),
-                     jnp.asarray(response_w))
-        g_q = q if g_q is None else jax.tree.map(jnp.add, g_q, q)
-        g_a = a if g_a is None else jax.tree.map(jnp.add, g_a, a)
-    dot = lambda x, y: float(sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y))))
-    nq, na = float(global_norm(g_q)), float(global_norm(g_a))
-    qa = dot(g_q, g_a)
+        for c, _ in variance.chunks(dict(batch, weights=loss_w - response_w)):
+            g_q = stats(params, c, g_q, g_q, scale)[0]
+        for c, _ in variance.chunks(dict(batch, weights=response_w)):
+            g_a = stats(params, c, g_a, g_a, scale)[0]
+    # on the host in float64: no per-shape programs, no float32 rounding in the sums
+    leaves = lambda t: [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(t)]
+    dot = lambda x, y: float(sum(np.dot(u, v) for u, v in zip(leaves(x), leaves(y))))
+    nq, na, qa = float(np.sqrt(dot(g_q, g_q))), float(np.sqrt(dot(g_a, g_a))), dot(g_q, g_a)
     total_sq = nq ** 2 + na ** 2 + 2 * qa
     return {"grad_norm_prompt": nq, "grad_norm_response": na,
             "cosine": qa / (nq * na) if nq > 0 and na > 0 else 0.0,

@@ -77,7 +77,7 @@ def short_run(run, name: str, steps: int, *, train_on_prompt=None, subset=None):
     if result.status != "done":
         raise AnalysisError(f"{out}: the {name} study run stopped at step {result.step} ({result.status}); "
                             "run the study again")
-    restored = ckpt.restore(out / "checkpoints")
+    restored = ckpt.restore(out / "checkpoints", with_tokenizer=False)
     return result, restored["params"]
 
 

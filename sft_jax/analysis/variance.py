@@ -91,38 +91,57 @@ def verdict(fit: dict | None) -> str:
 # --- per-example gradients of a model ---------------------------------------------------
 
 @functools.lru_cache(maxsize=8)
-def _stats_fn(cfg: GPT2Config):
+def gradient_stats_fn(cfg: GPT2Config):
+    """One jitted program for the token and the variance study (one compile serves both).
+    For a (C, T) batch of one document per row, g_i = the gradient of row i's summed NLL
+    under ``batch["weights"]``; returns (total + sum_i g_i, |g_i|^2, |g_i - scale * center|^2)."""
     model = GPT2(cfg)
 
     @jax.jit
-    def stats(params, batch, center):
-        """Per-example gradients of a (C, T) one-document-per-row batch: their sum, |g_i|^2 and |g_i - center|^2."""
+    def stats(params, batch, total, center, scale):
         def one(row):
             return jax.grad(lambda p: summed_nll(model, p, {k: v[None] for k, v in row.items()}, 0))(params)
 
         g = jax.vmap(one)(batch)
         per_ex = lambda f: sum(jnp.sum(f(x, c).reshape(x.shape[0], -1) ** 2, axis=1)
                                for x, c in zip(jax.tree.leaves(g), jax.tree.leaves(center)))
-        return (jax.tree.map(lambda x: jnp.sum(x, axis=0), g), per_ex(lambda x, c: x),
-                per_ex(lambda x, c: x - c[None]))
+        return (jax.tree.map(lambda t, x: t + jnp.sum(x, axis=0), total, g), per_ex(lambda x, c: x),
+                per_ex(lambda x, c: x - scale * c[None]))
 
     return stats
+
+
+def zeros_like(params):
+    """Zeros placed as the parameters, committed like the totals the program returns (so every
+    call hits one compile); from the host: jnp.zeros_like would compile a program per shape."""
+    return jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), params)
+
+
+def chunks(batch: dict) -> list[tuple[dict, int]]:
+    """(chunk, real rows) in CHUNK-row pieces, the last padded with zero-weight rows: every call has
+    one shape, and a padded row's gradient is exactly zero."""
+    out = []
+    n = batch["tokens"].shape[0]
+    for lo in range(0, n, CHUNK):
+        rows = min(CHUNK, n - lo)
+        take = np.minimum(np.arange(lo, lo + CHUNK), n - 1)
+        c = {k: np.array(v[take]) for k, v in batch.items()}
+        c["weights"][rows:] = 0.0
+        out.append(({k: jnp.asarray(v) for k, v in c.items()}, rows))
+    return out
 
 
 def per_example_stats(cfg: GPT2Config, params, batch: dict) -> tuple:
     """(sum of g_i, |g_i|^2, |g_i - ḡ|^2) over the rows of ``batch`` (one document each), in
     chunks of CHUNK rows: a first pass for ḡ, a second for the deviations."""
-    fn = _stats_fn(cfg)
-    n = batch["tokens"].shape[0]
-    chunks = [{k: jnp.asarray(v[lo:lo + CHUNK]) for k, v in batch.items()} for lo in range(0, n, CHUNK)]
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    total, sq = zeros, []
-    for c in chunks:
-        s, q, _ = fn(params, c, zeros)
-        total = jax.tree.map(jnp.add, total, s)
-        sq.append(np.asarray(q))
-    mean = jax.tree.map(lambda x: x / n, total)
-    dev = [np.asarray(fn(params, c, mean)[2]) for c in chunks]
+    fn = gradient_stats_fn(cfg)
+    pieces = chunks(batch)
+    total, sq = zeros_like(params), []
+    for c, rows in pieces:
+        total, q, _ = fn(params, c, total, total, np.float32(0))
+        sq.append(np.asarray(q)[:rows])
+    scale = np.float32(1 / batch["tokens"].shape[0])
+    dev = [np.asarray(fn(params, c, total, total, scale)[2])[:rows] for c, rows in pieces]
     return total, np.concatenate(sq), np.concatenate(dev)
 
 
