@@ -94,7 +94,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-
 def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch.
 
@@ -114,6 +113,7 @@ def _summary_writer_class():
     finally:
         del sys.modules["torch"]
     return SummaryWriter
+
 
 class MetricsLogger:
     """Writes each logged step to ``output_dir/metrics.jsonl`` (one JSON object a line,
@@ -162,7 +162,8 @@ class MetricsLogger:
         self._file = open(self.path, "a", encoding="utf-8")
         from tqdm.auto import tqdm
 
-        self._tb = _summary_writer_class()(str(Path(output_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+        summary_writer = _summary_writer_class()
+        self._tb = summary_writer(str(Path(output_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _write(self, step: int, split: str, fields: Mapping[str, Any]) -> dict:

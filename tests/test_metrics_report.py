@@ -105,6 +105,32 @@ def test_logger_tensorboard_holds_the_jsonl_numbers(tmp_path):
     assert tb["eval/eval_loss"] == pytest.approx({3: 0.7}) and "train/nonfinite" not in tb  # booleans stay out
 
 
+def test_logger_starts_without_importing_torch(tmp_path):
+    """In a fresh process with torch installed (the test extra): a logger writes its TensorBoard
+    scalars without loading torch (5-15 s at every training start), and torch imports after it."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from sft_jax.metrics import MetricsLogger\n"
+        "assert 'torch' not in sys.modules\n"
+        f"with MetricsLogger({str(tmp_path)!r}, total_steps=1) as log:\n"
+        "    log.log(1, {'loss': 1.5})\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+        "import torch\n"
+        "print('torch then:', torch.tensor([1.0]).sum().item())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch loaded: False" in done.stdout and "torch then: 1.0" in done.stdout, done.stdout
+    from train_fixtures import tensorboard_scalars
+
+    assert tensorboard_scalars(tmp_path / "tb")["train/loss"] == pytest.approx({1: 1.5})
+
+
 def test_logger_resume_drops_the_redone_steps(tmp_path):
     with MetricsLogger(tmp_path, total_steps=12) as log:
         for step in range(1, 11):

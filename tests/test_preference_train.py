@@ -136,8 +136,13 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, pairs, xla_cache, module, ext
     stored = sorted((tmp_path / "killed" / dpo.REFERENCE_DIR).glob("*.npz"))
     assert len(stored) == (1 if extra else 0)
     before = [p.read_bytes() for p in stored]
+    logged = metrics(tmp_path / "killed")[:EVERY]
+    assert [r["step"] for r in logged] == list(range(1, EVERY + 1))
     second = cli(["--config", killed], module=module)
     assert second.returncode == 0, second.stdout + second.stderr
+    # a resume, not a restart: the records of the steps before the kill are the first run's (a
+    # restart from step 0 would end with the same numbers, but log those steps again)
+    assert metrics(tmp_path / "killed")[:EVERY] == logged
     assert [p.read_bytes() for p in stored] == before  # the resume reused the stored reference log-probs
     reference, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
     assert resumed[0] == reference[0] and sorted(resumed[0]) == list(range(1, STEPS + 1))

@@ -203,8 +203,9 @@ class SplitWriter:
                 part = dataset.select(indices[lo : lo + block], examples=False)
                 lines = [dataset.examples.raw(i, examples) for i in indices[lo : lo + block].tolist()]
                 sizes = np.fromiter(map(len, lines), np.int64, len(lines))
-                out.add(EncodedChunk(part.tokens, part.supervised, part.lengths, part.response_tokens, b"".join(lines),
-                                     sizes, Counter(), 0, 0, []))
+                out.add(EncodedChunk(tokens=part.tokens, supervised=part.supervised, lengths=part.lengths,
+                                     responses=part.response_tokens, examples=b"".join(lines), example_sizes=sizes,
+                                     dropped=Counter(), truncated=0, size=0, head=[]))
         out.finish()
         for name in os.listdir(self.folder):
             if name.startswith(self.split + ".selected."):  # the old maps keep the replaced files' inodes

@@ -10,8 +10,8 @@ Source syntax (DataConfig.train / DataConfig.eval):
     a list of the above             a mixture
 
 Local .json/.jsonl files are parsed here rather than by `datasets`' JSON loader so an error can name the
-1-based line (JSON-lines files are streamed in chunks, never held whole: see _build); .parquet and .csv go through `datasets.load_dataset` (csv with every column read as a string,
-empty cells as ""), hub datasets through `datasets.load_dataset(name, config, split=split)`.
+1-based line (JSON-lines files are streamed in chunks, never held whole: see _build); .parquet and .csv go
+through `datasets.load_dataset` (csv with every column read as a string, empty cells as ""), hub datasets through `datasets.load_dataset(name, config, split=split)`.
 """
 
 from __future__ import annotations
@@ -363,7 +363,8 @@ def _finish(split: _Stream, cfg, renderer, seed: int, batch_size: int, *, weight
 
     if not split.valid:
         raise DataError(f"data: no usable examples in {[s.name for s in split.sources]} ({dict(split.bad.dropped)})")
-    docs = encode_documents(split.head, renderer, train_on_prompt=cfg.train_on_prompt, last_turn_only=cfg.last_turn_only)
+    docs = encode_documents(split.head, renderer, train_on_prompt=cfg.train_on_prompt,
+                            last_turn_only=cfg.last_turn_only)
     check_prompt_tokens(split.head, docs, renderer)
     dropped = Counter(split.bad.dropped)
     dropped.update(split.dropped)
@@ -451,7 +452,8 @@ def held_out(example, fraction: float) -> bool:
     """data.eval_fraction: the example goes to eval when its content hash falls below `fraction`."""
     import zlib
 
-    return zlib.crc32(json.dumps(example, sort_keys=True, ensure_ascii=False).encode()) % 1_000_000 < fraction * 1_000_000
+    digest = zlib.crc32(json.dumps(example, sort_keys=True, ensure_ascii=False).encode())
+    return digest % 1_000_000 < fraction * 1_000_000
 
 
 def add_rows(split: _Split, raw: RawSource, k: int, convert) -> None:
