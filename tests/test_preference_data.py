@@ -186,3 +186,18 @@ def test_hh_without_marker_and_skip_mode(tmp_path):
     md = report.to_markdown()
     assert "| pairs read | 8 |" in md and "| dropped | 5 (" in md and "| chosen |" in md and "| rejected |" in md
     json.loads(report.to_json())
+
+
+def test_demo_corruptions_are_always_wrong():
+    """Every task's fixed corruption differs from the answer, palindromes included ("w w w" once
+    stopped the DPO demo), over the demo's own training and held-out prompts."""
+    from sft_jax.data.demo_pairs import corrupt, demo_pair_examples, make_pairs
+
+    train, held_out = demo_pair_examples(4000, 500)
+    for ex in train + held_out:
+        assert corrupt(ex).strip() != ex["output"].strip(), ex
+    palindrome = {"task": "reverse", "instruction": "Reverse the letters.", "input": "w w w", "output": "w w w"}
+    assert corrupt(palindrome) == "w w w w"
+    assert corrupt(dict(palindrome, input="a b a", output="a b a")) == "b a a"
+    (row,) = make_pairs([palindrome])
+    assert row["rejected_source"] == "corrupted" and row["rejected"] != row["chosen"]

@@ -1,9 +1,11 @@
 """Preference pairs on the demo tasks (sft_jax.data.demo): chosen = the correct answer;
 rejected = the SFT model's own wrong greedy answer where it errs, else a fixed corruption:
 
-    reverse  -> not reversed (the input)          sort    -> one adjacent swap of the sorted digits
+    reverse  -> not reversed (the input)*         sort    -> one adjacent swap of the sorted digits
     larger   -> the smaller number                upper   -> lower case (the input)
     repeat   -> one repeat fewer                  context -> the other fact's answer
+
+    * a palindrome: rotated by one letter, or, if that is itself too ("w w w"), one letter added.
 
 Rows are TRL-style {"prompt": [messages], "chosen": str, "rejected": str} plus
 "task" and "rejected_source" ("model" | "corrupted"), which the data path ignores.
@@ -22,7 +24,10 @@ def corrupt(example: dict) -> str:
     """The task's fixed wrong answer for ``example`` (never equal to the correct one)."""
     task, text, answer = example["task"], example["input"], example["output"]
     if task == "reverse":
-        wrong = text if text != answer else " ".join(text.split()[1:] + text.split()[:1])
+        letters = text.split()
+        wrong = text if text != answer else " ".join(letters[1:] + letters[:1])
+        if wrong == answer:  # a palindrome whose rotation is itself ("w w w"): one letter too many
+            wrong = answer + " " + letters[-1]
     elif task == "sort":
         digits = answer.split()
         i = next((k for k in range(len(digits) - 1) if digits[k] != digits[k + 1]), None)
