@@ -144,15 +144,21 @@ def implicit_margins(policy_hf: Path, reference_hf: Path, pairs_file: Path, conf
         out.append(config.dpo.beta * (diff[:len(ids), 0] - diff[:len(ids), 1]))
     margins = np.concatenate(out)
     rows = held_out_rows(pairs_file)
-    keys = {_row_key({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}): k
-            for k, r in enumerate(rows)}
+    at = {}  # identical rows (the generator repeats some prompts) share one margin
+    for k, r in enumerate(rows):
+        at.setdefault(_row_key(r), []).append(k)
     result = np.full(len(rows), np.nan)
     for m, i in zip(margins, order):
-        result[keys[_row_key(dataset.pairs[i])]] = m
+        result[at[_row_key(dataset.pairs[i])]] = m
+    if np.isnan(result).any():
+        raise RuntimeError(f"{pairs_file}: {int(np.isnan(result).sum())} held-out pairs were not scored")
     return result
 
 
 def _row_key(pair: dict) -> str:
+    from sft_jax.data.preference import to_pair
+
+    pair = to_pair({k: pair[k] for k in ("prompt", "chosen", "rejected")}, "preference")
     return json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
 
 
