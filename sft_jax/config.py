@@ -190,6 +190,9 @@ class DPOSection:
     beta: float = 0.1  # strength of the KL regularisation to the reference
     loss_type: str = "sigmoid"  # sigmoid (Rafailov et al.) | ipo (Azar et al., on summed log-probs)
     label_smoothing: float = 0.0  # sigmoid only: assumed probability that a preference label is flipped
+    # weight of an SFT term on the chosen response, each pair's mean token NLL (RPO, Pang et al. 2024;
+    # TRL's rpo_alpha): keeps the chosen answers likely while the margin grows. 0: plain DPO
+    rpo_alpha: float = 0.0
     # compute the reference's log-probs of every training pair once, store them in the run
     # directory (keyed by example hash, reused on resume) instead of once per batch
     precompute_reference: bool = False
@@ -441,6 +444,8 @@ def _validate_preference(cfg: Config) -> None:
         raise ConfigError(f"dpo.beta={d.beta}: expected > 0")
     if not 0.0 <= d.label_smoothing < 0.5:
         raise ConfigError(f"dpo.label_smoothing={d.label_smoothing}: expected 0 <= label_smoothing < 0.5")
+    if not d.rpo_alpha >= 0.0:
+        raise ConfigError(f"dpo.rpo_alpha={d.rpo_alpha}: expected >= 0")
     if d.loss_type == "ipo" and d.label_smoothing:
         raise ConfigError("dpo.label_smoothing applies to dpo.loss_type=sigmoid only")
     if d.kl_prompts < 0:

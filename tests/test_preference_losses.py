@@ -15,7 +15,7 @@ from sft_jax.objectives import preference_losses as pl
 
 torch = pytest.importorskip("torch")
 logps_fn = jax.jit(pl.sequence_logps, static_argnums=2, static_argnames="loss_chunk")
-dpo_fn = jax.jit(pl.dpo_loss, static_argnames="loss_type")
+dpo_fn = jax.jit(pl.dpo_loss, static_argnames=("loss_type", "rpo_alpha"))
 scores_fn = jax.jit(pl.reward_scores, static_argnums=3)
 reward_loss_fn = jax.jit(pl.reward_loss)
 
@@ -52,8 +52,9 @@ def setup(tmp_path_factory):
     return policy, reference, (policy_hf, reference_hf), train, batch
 
 
-def _torch_logps(model, dataset, i):
-    """Summed response log-probs of pair i's two halves, each run alone through the HF model."""
+def _torch_logps(model, dataset, i, counts=None):
+    """Summed response log-probs of pair i's two halves, each run alone through the HF model
+    (their response token counts appended to ``counts``)."""
     out = []
     for half in (0, 1):
         tokens, _ = dataset.docs.doc(2 * i + half)
@@ -63,6 +64,8 @@ def _torch_logps(model, dataset, i):
             logp = torch.log_softmax(model(ids).logits.float(), -1)[0]
         picked = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
         out.append(float(picked[start - 1:].sum()))
+        if counts is not None:
+            counts.append(len(picked[start - 1:]))
     return out
 
 
@@ -115,6 +118,18 @@ def test_dpo_matches_torch_reference(setup):
         np.testing.assert_allclose(float(m["chosen_logratio"]), float((tp[:, 0] - tr[:, 0]).mean()), rtol=1e-5)
         assert float(m["reward_accuracy"]) == pytest.approx(float((rewards_c > rewards_r).double().mean()))
         assert float(m["pairs"]) == len(ROWS)
+    # RPO: plus alpha * the chosen response's mean token NLL, its token count read off the batch's layout
+    counts = {i: [] for i in where.values()}
+    for i in counts:
+        _torch_logps(policy_hf, dataset, i, counts[i])
+    chosen_tokens = jnp.asarray(pl.as_pairs(pl.sequence_tokens(jb))[..., 0])
+    for (r, j), i in where.items():
+        assert float(chosen_tokens[r, j]) == counts[i][0]
+    alpha = 0.5
+    nll = -tp[:, 0] / torch.tensor([counts[i][0] for i in sorted(where.values())], dtype=torch.float64)
+    loss, m = dpo_fn(pol, ref, jb["pair_mask"], beta=beta, rpo_alpha=alpha, chosen_tokens=chosen_tokens)
+    np.testing.assert_allclose(float(loss), float((-logsig(beta * h) + alpha * nll).mean()), rtol=1e-5)
+    np.testing.assert_allclose(float(m["nll"]), float(nll.mean()), rtol=1e-5)
     # accumulation: two halves of the pairs, each normalised by the global count, sum to the full loss
     full, _ = dpo_fn(pol, ref, jb["pair_mask"], beta=beta)
     mask_a = jb["pair_mask"] * (jnp.arange(jb["pair_mask"].shape[0])[:, None] % 2 == 0)

@@ -6,7 +6,8 @@ on every start and resume, placed beside the policy with the policy's shardings,
 gradient, no optimizer state and no checkpoint (so it stays bit-equal).
 
 Loss per pair (``preference_losses.dpo_loss`` over summed response log-probs): sigmoid,
-ipo, label smoothing as ``dpo.*`` says. The reference's log-probs are computed per batch,
+ipo, label smoothing, and the optional RPO term (``dpo.rpo_alpha``: the chosen response's mean
+token NLL) as ``dpo.*`` says. The reference's log-probs are computed per batch,
 or with ``dpo.precompute_reference`` once for every training pair before the first step
 and stored in ``OUTPUT_DIR/reference_logps/`` keyed by each pair's token hash (a resume
 reads them back, so it stays exact). Evaluation: held-out pair loss and reward accuracy,
@@ -31,7 +32,7 @@ from sft_jax.data.preference import assemble_pairs
 from sft_jax.model import GPT2, token_nll
 from sft_jax.objectives import sft
 from sft_jax.objectives.pairs import PAIR_AXES, PairData, summed
-from sft_jax.objectives.preference_losses import as_pairs, dpo_loss, sequence_logps
+from sft_jax.objectives.preference_losses import as_pairs, dpo_loss, sequence_logps, sequence_tokens
 
 REFERENCE_DIR = "reference_logps"
 KL_SEED = 1234  # sampling seed of the KL estimate (fixed: evaluations are comparable and resumable)
@@ -49,6 +50,8 @@ class DPOObjective(PairData, sft.SFTObjective):
         if self.dpo.precompute_reference:
             self.batch_axes["reference_logps"] = ("batch", None)
         self._reference_table = None
+        if self.dpo.rpo_alpha:  # the chosen responses' mean token NLL, logged beside the DPO metrics
+            self.metric_names = self.metric_names + ("nll",)
 
     # --- the frozen reference -------------------------------------------------------------------
     def frozen_params(self, mesh):
@@ -65,8 +68,12 @@ class DPOObjective(PairData, sft.SFTObjective):
             reference = batch["reference_logps"]
         else:
             reference = sequence_logps(frozen, batch, self.model_cfg, loss_chunk=self.loss_chunk)
+        tokens = None
+        if self.dpo.rpo_alpha:  # response tokens per sequence, for the chosen halves' mean NLL
+            tokens = as_pairs(sequence_tokens(batch))[..., 0]
         return dpo_loss(as_pairs(policy), as_pairs(reference), batch["pair_mask"], beta=self.dpo.beta,
-                        loss_type=self.dpo.loss_type, label_smoothing=self.dpo.label_smoothing, normalizer=1.0)
+                        loss_type=self.dpo.loss_type, label_smoothing=self.dpo.label_smoothing, normalizer=1.0,
+                        rpo_alpha=self.dpo.rpo_alpha, chosen_tokens=tokens)
 
     def loss(self, params, frozen, batch):
         total, metrics = self.pair_loss(params, frozen, batch)

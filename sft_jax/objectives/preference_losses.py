@@ -51,6 +51,11 @@ def sequence_logps(params, batch: dict, cfg: GPT2Config, *, loss_chunk: int = 0)
     return segment_sums(-nll * batch["weights"], batch["segment_ids"], num_sequences)
 
 
+def sequence_tokens(batch: dict) -> Array:
+    """Response (target) tokens per sequence, (R, 2Kp) float32, in the layout of sequence_logps."""
+    return segment_sums(batch["weights"].astype(jnp.float32), batch["segment_ids"], batch["reward_index"].shape[1])
+
+
 def as_pairs(per_sequence: Array) -> Array:
     """(R, 2Kp) -> (R, Kp, 2): [..., 0] chosen, [..., 1] rejected."""
     R, S = per_sequence.shape
@@ -73,12 +78,15 @@ def _finish(per_pair_loss: Array, mask: Array, normalizer, metrics: dict) -> tup
 
 
 def dpo_loss(policy_logps: Array, reference_logps: Array, pair_mask: Array, *, beta: float,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0, normalizer=None) -> tuple[Array, dict]:
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, normalizer=None,
+             rpo_alpha: float = 0.0, chosen_tokens: Array | None = None) -> tuple[Array, dict]:
     """DPO on summed response log-probs, each (..., 2) [chosen, rejected]; pair_mask (...).
 
     h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))
       sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps = label_smoothing)
       ipo:     (h - 1 / (2 beta))^2
+    plus, with rpo_alpha > 0, rpo_alpha * (-log pi(y_c) / chosen_tokens): the chosen response's mean token NLL
+    (its "nll" metric).
     Metrics: rewards beta * log-ratio of each half, their margin, reward accuracy (chosen reward > rejected),
     and chosen_logratio, the mean of log pi(y_c) - log ref(y_c) (nats, not scaled by beta).
     """
@@ -92,9 +100,14 @@ def dpo_loss(policy_logps: Array, reference_logps: Array, pair_mask: Array, *, b
         per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
     else:
         per_pair = jnp.square(h - 1.0 / (2.0 * beta))
+    extra = {}
+    if rpo_alpha:
+        nll = -policy_logps[..., 0] / jnp.maximum(chosen_tokens.astype(jnp.float32), 1.0)
+        per_pair = per_pair + rpo_alpha * nll
+        extra["nll"] = jax.lax.stop_gradient(nll)
     rewards = jax.lax.stop_gradient(beta * logratio)
     mask = pair_mask.astype(jnp.float32)
-    return _finish(per_pair, mask, normalizer, {
+    return _finish(per_pair, mask, normalizer, {**extra,
         "reward_accuracy": (rewards[..., 0] > rewards[..., 1]).astype(jnp.float32),
         "chosen_reward": rewards[..., 0],
         "rejected_reward": rewards[..., 1],
