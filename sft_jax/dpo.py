@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         from sft_jax import preference_demo
 
-        return preference_demo.dpo_demo()
+        preference_demo.dpo_demo()
+        return 0
     return run_command(argv, prog="python -m sft_jax.dpo", doc=__doc__.splitlines()[0], objective="dpo:DPOObjective",
                        default_config="dpo_demo")
 

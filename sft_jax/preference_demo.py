@@ -26,6 +26,7 @@ import numpy as np
 SFT_DIR = Path("runs/demo")
 PAIRS_DIR = Path("runs/demo_pairs")
 TRAIN_PROMPTS, HELDOUT_PROMPTS, EXACT_MATCH_PROMPTS = 4000, 500, 200
+SIZES = (TRAIN_PROMPTS, HELDOUT_PROMPTS, EXACT_MATCH_PROMPTS)  # the demo's; tests run smaller ones
 MAX_NEW_TOKENS = 16
 
 
@@ -60,21 +61,22 @@ def greedy_answers(hf_dir: Path, examples: list[dict]) -> list[str]:
     return out
 
 
-def ensure_pairs(hf_dir: Path) -> tuple[Path, Path]:
+def ensure_pairs(hf_dir: Path, sizes: tuple = SIZES) -> tuple[Path, Path]:
     from sft_jax.data.demo_pairs import demo_pair_examples, make_pairs, write_jsonl
 
     key = hashlib.sha1((hf_dir / "model.safetensors").read_bytes()).hexdigest()
     meta = PAIRS_DIR / "meta.json"
     train, held_out = PAIRS_DIR / "train.jsonl", PAIRS_DIR / "eval.jsonl"
-    if meta.is_file() and json.loads(meta.read_text()).get("sft_model") == key and train.is_file() and held_out.is_file():
+    made = json.loads(meta.read_text()) if meta.is_file() else {}
+    if made.get("sft_model") == key and made.get("prompts") == list(sizes[:2]) and train.is_file() and held_out.is_file():
         return train, held_out
     t0 = time.perf_counter()
     counts = {}
-    for examples, path in zip(demo_pair_examples(TRAIN_PROMPTS, HELDOUT_PROMPTS), (train, held_out)):
+    for examples, path in zip(demo_pair_examples(*sizes[:2]), (train, held_out)):
         rows = make_pairs(examples, greedy_answers(hf_dir, examples))
         write_jsonl(rows, path)
         counts[path.name] = {"pairs": len(rows), "model_made": sum(r["rejected_source"] == "model" for r in rows)}
-    meta.write_text(json.dumps({"sft_model": key, **counts}, indent=2))
+    meta.write_text(json.dumps({"sft_model": key, "prompts": list(sizes[:2]), **counts}, indent=2))
     print(f"sft_jax: wrote demo pairs to {PAIRS_DIR} in {time.perf_counter() - t0:.0f} s: {counts}", flush=True)
     return train, held_out
 
@@ -91,7 +93,9 @@ def by_source(correct: np.ndarray, rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def dpo_demo(overrides: tuple = ()) -> int:
+def dpo_demo(overrides: tuple = (), *, devices=None, sizes: tuple = SIZES) -> dict | None:
+    """Run the DPO demo (``overrides`` on configs/dpo_demo.yaml); its figures, printed and returned
+    (None if the run stopped early, e.g. on SIGTERM)."""
     from sft_jax.config import load_config
     from sft_jax.core import loop as core_loop
     from sft_jax.data.demo import exact_match, make_demo_examples
@@ -99,25 +103,25 @@ def dpo_demo(overrides: tuple = ()) -> int:
 
     t0 = time.perf_counter()
     sft_hf = ensure_sft_model()
-    _, held_out = ensure_pairs(sft_hf)
+    _, held_out = ensure_pairs(sft_hf, sizes)
     config = load_config("dpo_demo", list(overrides))
-    result = core_loop.run(config, DPOObjective)
+    result = core_loop.run(config, DPOObjective, devices=devices)
     if result.status != "done":
-        return 0
+        return None
     policy_hf = Path(config.run.output_dir) / "hf"
-    examples = make_demo_examples(HELDOUT_PROMPTS, config.train.seed, "heldout")[:EXACT_MATCH_PROMPTS]
+    examples = make_demo_examples(sizes[1], config.train.seed, "heldout")[:sizes[2]]
     refs = [ex["output"] for ex in examples]
     em_sft = exact_match(greedy_answers(sft_hf, examples), refs)
     em_dpo = exact_match(greedy_answers(policy_hf, examples), refs)
     rows = held_out_rows(held_out)
     margins = implicit_margins(policy_hf, sft_hf, held_out, config)
     accuracy = by_source(margins > 0, rows)
-    print(f"exact match on SFT's {EXACT_MATCH_PROMPTS} held-out prompts: SFT {em_sft:.3f}, DPO {em_dpo:.3f} "
+    print(f"exact match on SFT's {len(examples)} held-out prompts: SFT {em_sft:.3f}, DPO {em_dpo:.3f} "
           f"({'ok' if em_dpo >= em_sft - 0.01 else 'BELOW'} the bar SFT - 0.01)")
     print(f"preference accuracy on {len(rows)} held-out pairs (implicit reward of chosen > rejected): "
           + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     print(f"demo wall time: {time.perf_counter() - t0:.0f} s")
-    return 0
+    return {"exact_match_sft": em_sft, "exact_match_dpo": em_dpo, "accuracy": accuracy}
 
 
 def implicit_margins(policy_hf: Path, reference_hf: Path, pairs_file: Path, config) -> np.ndarray:
@@ -162,18 +166,19 @@ def _row_key(pair: dict) -> str:
     return json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
 
 
-def reward_demo(overrides: tuple = ()) -> int:
+def reward_demo(overrides: tuple = (), *, devices=None, sizes: tuple = SIZES) -> dict | None:
+    """Run the reward-model demo; its held-out accuracy, printed and returned (None: stopped early)."""
     from sft_jax.config import load_config
     from sft_jax.core import loop as core_loop
     from sft_jax.objectives.reward import RewardObjective
     from sft_jax.scoring import RewardScorer
 
     t0 = time.perf_counter()
-    _, held_out = ensure_pairs(ensure_sft_model())
+    _, held_out = ensure_pairs(ensure_sft_model(), sizes)
     config = load_config("reward_demo", list(overrides))
-    result = core_loop.run(config, RewardObjective)
+    result = core_loop.run(config, RewardObjective, devices=devices)
     if result.status != "done":
-        return 0
+        return None
     rows = held_out_rows(held_out)
     scorer = RewardScorer(Path(config.run.output_dir) / "hf")
     scores = scorer.score([r["prompt"] + [{"role": "assistant", "content": r[h]}] for r in rows
@@ -182,8 +187,8 @@ def reward_demo(overrides: tuple = ()) -> int:
     print(f"reward model accuracy on {len(rows)} held-out pairs (chosen scored higher): "
           + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     print(f"demo wall time: {time.perf_counter() - t0:.0f} s")
-    return 0
+    return {"accuracy": accuracy}
 
 
 if __name__ == "__main__":
-    sys.exit(dpo_demo())
+    dpo_demo()

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         from sft_jax import preference_demo
 
-        return preference_demo.reward_demo()
+        preference_demo.reward_demo()
+        return 0
     if argv[0] == "score":
         return score_main(argv[1:])
     from sft_jax.dpo import run_command

@@ -33,3 +33,16 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sft_demo(tmp_path_factory):
+    """``python -m sft_jax.train`` as shipped (the SFT demo, 400 steps, one plain CPU device), run
+    once per session: tests/test_train_demo.py checks it; the preference and RL demo tests start
+    from its model (``.out / "hf"``)."""
+    from train_fixtures import run_shipped_demo
+
+    return run_shipped_demo(tmp_path_factory.mktemp("sft_demo") / "demo")

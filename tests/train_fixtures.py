@@ -67,18 +67,19 @@ def losses(output_dir) -> dict[int, float]:
 
 
 def train_cli(args, env_extra=None, devices: int | None = 8, timeout=600, module="sft_jax.train", **popen):
-    """``python -m MODULE ARGS`` (default sft_jax.train) in a subprocess with ``devices`` fake
-    CPU devices (None: the plain single CPU device, as a user runs it)."""
+    """``python -m MODULE ARGS`` (default sft_jax.train; ``module=None``: ``python ARGS``) in a subprocess
+    with ``devices`` fake CPU devices (None: the plain single CPU device, as a user runs it)."""
     env = dict(os.environ, **(env_extra or {}))
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     if devices is not None:
         flags += f" --xla_force_host_platform_device_count={devices}"
     env["XLA_FLAGS"] = flags.strip()
     env.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = [sys.executable, "-m", module, *map(str, args)]
+    cmd = [sys.executable, *(["-m", module] if module else []), *map(str, args)]
+    cwd = popen.pop("cwd", REPO)
     if popen.pop("background", False):
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def fixed_batches(n: int, rows: int, length: int, vocab: int, seed: int = 0, supervised_fraction=0.5) -> list[dict]:
@@ -134,3 +135,15 @@ def assert_trees_equal(got, want, **tolerance):
             np.testing.assert_allclose(a, b, err_msg=jax.tree_util.keystr(path), **tolerance)
         else:
             np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def run_shipped_demo(out):
+    """The SFT demo exactly as shipped, in a subprocess on the plain single CPU device and without the
+    suite's -O0 flag; (out, the finished process, wall seconds)."""
+    import time
+    import types
+
+    t0 = time.perf_counter()
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f)
+    done = train_cli([f"run.output_dir={out}"], devices=None, timeout=1200, env_extra={"XLA_FLAGS": flags})
+    return types.SimpleNamespace(out=out, done=done, wall=time.perf_counter() - t0)
