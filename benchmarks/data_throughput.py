@@ -11,6 +11,9 @@ Each phase runs in a fresh python process, so its peak RSS is its own:
     build    build_datasets with data.cache=rebuild: tokenize in worker processes, write the cache
     cached   build_datasets with the cache present (memory-mapped), then the packing plan and the first batch:
              the data work a second run does before its first train step
+    floor    only what no build can skip: JSON-parse every line and BPE-tokenize its three texts (no
+             template, validation, length policy or writing), the fast tokenizer's batched call in
+             chunks of 2,048 rows using every core: a lower bound on any build's time on this machine
 
 "process" is the phase's whole wall time (imports included), CPU its user + system seconds over all its
 processes. Memory: "main" is the phase process's peak RSS (`ru_maxrss`); "workers" the largest peak (VmHWM) of its
@@ -113,9 +116,34 @@ class TreeMemory:
         return out
 
 
+def floor(args) -> dict:
+    """The floor phase (see the module doc): parse + tokenize only."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from transformers import PreTrainedTokenizerFast
+
+    backend = PreTrainedTokenizerFast.from_pretrained(os.path.join(args.workdir, "tokenizer")).backend_tokenizer
+    start, texts, tokens, rows = time.perf_counter(), [], 0, 0
+    with open(os.path.join(args.workdir, "alpaca.jsonl"), "rb") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["instruction"], row["input"], row["output"]]
+            rows += 1
+            if rows % 2048 == 0:
+                tokens += sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
+                texts = []
+    tokens += sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
+    return {"phase": "floor", "documents": rows, "tokens": tokens, "build_datasets_s": round(time.perf_counter() - start, 1),
+            "plan_and_first_batch_s": 0.0, "epoch_s": None, "efficiency": float("nan")}
+
+
 def phase(args) -> None:
     """One phase in this process; prints one JSON line."""
     memory = TreeMemory()
+    if args.phase == "floor":
+        result = floor(args)
+        memory.stop()
+        print(json.dumps({**result, **usage(memory)}), flush=True)
+        return
     from transformers import PreTrainedTokenizerFast
 
     from sft_jax.data import BatchIterator, DataConfig, build_datasets
@@ -140,13 +168,20 @@ def phase(args) -> None:
         "phase": args.phase, "documents": len(train), "tokens": int(train.offsets[-1]), "rows": it.rows_per_epoch,
         "efficiency": report.train.efficiency, "build_datasets_s": round(built - start, 1),
         "plan_and_first_batch_s": round(first - built, 1), "epoch_s": round(done - first, 1) if args.epoch else None,
+        **usage(memory),
+    }), flush=True)
+
+
+def usage(memory: TreeMemory) -> dict:
+    """CPU seconds and peak memory of this phase process and its children."""
+    return {
         "cpu_s": round(sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
                            for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)), 1),
         "peak_rss_mb": round(peak_mb(resource.RUSAGE_SELF)),
         "worker_peak_rss_mb": round(max(memory.worker_peak_mb.values(), default=0)),
         "workers": len(memory.worker_peak_mb), "all_peak_rss_mb": round(memory.all_mb),
         "sum_of_peaks_mb": round(peak_mb(resource.RUSAGE_SELF) + sum(memory.worker_peak_mb.values())),
-    }), flush=True)
+    }
 
 
 def main() -> None:
@@ -178,7 +213,8 @@ def main() -> None:
                   f"{r['plan_and_first_batch_s']:5.1f} s | peak RSS: all {r['all_peak_rss_mb']:5d} MB, main "
                   f"{r['peak_rss_mb']:5d} MB, {r['workers']} child processes {r['worker_peak_rss_mb']} MB each at most (main + "
                   f"workers {r['sum_of_peaks_mb']} MB) | process {time.perf_counter() - start:5.1f} s, CPU {r['cpu_s']} s | "
-                  f"{r['documents']} docs, {r['tokens']} tokens, packing efficiency {r['efficiency']:.1%}"
+                  f"{r['documents']} docs, {r['tokens']} tokens, packing efficiency "
+                  + (f"{r['efficiency']:.1%}" if r["efficiency"] == r["efficiency"] else "-")
                   + (f" | one epoch {r['epoch_s']} s" if r["epoch_s"] is not None else ""), flush=True)
 
 
