@@ -90,3 +90,45 @@ def test_first_update_ratio_is_one_and_rollout_logps_match_the_model(tmp_path, a
     else:
         assert abs(batch["advantages"][mask].mean()) < 1e-5  # whitened over the rollout (one mini-batch)
     assert second["ratio_dev"] > 0  # the second epoch sees the moved policy
+
+
+@pytest.mark.parametrize("advantage,group_size", [("gae", 1), ("grpo", 4)])
+def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size):
+    """``python -m sft_jax.ppo`` killed (SIGKILL) right after its step-2 checkpoint, then rerun: the
+    resumed run ends bit-equal to an uninterrupted one (actor, critic, Adam state, every logged loss
+    and rollout, and the adaptive KL controller's beta), on the plain single CPU device. Checkpoints
+    fall at rollout ends (2 updates per rollout), where the rerun samples the next rollout from the
+    restored parameters with that rollout's own seed."""
+    from sft_jax import checkpoint as ckpt
+    from train_fixtures import train_cli, write_tiny_yaml
+
+    def config(name):
+        return write_tiny_yaml(
+            tmp_path / f"{name}.yaml", tmp_path / name, "train.steps=6", f"ppo.advantage={advantage}",
+            f"ppo.rollout_prompts={4 // group_size}", f"ppo.group_size={group_size}", "ppo.epochs=2",
+            "train.global_batch_size=4", "ppo.prompt_length=40", "ppo.max_new_tokens=8", "ppo.eval_kl_prompts=0",
+            "ppo.kl_target=0.05", "ppo.kl_horizon=100", "checkpoint.every=2", "checkpoint.keep=10",
+            "optim.warmup_steps=0", cache_dir=tmp_path / "xla_cache")
+
+    def final(run):
+        out = ckpt.restore(run / "checkpoints", step=6, with_opt_state=True)
+        return jax.device_get(out["params"]), jax.device_get(out["opt_state"])
+
+    done = train_cli(["--config", config("straight")], devices=None, module="sft_jax.ppo")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    killed = config("killed")
+    first = train_cli(["--config", killed], devices=None, module="sft_jax.ppo",
+                      env_extra={"SFT_JAX_TEST_KILL": "2:after_save"})
+    assert first.returncode == -9 and ckpt.latest_step(tmp_path / "killed" / "checkpoints") == 2
+    logged = metrics(tmp_path / "killed")
+    assert [r["step"] for r in logged] == [1, 2]
+    second = train_cli(["--config", killed], devices=None, module="sft_jax.ppo")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # a resume, not a restart: the two records before the kill are the first run's
+    assert metrics(tmp_path / "killed")[:2] == logged
+    timing = lambda k: k == "time" or k.endswith(("_s", "_per_s")) or k == "host_peak_rss_bytes"  # noqa: E731
+    strip = lambda records: [{k: v for k, v in r.items() if not timing(k)} for r in records]  # noqa: E731
+    for split in ("train", "rollout"):
+        assert strip(metrics(tmp_path / "killed", split)) == strip(metrics(tmp_path / "straight", split)), split
+    for a, b in zip(jax.tree.leaves(final(tmp_path / "killed")), jax.tree.leaves(final(tmp_path / "straight"))):
+        np.testing.assert_array_equal(a, b)
