@@ -26,30 +26,49 @@ def length_reward(prompts, responses, examples):
     return [float(len(r)) for r in responses]
 
 
-def ppo_run(out, advantage, group_size, rows):
+def ppo_run(out, advantage, group_size, rows, *extra, devices=None, feed=None):
+    """Two updates on one rollout; (config, result, each step's batch as trained on). ``feed``: the
+    batches to train on instead of the rollout's own (a test hook after the rollout)."""
     seen = {}
 
     def keep(step, batch):
+        if feed is not None:
+            batch = {k: np.array(v) for k, v in feed[step].items()}
         seen.setdefault(step, {k: np.array(v) for k, v in batch.items()})
         return batch
 
     cfg = tiny_config(out, "train.steps=2", f"ppo.advantage={advantage}", f"ppo.rollout_prompts={rows // group_size}",
                       f"ppo.group_size={group_size}", "ppo.prompt_length=40", "ppo.max_new_tokens=8", "ppo.epochs=2",
                       f"train.global_batch_size={rows}", "ppo.reward_fn=test_ppo:length_reward",
-                      "ppo.eval_kl_prompts=0", "train.resume=never", "optim.warmup_steps=0")
-    result = ppo.run(cfg, devices=jax.devices()[:1], batch_transform=keep)
+                      "ppo.eval_kl_prompts=0", "train.resume=never", "optim.warmup_steps=0", *extra)
+    result = ppo.run(cfg, devices=jax.devices()[:1] if devices is None else devices, batch_transform=keep)
     return cfg, result, seen
 
 
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """``get(advantage, group_size)``: (output dir, config, result, batches) of ppo_run on one device
+    with 8 rows, run once per module and shared by the tests below."""
+    runs = {}
+
+    def get(advantage, group_size):
+        if (advantage, group_size) not in runs:
+            out = tmp_path_factory.mktemp(f"one_device_{advantage}")
+            runs[advantage, group_size] = (out, *ppo_run(out, advantage, group_size, 8))
+        return runs[advantage, group_size]
+
+    return get
+
+
 @pytest.mark.parametrize("advantage,group_size", [("gae", 1), ("grpo", 4)])
-def test_first_update_ratio_is_one_and_rollout_logps_match_the_model(tmp_path, advantage, group_size):
-    cfg, result, seen = ppo_run(tmp_path / advantage, advantage, group_size, rows=8)
+def test_first_update_ratio_is_one_and_rollout_logps_match_the_model(one_device, advantage, group_size):
+    out, cfg, result, seen = one_device(advantage, group_size)
     assert result.status == "done" and result.step == 2
-    first, second = metrics(tmp_path / advantage)[:2]
+    first, second = metrics(out)[:2]
     # step 1 = the first epoch's first mini-batch: the policy is the one that sampled it
     assert abs(first["ratio"] - 1.0) < 1e-5 and first["ratio_dev"] < 1e-5
     assert first["clipfrac"] == 0.0 and abs(first["kl"]) < 1e-5  # the reference is the start
-    (rollout,) = metrics(tmp_path / advantage, "rollout")
+    (rollout,) = metrics(out, "rollout")
     batch = seen[0]
     mask = batch["mask"].astype(bool)
     # masks: from the last prompt slot up to and including the response's EOS (or the limit)
@@ -90,6 +109,32 @@ def test_first_update_ratio_is_one_and_rollout_logps_match_the_model(tmp_path, a
     else:
         assert abs(batch["advantages"][mask].mean()) < 1e-5  # whitened over the rollout (one mini-batch)
     assert second["ratio_dev"] > 0  # the second epoch sees the moved policy
+
+
+@pytest.mark.parametrize("advantage,group_size", [("gae", 1), ("grpo", 4)])
+def test_updates_on_a_mesh_match_one_device(one_device, tmp_path, advantage, group_size):
+    """The same fed-in rollout trained on by one device and by a (data 2, fsdp 2, tensor 2) mesh of
+    8: every logged number of both updates (loss, ratio, KL, clip fractions, value loss, gradient
+    norm, ...) agrees to 1e-5 relative; the second update's depend on the first's result."""
+    one_dir, one_cfg, one, rollout = one_device(advantage, group_size)
+    assert tuple(one_cfg.mesh.shape) == (-1, 1, 1)  # on one device: (1, 1, 1)
+    _, mesh, seen = ppo_run(tmp_path / "mesh", advantage, group_size, 8, "mesh.shape=[2,2,2]",
+                            devices=jax.devices(), feed=rollout)
+    assert one.status == mesh.status == "done" and len(jax.devices()) == 8
+    for step in (0, 1):
+        assert sorted(seen[step]) == sorted(rollout[step])
+        for key in rollout[step]:
+            np.testing.assert_array_equal(seen[step][key], rollout[step][key])
+    timing = lambda k: k == "time" or k.endswith(("_s", "_per_s")) or k == "host_peak_rss_bytes"  # noqa: E731
+    a, b = metrics(one_dir), metrics(tmp_path / "mesh")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    keys = sorted(k for k, v in a[0].items() if isinstance(v, (int, float)) and not timing(k) and k != "step")
+    assert {"loss", "ratio", "kl", "grad_norm"} <= set(keys) and (advantage == "grpo" or "value_loss" in keys), keys
+    for ra, rb in zip(a, b):
+        for key in keys:
+            # atol: GRPO's first loss is a sum of O(1) terms that cancel to ~1e-7 (ratio 1, zero-mean advantages)
+            np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-6, err_msg=f"step {ra['step']} {key}")
+    assert a[1]["grad_norm"] != a[0]["grad_norm"]  # the second update saw the first's parameters
 
 
 @pytest.mark.parametrize("advantage,group_size", [("gae", 1), ("grpo", 4)])
