@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +24,7 @@ import numpy as np
 
 SFT_DIR = Path("runs/demo")
 PAIRS_DIR = Path("runs/demo_pairs")
-TRAIN_PROMPTS, HELDOUT_PROMPTS, EXACT_MATCH_PROMPTS = 4000, 500, 200
-SIZES = (TRAIN_PROMPTS, HELDOUT_PROMPTS, EXACT_MATCH_PROMPTS)  # the demo's; tests run smaller ones
+SIZES = (4000, 500, 200)  # training prompts, held-out pairs, exact-match prompts (tests run smaller ones)
 MAX_NEW_TOKENS = 16
 
 

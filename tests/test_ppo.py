@@ -45,6 +45,11 @@ def ppo_run(out, advantage, group_size, rows, *extra, devices=None, feed=None):
     return cfg, result, seen
 
 
+def timing(key: str) -> bool:
+    """A metrics field that measures time or host memory (differs between identical runs)."""
+    return key == "time" or key.endswith(("_s", "_per_s")) or key == "host_peak_rss_bytes"
+
+
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
     """``get(advantage, group_size)``: (output dir, config, result, batches) of ppo_run on one device
@@ -125,7 +130,6 @@ def test_updates_on_a_mesh_match_one_device(one_device, tmp_path, advantage, gro
         assert sorted(seen[step]) == sorted(rollout[step])
         for key in rollout[step]:
             np.testing.assert_array_equal(seen[step][key], rollout[step][key])
-    timing = lambda k: k == "time" or k.endswith(("_s", "_per_s")) or k == "host_peak_rss_bytes"  # noqa: E731
     a, b = metrics(one_dir), metrics(tmp_path / "mesh")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
     keys = sorted(k for k, v in a[0].items() if isinstance(v, (int, float)) and not timing(k) and k != "step")
@@ -171,7 +175,6 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     # a resume, not a restart: the two records before the kill are the first run's
     assert metrics(tmp_path / "killed")[:2] == logged
-    timing = lambda k: k == "time" or k.endswith(("_s", "_per_s")) or k == "host_peak_rss_bytes"  # noqa: E731
     strip = lambda records: [{k: v for k, v in r.items() if not timing(k)} for r in records]  # noqa: E731
     for split in ("train", "rollout"):
         assert strip(metrics(tmp_path / "killed", split)) == strip(metrics(tmp_path / "straight", split)), split
