@@ -144,6 +144,9 @@ class RunSection:
     wandb_name: Optional[str] = None  # the W&B run name; null = wandb's own
 
 
+DEFAULT_REWARD_FN = "sft_jax.data.demo:exact_match_reward"
+
+
 @dataclasses.dataclass(frozen=True)
 class PPOSection:
     """RL fine-tuning (``python -m sft_jax.ppo``). One rollout = ``rollout_prompts`` prompts x
@@ -152,7 +155,12 @@ class PPOSection:
     optimizer steps (``train.steps`` counts optimizer steps)."""
 
     advantage: str = "gae"  # gae (PPO with a critic) | grpo (group-relative, no critic)
-    reward_fn: str = "sft_jax.data.demo:exact_match_reward"  # module:function(prompts, responses, examples)
+    # the reward: a function module:function(prompts, responses, examples) -> list[float], or a
+    # reward model (an HF GPT2ForSequenceClassification dir, e.g. python -m sft_jax.reward's
+    # OUTPUT_DIR/hf). Set one; with neither, the demo's exact-match function (DEFAULT_REWARD_FN)
+    reward_fn: Optional[str] = None
+    reward_model: Optional[str] = None
+    reward_norm: bool = False  # normalise rewards by a running mean and std (kept in checkpoints)
     rollout_prompts: int = 16  # prompts per rollout
     group_size: int = 1  # answers sampled per prompt (GRPO: the group, e.g. 8)
     epochs: int = 2  # passes over each rollout batch
@@ -169,7 +177,10 @@ class PPOSection:
     value_coef: float = 0.5  # weight of the critic's loss in the summed loss
     whiten_advantages: bool = True  # PPO: whiten advantages over the rollout's response tokens
     eos_penalty: float = -1.0  # added to the reward of answers that do not end in EOS
-    critic_init: str = "actor"  # actor (the SFT model's trunk + a zero value head) | scratch
+    # actor (the SFT model's trunk + a zero value head) | reward (ppo.reward_model's trunk and
+    # head: it must have the actor's architecture) | scratch
+    critic_init: str = "actor"
+    critic_lr: Optional[float] = None  # the critic's peak learning rate (same schedule); null: optim.lr
     eval_kl_prompts: int = 64  # held-out prompts sampled at temperature 1 for the KL metric
 
 
@@ -424,7 +435,10 @@ def _validate_ppo(cfg: Config) -> None:
         raise ConfigError(f"ppo.advantage={p.advantage!r}: choose gae or grpo")
     if p.kl_estimator not in ("k1", "k3"):
         raise ConfigError(f"ppo.kl_estimator={p.kl_estimator!r}: choose k1 or k3")
-    if ":" not in p.reward_fn:
+    if p.reward_fn is not None and p.reward_model is not None:
+        raise ConfigError(f"ppo.reward_fn={p.reward_fn!r} and ppo.reward_model={p.reward_model!r} are both set: "
+                          f"choose one reward")
+    if p.reward_fn is not None and ":" not in p.reward_fn:
         raise ConfigError(f"ppo.reward_fn={p.reward_fn!r}: expected module:function")
     if min(p.rollout_prompts, p.group_size, p.epochs, p.prompt_length, p.max_new_tokens) < 1:
         raise ConfigError("ppo.rollout_prompts, group_size, epochs, prompt_length, max_new_tokens must be >= 1")
@@ -432,8 +446,12 @@ def _validate_ppo(cfg: Config) -> None:
         raise ConfigError(f"ppo.group_size={p.group_size}: GRPO needs >= 2 answers per prompt")
     if p.kl_target is not None and p.kl_target <= 0:
         raise ConfigError("ppo.kl_target must be > 0 (or null for a fixed ppo.kl_coef)")
-    if p.critic_init not in ("actor", "scratch"):
-        raise ConfigError(f"ppo.critic_init={p.critic_init!r}: choose actor or scratch")
+    if p.critic_init not in ("actor", "reward", "scratch"):
+        raise ConfigError(f"ppo.critic_init={p.critic_init!r}: choose actor, reward or scratch")
+    if p.critic_init == "reward" and p.reward_model is None:
+        raise ConfigError("ppo.critic_init=reward needs ppo.reward_model (the model the critic starts from)")
+    if p.critic_lr is not None and p.critic_lr < 0:
+        raise ConfigError(f"ppo.critic_lr={p.critic_lr}: expected >= 0 (or null for optim.lr)")
 
 
 def _validate_preference(cfg: Config) -> None:

@@ -119,12 +119,46 @@ def write_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, Path]]:
                                                 right_label="clip ratio (kept fraction)")),
         ("Throughput", "throughput.png", dict(left=[("tokens/s", *_series(train, "tokens_per_s"))], ylabel="tokens/s",
                                               right=("MFU", *_series(train, "mfu")), right_label="MFU")),
+        ("Held-out exact match", "exact_match.png", dict(left=[("greedy exact match", *_series(evals, "exact_match"))],
+                                                         ylabel="exact match")),
+        *rl_figures(train, evals, [r for r in records if r.get("split") == "rollout"]),
     ]
     written = []
     for title, name, kwargs in figures:
         if _plot(plot_dir / name, title, **kwargs):
             written.append((title, plot_dir / name))
     return written
+
+
+def rl_figures(train: list[dict], evals: list[dict], rollouts: list[dict]) -> list[tuple[str, str, dict]]:
+    """PPO/GRPO's curves (``python -m sft_jax.ppo``): each rollout's statistics and the
+    updates' losses; none for runs without rollouts."""
+    if not rollouts:
+        return []
+    with_critic = any("explained_variance" in r for r in rollouts)  # PPO; GRPO has no critic
+    figures = [
+        ("RL: reward", "rl_reward.png", dict(
+            left=[("rollout reward (mean)", *_series(rollouts, "reward_mean")),
+                  ("held-out sampled reward", *_series(evals, "eval_sampled_reward"))], ylabel="reward",
+            right=("rollout reward (std)", *_series(rollouts, "reward_std")), right_label="std")),
+        ("RL: KL to the reference", "rl_kl.png", dict(
+            left=[("rollout KL per response", *_series(rollouts, "kl_per_response")),
+                  ("held-out KL per response (T=1)", *_series(evals, "eval_kl_per_response"))], ylabel="nat",
+            right=("beta", *_series(rollouts, "beta")), right_label="beta")),
+        ("RL: policy updates", "rl_policy.png", dict(
+            left=[("clip fraction", *_series(train, "clipfrac")), ("|ratio - 1|", *_series(train, "ratio_dev"))],
+            ylabel="fraction", right=("entropy", *_series(train, "entropy")), right_label="entropy (nat/token)")),
+        ("RL: critic", "rl_critic.png", dict(
+            left=[("value loss", *_series(train, "value_loss"))], ylabel="value loss",
+            right=("explained variance", *_series(rollouts, "explained_variance")), right_label="explained variance")),
+        ("RL: responses", "rl_responses.png", dict(
+            left=[("response length (tokens)", *_series(rollouts, "response_length"))], ylabel="tokens",
+            right=("no-EOS penalty rate", *_series(rollouts, "eos_penalty_rate")), right_label="rate")),
+        ("RL: time per iteration", "rl_time.png", dict(
+            left=[("rollout (sample + score)", *_series(rollouts, "rollout_time_s")),
+                  ("one update", *_series(train, "step_time_s"))], ylabel="seconds")),
+    ]
+    return [f for f in figures if with_critic or f[1] != "rl_critic.png"]
 
 
 def _summary_table(summary: dict) -> str:

@@ -174,7 +174,7 @@ def test_report_embeds_plots_summary_and_data_report(tmp_path):
     report = write_report(tmp_path, data_report_md="## Data\n\n| split | rows |\n| --- | --- |\n| train | 123 |",
                           summary={"wall_time_s": 75.0, "run": "unit-test"})
     text = report.read_text()
-    for name in ("loss", "lr", "grad_norm", "throughput"):
+    for name in ("loss", "lr", "grad_norm", "throughput", "exact_match"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f"](plots/{name}.png)" in text
@@ -187,6 +187,7 @@ def test_report_embeds_plots_summary_and_data_report(tmp_path):
     assert "| wall time | 1m15s |" in text
     assert "| run | unit-test |" in text
     assert "| train | 123 |" in text and "The answer is 4." in text
+    assert "rl_" not in text  # no rollouts: no RL figures
 
 
 def test_report_copes_with_missing_keys(tmp_path):

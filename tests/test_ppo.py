@@ -8,6 +8,8 @@ masks against the sampled responses' own EOS positions."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,7 @@ def ppo_run(out, advantage, group_size, rows, *extra, devices=None, feed=None):
 
     def keep(step, batch):
         if feed is not None:
+            seen["sampled", step] = {k: np.array(v) for k, v in batch.items()}  # the run's own rollout
             batch = {k: np.array(v) for k, v in feed[step].items()}
         seen.setdefault(step, {k: np.array(v) for k, v in batch.items()})
         return batch
@@ -114,20 +117,41 @@ def test_first_update_ratio_is_one_and_rollout_logps_match_the_model(one_device,
     else:
         assert abs(batch["advantages"][mask].mean()) < 1e-5  # whitened over the rollout (one mini-batch)
     assert second["ratio_dev"] > 0  # the second epoch sees the moved policy
+    # report.md shows the rollout statistics and the updates (the critic's only for PPO)
+    report = (out / "report.md").read_text()
+    figures = ["rl_reward", "rl_kl", "rl_policy", "rl_responses", "rl_time"] + ["rl_critic"] * (advantage == "gae")
+    for name in figures:
+        assert f"](plots/{name}.png)" in report and (out / "plots" / f"{name}.png").stat().st_size > 0
+    assert advantage == "gae" or "rl_critic" not in report
 
 
 @pytest.mark.parametrize("advantage,group_size", [("gae", 1), ("grpo", 4)])
-def test_updates_on_a_mesh_match_one_device(one_device, tmp_path, advantage, group_size):
+def test_updates_on_a_mesh_match_one_device(one_device, tmp_path, monkeypatch, advantage, group_size):
     """The same fed-in rollout trained on by one device and by a (data 2, fsdp 2, tensor 2) mesh of
     8: every logged number of both updates (loss, ratio, KL, clip fractions, value loss, gradient
-    norm, ...) agrees to 1e-5 relative; the second update's depend on the first's result."""
+    norm, ...) agrees to 1e-5 relative; the second update's depend on the first's result. The
+    mesh's own rollout was sampled and scored with its rows split over the 4 data-parallel
+    devices, and is the one device's rollout."""
+    from sft_jax.objectives import ppo as ppo_objective
+
+    placed = []  # (global shape, one device's shard shape, spec) of every array the rollout brought back
+    to_host = ppo_objective.to_host
+    monkeypatch.setattr(ppo_objective, "to_host", lambda x: (
+        placed.append((x.shape, x.addressable_shards[0].data.shape, x.sharding.spec)), to_host(x))[1])
     one_dir, one_cfg, one, rollout = one_device(advantage, group_size)
     assert tuple(one_cfg.mesh.shape) == (-1, 1, 1)  # on one device: (1, 1, 1)
+    placed.clear()
     _, mesh, seen = ppo_run(tmp_path / "mesh", advantage, group_size, 8, "mesh.shape=[2,2,2]",
                             devices=jax.devices(), feed=rollout)
     assert one.status == mesh.status == "done" and len(jax.devices()) == 8
+    # sampled tokens, then log-probs, reference log-probs, values, entropy, reward scores: 8 rows, 2 per device
+    assert len(placed) == 6 and all(shape[0] == 8 and shard[0] == 2 and spec[0] == ("data", "fsdp")
+                                    for shape, shard, spec in placed), placed
+    own = seen["sampled", 0]
+    np.testing.assert_array_equal(own["tokens"], rollout[0]["tokens"])
+    np.testing.assert_allclose(own["old_logp"], rollout[0]["old_logp"], rtol=1e-5, atol=1e-5)
     for step in (0, 1):
-        assert sorted(seen[step]) == sorted(rollout[step])
+        assert sorted(seen[step]) == sorted(rollout[step]) == sorted(own)
         for key in rollout[step]:
             np.testing.assert_array_equal(seen[step][key], rollout[step][key])
     a, b = metrics(one_dir), metrics(tmp_path / "mesh")
@@ -145,33 +169,36 @@ def test_updates_on_a_mesh_match_one_device(one_device, tmp_path, advantage, gro
 def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size):
     """``python -m sft_jax.ppo`` killed (SIGKILL) right after its step-2 checkpoint, then rerun: the
     resumed run ends bit-equal to an uninterrupted one (actor, critic, Adam state, every logged loss
-    and rollout, and the adaptive KL controller's beta), on the plain single CPU device. Checkpoints
+    and rollout, the adaptive KL controller's beta and the reward normaliser's running moments), on
+    the plain single CPU device. Checkpoints
     fall at rollout ends (2 updates per rollout), where the rerun samples the next rollout from the
     restored parameters with that rollout's own seed."""
     from sft_jax import checkpoint as ckpt
-    from train_fixtures import train_cli, write_tiny_yaml
+    from train_fixtures import REPO, train_cli, write_tiny_yaml
+
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # length_reward
 
     def config(name):
         return write_tiny_yaml(
             tmp_path / f"{name}.yaml", tmp_path / name, "train.steps=6", f"ppo.advantage={advantage}",
             f"ppo.rollout_prompts={4 // group_size}", f"ppo.group_size={group_size}", "ppo.epochs=2",
             "train.global_batch_size=4", "ppo.prompt_length=40", "ppo.max_new_tokens=8", "ppo.eval_kl_prompts=0",
-            "ppo.kl_target=0.05", "ppo.kl_horizon=100", "checkpoint.every=2", "checkpoint.keep=10",
-            "optim.warmup_steps=0", cache_dir=tmp_path / "xla_cache")
+            "ppo.kl_target=0.05", "ppo.kl_horizon=100", "ppo.reward_fn=test_ppo:length_reward", "ppo.reward_norm=true",
+            "checkpoint.every=2", "checkpoint.keep=10", "optim.warmup_steps=0", cache_dir=tmp_path / "xla_cache")
 
     def final(run):
         out = ckpt.restore(run / "checkpoints", step=6, with_opt_state=True)
         return jax.device_get(out["params"]), jax.device_get(out["opt_state"])
 
-    done = train_cli(["--config", config("straight")], devices=None, module="sft_jax.ppo")
+    done = train_cli(["--config", config("straight")], env, devices=None, module="sft_jax.ppo")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     killed = config("killed")
     first = train_cli(["--config", killed], devices=None, module="sft_jax.ppo",
-                      env_extra={"SFT_JAX_TEST_KILL": "2:after_save"})
+                      env_extra={**env, "SFT_JAX_TEST_KILL": "2:after_save"})
     assert first.returncode == -9 and ckpt.latest_step(tmp_path / "killed" / "checkpoints") == 2
     logged = metrics(tmp_path / "killed")
     assert [r["step"] for r in logged] == [1, 2]
-    second = train_cli(["--config", killed], devices=None, module="sft_jax.ppo")
+    second = train_cli(["--config", killed], env, devices=None, module="sft_jax.ppo")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     # a resume, not a restart: the two records before the kill are the first run's
     assert metrics(tmp_path / "killed")[:2] == logged
@@ -180,3 +207,81 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size):
         assert strip(metrics(tmp_path / "killed", split)) == strip(metrics(tmp_path / "straight", split)), split
     for a, b in zip(jax.tree.leaves(final(tmp_path / "killed")), jax.tree.leaves(final(tmp_path / "straight"))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
+    """PPO with ``ppo.reward_model`` (an HF GPT2ForSequenceClassification export), the critic
+    started from it (``ppo.critic_init=reward``) and frozen (``ppo.critic_lr=0``), and reward
+    normalisation. References: transformers' scores of each prompt + answer + EOS (pad = EOS,
+    so it reads the last token that is not EOS); NumPy's mean and std of the rollout's rewards;
+    the reward model's own weights."""
+    import torch
+    from transformers import GPT2ForSequenceClassification
+
+    from sft_jax import checkpoint as ckpt
+    from sft_jax.hf_reward import export_reward_hf, load_reward_hf
+    from sft_jax.objectives.preference_losses import init_reward_head
+
+    probe = tiny_config(tmp_path / "probe")
+    model_cfg, tokenizer, _ = model_and_tokenizer(probe)
+    trunk = sft.init_params(model_cfg, jax.random.key(7))
+    head = jax.tree.map(lambda k: 50.0 * k, init_reward_head(model_cfg, jax.random.key(8)))  # scores of order 1
+    export_reward_hf(trunk, head, model_cfg, tmp_path / "rm", tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+    cfg, result, seen = ppo_run(tmp_path / "run", "gae", 1, 8, f"ppo.reward_model={tmp_path / 'rm'}",
+                                "ppo.critic_init=reward", "ppo.critic_lr=0", "ppo.reward_norm=true", "ppo.reward_fn=null")
+    assert result.status == "done"
+    batch, P, eos = seen[0], cfg.ppo.prompt_length, tokenizer.eos_token_id
+    hf_model = GPT2ForSequenceClassification.from_pretrained(str(tmp_path / "rm"), dtype=torch.float32).eval()
+    want = []
+    for i, (row, segments) in enumerate(zip(batch["tokens"], batch["segment_ids"])):
+        real = [int(t) for t, s in zip(row, segments) if s]  # prompt + answer (+ its EOS)
+        n_prompt = int(segments[:P].sum())
+        body = real[:n_prompt] + [t for t in real[n_prompt:] if t != eos]
+        with torch.no_grad():
+            want.append(float(hf_model(torch.tensor([body + [eos]])).logits[0, 0]))
+            # the critic starts as the reward model: its value at each answer position is the
+            # reward model's score of the text up to there (the head read at every position)
+            per_position = hf_model.score(hf_model.transformer(torch.tensor([body])).last_hidden_state)[0, :, 0]
+        answer = np.flatnonzero(batch["mask"][i])
+        np.testing.assert_allclose(batch["old_values"][i, answer], per_position.numpy()[answer - (P - n_prompt)],
+                                   rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batch["reward"], want, rtol=1e-4, atol=1e-4)
+    assert np.std(want) > 0.1  # the answers' scores differ: a wrong read position would show
+    # the first rollout is normalised by its own mean and std; answers without EOS get the penalty
+    no_eos = ~np.any(batch["tokens"][:, P:] == eos, axis=1)
+    np.testing.assert_allclose(batch["score"], (batch["reward"] - np.mean(want)) / (np.std(want) + 1e-6)
+                               + cfg.ppo.eos_penalty * no_eos, rtol=1e-4, atol=1e-4)
+    (rollout,) = metrics(tmp_path / "run", "rollout")
+    assert rollout["reward_mean"] == pytest.approx(np.mean(want), abs=1e-4)
+    # critic_lr=0: after both updates the critic is still the reward model, bit for bit; the actor moved
+    final = jax.device_get(ckpt.restore(tmp_path / "run" / "checkpoints", step=2)["params"])
+    _, rm_trunk, rm_head = load_reward_hf(tmp_path / "rm")
+    for a, b in zip(jax.tree.leaves(final["critic"]["trunk"]), jax.tree.leaves(rm_trunk["params"])):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(final["critic"]["head"]["kernel"], np.asarray(rm_head["score"]["kernel"])[:, 0])
+    start = jax.device_get(sft.init_params(model_cfg, jax.random.key(cfg.train.seed))["params"])
+    assert not np.array_equal(final["params"]["wte"], start["wte"])
+
+    # answers that end in EOS early, late, at once, or never (sampling from the tiny model
+    # rarely ends one): the reward model reads each at its last token that is not EOS
+    from types import SimpleNamespace
+
+    from sft_jax import sharding as shd
+    from sft_jax.objectives.ppo import PPOObjective
+
+    objective = PPOObjective(cfg, model_cfg, tokenizer)
+    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+    frozen, _ = objective.frozen_params(mesh)
+    loop = SimpleNamespace(mesh=mesh, frozen=frozen, state=SimpleNamespace(params=final))
+    prompt_tokens, lengths, prompt_ids = objective.prompt_rows(objective.build_data().eval_data.examples[:4], 1)
+    N = cfg.ppo.max_new_tokens
+    answers = np.array([[5 + i for i in range(N)]] * 4, np.int32)
+    for row, end in zip(answers, (2, N - 1, 0)):
+        row[end:] = eos
+    rows, has_eos, n_resp = objective.sequences(prompt_tokens, lengths, answers)
+    scores = objective.score(loop, rows, n_resp, has_eos)[-1]
+    for ids, answer, got in zip(prompt_ids, answers, scores):
+        body = list(ids) + [int(t) for t in answer if t != eos]
+        with torch.no_grad():
+            assert got == pytest.approx(float(hf_model(torch.tensor([body + [eos]])).logits[0, 0]), abs=1e-4)

@@ -101,6 +101,7 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
     iterator = data.iterator
     total_steps = config.train.steps or max(1, math.ceil(config.train.epochs * iterator.steps_per_epoch))
     tx, schedule = make_optimizer(config.optim, total_steps)
+    tx = objective.optimizer(tx)
     abstract, shardings = core_step.state_shardings(objective.abstract_params(), tx, mesh)
 
     start_step = 0

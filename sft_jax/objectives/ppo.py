@@ -7,23 +7,32 @@ One *rollout* every ``updates_per_rollout`` optimizer steps (the core's ``rollou
    sampler (``sft_jax.sampling``), all rows in one call, no host round trip per token.
 2. One batched pass gives the old log-probs (pi), reference log-probs (the frozen SFT
    model) and the critic's values of every response token.
-3. The reward function ``module:function(prompts, responses, examples)`` scores the
-   decoded answers; answers without EOS get ``ppo.eos_penalty`` added.
+3. The reward: a function ``module:function(prompts, responses, examples)`` on the decoded
+   answers, or a reward model (``ppo.reward_model``, frozen on the mesh, read at each
+   answer's last token that is not EOS, as transformers' GPT2ForSequenceClassification
+   reads it), optionally normalised by a running mean and std (``ppo.reward_norm``);
+   answers without EOS get ``ppo.eos_penalty`` added.
 4. PPO: per-token reward = score at the last response token - beta * KL at every response
    token, GAE, whitened advantages. GRPO: group-relative advantages, no critic; the KL
    (k3) to the reference goes into the loss instead.
+
+Sampling and the batched passes run on the run's mesh, rows split over its batch axes
+(data x fsdp) on every process; every process then holds the whole rollout and trains on
+its rows of each mini-batch.
 
 The rollout is then trained on for ``ppo.epochs`` passes of shuffled mini-batches of
 ``train.global_batch_size`` rows, one mini-batch per optimizer step. Trainable parameters
 are one tree, ``{"params": actor, "critic": {"trunk": GPT-2, "head": value head}}`` (PPO)
 or ``{"params": actor}`` (GRPO), so the core's checkpointing, resume and optimizer hold
-both; the loss is the actor's plus ``ppo.value_coef`` times the critic's.
+both; the loss is the actor's plus ``ppo.value_coef`` times the critic's, and the
+critic's updates are scaled to its own learning rate (``ppo.critic_lr``).
 """
 
 from __future__ import annotations
 
 import importlib
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -31,16 +40,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax import sharding as shd
-from sft_jax.config import ConfigError
+from sft_jax.config import DEFAULT_REWARD_FN, ConfigError
 from sft_jax.data import build_datasets, encode_prompt, report_to_markdown
 from sft_jax.data.formats import decode
 from sft_jax.model import GPT2, lm_logits, param_shapes
 from sft_jax.objectives import rl_losses as rl
 from sft_jax.objectives import sft
 from sft_jax.objectives.base import Data
+from sft_jax.objectives.preference_losses import scores_at
+from sft_jax.sampling import _decode
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "targets", "mask", "old_logp", "ref_logp", "advantages",
-            "old_values", "returns", "beta")
+            "old_values", "returns", "beta", "reward", "score")
+ROW_ONLY = ("beta", "reward", "score")  # one number per row; the others are (rows, length)
 # filter_logits keeps tokens whose preceding mass is < top_p; 2.0 keeps every token, so the
 # sampled distribution is softmax(logits) exactly, the one old log-probs are computed under
 NO_NUCLEUS = 2.0
@@ -53,6 +65,43 @@ def load_reward_fn(spec: str):
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"ppo.reward_fn={spec!r}: cannot load it ({e})") from None
     return fn
+
+
+def reward_model_dir(spec: str, model_cfg, tokenizer, length: int, critic_from_it: bool):
+    """The GPT2ForSequenceClassification directory ``ppo.reward_model`` names (an export, or a
+    reward run whose ``hf/`` holds one) and its config, checked against the actor: the same
+    tokenizer and chat template (it scores the actor's tokens as they are), room for
+    ``length`` positions, and the actor's architecture if the critic starts from it."""
+    from sft_jax import hf
+    from sft_jax.objectives.reward import is_reward_dir
+    from sft_jax.tokenizer import load_tokenizer
+
+    where = f"ppo.reward_model={spec!r}"
+    directory = Path(spec).expanduser()
+    if not is_reward_dir(directory) and is_reward_dir(directory / "hf"):
+        directory = directory / "hf"
+    if not is_reward_dir(directory):
+        raise ConfigError(f"{where}: not a reward model directory (an HF GPT2ForSequenceClassification export, "
+                          f"e.g. python -m sft_jax.reward's OUTPUT_DIR/hf)")
+    try:
+        cfg = hf.read_config(directory, dtype=model_cfg.dtype, attention=model_cfg.attention,
+                             scan_layers=model_cfg.scan_layers)
+    except hf.HFFormatError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    theirs = load_tokenizer(str(directory))
+    if theirs.get_vocab() != tokenizer.get_vocab() or cfg.eos_token_id != model_cfg.eos_token_id:
+        raise ConfigError(f"{where}: its tokenizer differs from the policy's (it would score other tokens)")
+    if (theirs.chat_template or None) != (tokenizer.chat_template or None):
+        raise ConfigError(f"{where}: it was trained with another chat template than this run's data.template; "
+                          f"it would score prompts laid out differently")
+    if cfg.n_positions < length:
+        raise ConfigError(f"{where}: {cfg.n_positions} positions < ppo.prompt_length + ppo.max_new_tokens = {length}")
+    arch = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+    if critic_from_it and any(getattr(cfg, k) != getattr(model_cfg, k) for k in arch):
+        raise ConfigError(f"ppo.critic_init=reward: the reward model's architecture "
+                          f"{ {k: getattr(cfg, k) for k in arch} } is not the actor's "
+                          f"{ {k: getattr(model_cfg, k) for k in arch} }")
+    return directory, cfg
 
 
 def actor_logps(model: GPT2, actor, batch) -> tuple[jax.Array, jax.Array]:
@@ -75,11 +124,13 @@ def critic_values(model: GPT2, critic, batch) -> jax.Array:
 class RolloutIterator:
     """The core's iterator: step n belongs to rollout n // updates_per_rollout, whose prompts
     are the next ``prompts_per_rollout`` of a per-epoch permutation. Its state (saved in
-    every checkpoint) is the step and the KL controller's beta."""
+    every checkpoint) is the step, the KL controller's beta and the reward normaliser's
+    running moments."""
 
-    def __init__(self, n_prompts: int, prompts_per_rollout: int, updates_per_rollout: int, seed: int, kl_ctl):
+    def __init__(self, n_prompts: int, prompts_per_rollout: int, updates_per_rollout: int, seed: int, kl_ctl,
+                 moments=None):
         self.n, self.per, self.updates = n_prompts, prompts_per_rollout, updates_per_rollout
-        self.seed, self.kl_ctl = seed, kl_ctl
+        self.seed, self.kl_ctl, self.moments = seed, kl_ctl, moments
         self.rollouts_per_epoch = max(1, n_prompts // prompts_per_rollout)
         self.steps_per_epoch = self.rollouts_per_epoch * updates_per_rollout
         self.step = 0
@@ -92,11 +143,16 @@ class RolloutIterator:
         return {"rollout": r, "update": j, "indices": order[k * self.per:(k + 1) * self.per]}
 
     def state(self) -> dict:
-        return {"step": self.step, "beta": self.kl_ctl.beta}
+        state = {"step": self.step, "beta": self.kl_ctl.beta}
+        if self.moments is not None:
+            state["reward_moments"] = self.moments.state()
+        return state
 
     def restore(self, state: dict) -> None:
         self.step = int(state["step"])
         self.kl_ctl.beta = float(state.get("beta", self.kl_ctl.beta))
+        if self.moments is not None and "reward_moments" in state:
+            self.moments.restore(state["reward_moments"])
 
     def close(self) -> None:
         pass
@@ -120,14 +176,23 @@ class PPOObjective(sft.SFTObjective):
         if self.length > model_cfg.n_positions:
             raise ConfigError(f"ppo.prompt_length + ppo.max_new_tokens = {self.length} exceeds the model's "
                               f"{model_cfg.n_positions} positions")
-        self.reward_fn = load_reward_fn(p.reward_fn)
+        self.reward_dir = self.reward_cfg = None
+        if p.reward_model is not None:
+            self.reward_fn, self.reward_name = None, p.reward_model
+            self.reward_dir, self.reward_cfg = reward_model_dir(p.reward_model, model_cfg, tokenizer, self.length,
+                                                                p.critic_init == "reward")
+        else:
+            self.reward_name = p.reward_fn or DEFAULT_REWARD_FN
+            self.reward_fn = load_reward_fn(self.reward_name)
+        self.moments = rl.RunningMoments() if p.reward_norm else None
         self.kl_ctl = (rl.FixedKLController(p.kl_coef) if p.kl_target is None else
                        rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon))
-        self.batch_axes = {k: ("batch",) if k == "beta" else ("batch", "length") for k in ROW_KEYS}
+        self.batch_axes = {k: ("batch",) if k in ROW_ONLY else ("batch", "length") for k in ROW_KEYS}
         self.metric_names = ("pg_loss", "value_loss", "clipfrac", "value_clipfrac", "ratio", "ratio_dev",
                              "entropy", "kl")
         self.cache = None  # (rollout index, arrays of the whole rollout, per-epoch row orders)
         self._score = jax.jit(self._score_rows)
+        self._sample = jax.jit(self._sample_rows, static_argnames="greedy")
 
     # --- parameters ---------------------------------------------------------------------------
     def abstract_params(self):
@@ -139,10 +204,11 @@ class PPOObjective(sft.SFTObjective):
         head = {"kernel": box((D,), ("embed",)), "bias": box((1,), (None,))}
         return {"params": actor["params"], "critic": {"trunk": actor["params"], "head": head}}
 
-    def _with_critic(self, actor, trunk):
+    def _with_critic(self, actor, trunk, head=None):
         if not self.with_critic:
             return {"params": actor}
-        head = {"kernel": jnp.zeros((self.model_cfg.n_embd,), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
+        if head is None:
+            head = {"kernel": jnp.zeros((self.model_cfg.n_embd,), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
         return {"params": actor, "critic": {"trunk": trunk, "head": head}}
 
     def init_params(self, key):
@@ -152,31 +218,68 @@ class PPOObjective(sft.SFTObjective):
         return self._with_critic(actor, trunk)
 
     def initial_params(self, shardings):
-        if self.hf_dir is None:
+        """The actor from ``model.init_from``; the critic's trunk a second copy of it, the
+        reward model's trunk and head (``ppo.critic_init=reward``), or drawn from the seed."""
+        from_reward = self.with_critic and self.ppo.critic_init == "reward"
+        if self.hf_dir is None and not from_reward:
             return None
         from sft_jax import hf
 
+        seed = jax.random.key(self.config.train.seed)
         load = lambda sh: hf.load_hf(self.hf_dir, shardings={"params": sh}, dtype=self.model_cfg.dtype)[1]["params"]
-        actor = load(shardings["params"])
+        draw = lambda sh, key: jax.jit(lambda k: sft.init_params(self.model_cfg, k)["params"], out_shardings=sh)(key)
+        actor = load(shardings["params"]) if self.hf_dir is not None else draw(shardings["params"], seed)
         if not self.with_critic:
             return {"params": actor}
-        trunk = load(shardings["critic"]["trunk"]) if self.ppo.critic_init == "actor" else jax.jit(
-            lambda k: sft.init_params(self.model_cfg, k)["params"], out_shardings=shardings["critic"]["trunk"])(
-            jax.random.key(self.config.train.seed + 1))
-        params = self._with_critic(actor, trunk)
+        head = None
+        if from_reward:
+            from sft_jax.hf_reward import load_reward_hf
+
+            _, trunk, reward_head = load_reward_hf(self.reward_dir, shardings={"params": shardings["critic"]["trunk"]},
+                                                   dtype=self.model_cfg.dtype)
+            trunk = trunk["params"]
+            head = {"kernel": reward_head["score"]["kernel"][:, 0], "bias": jnp.zeros((1,), jnp.float32)}
+        elif self.ppo.critic_init == "actor":
+            trunk = load(shardings["critic"]["trunk"]) if self.hf_dir is not None else draw(
+                shardings["critic"]["trunk"], seed)
+        else:
+            trunk = draw(shardings["critic"]["trunk"], jax.random.fold_in(seed, 1))
+        params = self._with_critic(actor, trunk, head)
         params["critic"]["head"] = jax.device_put(params["critic"]["head"], shardings["critic"]["head"])
         return params
 
+    def optimizer(self, tx):
+        """The config's chain; with ``ppo.critic_lr`` the critic's updates scaled to its own rate."""
+        lr, critic_lr = self.config.optim.lr, self.ppo.critic_lr
+        if not self.with_critic or critic_lr is None or critic_lr == lr:
+            return tx
+        if lr == 0:
+            raise ConfigError(f"ppo.critic_lr={critic_lr} with optim.lr=0: the critic's rate is set relative to "
+                              f"optim.lr's schedule; give optim.lr > 0")
+        import optax
+
+        return optax.chain(tx, rl.scale_subtree("critic", critic_lr / lr))
+
     def frozen_params(self, mesh):
-        """The reference model: the starting actor, rebuilt from its source on every start."""
+        """The reference model (the starting actor, rebuilt from its source on every start)
+        and, with ``ppo.reward_model``, the reward model, both on the mesh."""
         shardings = shd.logical_shardings(mesh, param_shapes(self.model_cfg))
         if self.hf_dir is not None:
             from sft_jax import hf
 
-            return hf.load_hf(self.hf_dir, shardings=shardings, dtype=self.model_cfg.dtype)[1], shardings
-        params = jax.jit(lambda k: {"params": sft.init_params(self.model_cfg, k)["params"]},
-                         out_shardings=shardings)(jax.random.key(self.config.train.seed))
-        return params, shardings
+            params = hf.load_hf(self.hf_dir, shardings=shardings, dtype=self.model_cfg.dtype)[1]
+        else:
+            params = jax.jit(lambda k: {"params": sft.init_params(self.model_cfg, k)["params"]},
+                             out_shardings=shardings)(jax.random.key(self.config.train.seed))
+        if self.reward_dir is None:
+            return params, shardings
+        from sft_jax.hf_reward import load_reward_hf
+
+        reward_sh = shd.logical_shardings(mesh, param_shapes(self.reward_cfg))
+        head_sh = {"score": {"kernel": shd.replicated(mesh)}}
+        _, trunk, head = load_reward_hf(self.reward_dir, shardings=reward_sh, dtype=self.model_cfg.dtype)
+        frozen = {"params": params["params"], "reward": {"params": trunk["params"], "head": jax.device_put(head, head_sh)}}
+        return frozen, {"params": shardings["params"], "reward": {"params": reward_sh["params"], "head": head_sh}}
 
     def decoding_params(self, loop):
         return {"params": loop.host_params()["params"]}
@@ -191,7 +294,7 @@ class PPOObjective(sft.SFTObjective):
             raise ConfigError(f"ppo.rollout_prompts={self.ppo.rollout_prompts} exceeds the "
                               f"{len(self.train_examples)} training prompts")
         iterator = RolloutIterator(len(self.train_examples), self.ppo.rollout_prompts, self.updates_per_rollout,
-                                   c.train.seed, self.kl_ctl)
+                                   c.train.seed, self.kl_ctl, self.moments)
         return Data(iterator, eval_ds, report_to_markdown(report))
 
     # --- the rollout hook -----------------------------------------------------------------------
@@ -228,14 +331,21 @@ class PPOObjective(sft.SFTObjective):
             row[P - len(x):] = x
         return tokens, np.array([len(x) for x in ids], np.int32), ids
 
-    def sample(self, params, prompt_tokens, lengths, seed: int, greedy: bool = False) -> np.ndarray:
-        from sft_jax.sampling import _decode
+    # --- sampling and the batched passes, on the mesh ----------------------------------------------
+    def _sample_rows(self, actor, tokens, lengths, key, greedy: bool):
+        out = _decode({"params": actor}, tokens, lengths, key, jnp.float32(1.0), jnp.float32(NO_NUCLEUS),
+                      jnp.int32(self.tokenizer.eos_token_id), cfg=self.model_cfg,
+                      max_new_tokens=self.ppo.max_new_tokens, greedy=greedy, top_k=0)
+        return jax.lax.with_sharding_constraint(out, shd.BATCH_SPEC)
 
-        eos = self.tokenizer.eos_token_id
-        return np.asarray(_decode({"params": params["params"]}, jnp.asarray(prompt_tokens), jnp.asarray(lengths),
-                                  jax.random.key(seed), jnp.float32(1.0), jnp.float32(NO_NUCLEUS), jnp.int32(eos),
-                                  cfg=self.model_cfg, max_new_tokens=self.ppo.max_new_tokens, greedy=greedy,
-                                  top_k=0))
+    def sample(self, loop, prompt_tokens, lengths, seed: int, greedy: bool = False) -> np.ndarray:
+        """Responses (R, max_new_tokens) sampled from the current actor at temperature 1 (or
+        greedy), rows split over the mesh's batch axes; every process gets them all."""
+        rows = len(prompt_tokens)
+        tokens, lengths = on_mesh(loop.mesh, prompt_tokens, lengths)
+        with shd.rules_context(loop.mesh):
+            out = self._sample(loop.state.params["params"], tokens, lengths, jax.random.key(seed), greedy=greedy)
+        return to_host(out)[:rows]
 
     def sequences(self, prompt_tokens, lengths, responses):
         """The (R, L) arrays of prompt + response that the batched passes and the loss read.
@@ -258,32 +368,59 @@ class PPOObjective(sft.SFTObjective):
         return dict(tokens=tokens, positions=positions, segment_ids=segment_ids, targets=targets, mask=mask), \
             has_eos, n_resp
 
-    def _score_rows(self, params, frozen, rows):
+    def _score_rows(self, params, frozen, rows, reward_index):
+        """One batched pass: old and reference log-probs, values, entropy, and the reward
+        model's score at ``reward_index`` (zeros without a reward model)."""
         logp, entropy = actor_logps(self.model, params["params"], rows)
         ref_logp, _ = actor_logps(self.model, frozen["params"], rows)
         values = critic_values(self.model, params["critic"], rows) if self.with_critic else jnp.zeros_like(logp)
-        return logp, ref_logp, values, entropy
+        reward = jnp.zeros(logp.shape[:1], jnp.float32)
+        if self.reward_cfg is not None:
+            hidden = GPT2(self.reward_cfg).apply({"params": frozen["reward"]["params"]}, rows["tokens"],
+                                                 rows["positions"], rows["segment_ids"], return_hidden=True)
+            reward = scores_at(frozen["reward"]["head"], hidden, reward_index[:, None])[:, 0]
+        constrain = lambda x: jax.lax.with_sharding_constraint(x, shd.BATCH_SPEC)  # noqa: E731
+        return tuple(map(constrain, (logp, ref_logp, values, entropy, reward)))
+
+    def score(self, loop, rows: dict, n_resp: np.ndarray, has_eos: np.ndarray):
+        """(logp, ref_logp, values, entropy, reward model scores) of the rows, as host arrays.
+        The reward model reads each answer's last token that is not EOS (the last prompt
+        token for an empty answer), the position transformers' GPT2ForSequenceClassification
+        reads in prompt + answer + EOS with pad = EOS."""
+        P = self.ppo.prompt_length
+        index = (P - 1 + n_resp - has_eos.astype(np.int32)).astype(np.int32)
+        n = len(index)
+        keys = ("tokens", "positions", "segment_ids", "targets")
+        placed = on_mesh(loop.mesh, *(rows[k] for k in keys), index)
+        with shd.rules_context(loop.mesh):
+            out = self._score(loop.state.params, loop.frozen, dict(zip(keys, placed[:-1])), placed[-1])
+        return tuple(to_host(x)[:n] for x in out)
+
+    def rewards(self, prompts, texts, examples, model_scores) -> np.ndarray:
+        raw = (np.asarray(self.reward_fn(prompts, texts, examples), np.float32) if self.reward_fn is not None
+               else np.asarray(model_scores, np.float32))
+        if raw.shape != (len(texts),):
+            raise ValueError(f"ppo.reward_fn={self.reward_name!r} returned {raw.shape[0] if raw.ndim else raw} "
+                             f"rewards for {len(texts)} responses")
+        return raw
 
     def make_rollout(self, loop, examples, seed: int):
         t0 = time.perf_counter()
         p, eos = self.ppo, self.tokenizer.eos_token_id
         prompt_tokens, lengths, prompt_ids = self.prompt_rows(examples, p.group_size)
-        params = loop.host_params()
-        responses = self.sample(params, prompt_tokens, lengths, seed)
+        responses = self.sample(loop, prompt_tokens, lengths, seed)
         rows, has_eos, n_resp = self.sequences(prompt_tokens, lengths, responses)
-        logp, ref_logp, values, entropy = self._score(params, loop.frozen, {k: jnp.asarray(v) for k, v in rows.items()})
+        logp, ref_logp, values, entropy, model_scores = self.score(loop, rows, n_resp, has_eos)
         t_sample = time.perf_counter() - t0
 
         texts = [decode(self.tokenizer, [t for t in resp[:n] if t != eos]) for resp, n in zip(responses, n_resp)]
         prompts = [decode(self.tokenizer, x) for x in prompt_ids]
         repeated = [ex for ex in examples for _ in range(p.group_size)]
-        raw = np.asarray(self.reward_fn(prompts, texts, repeated), np.float32)
-        if raw.shape != (self.rows,):
-            raise ValueError(f"ppo.reward_fn={p.reward_fn!r} returned {raw.shape[0] if raw.ndim else raw} "
-                             f"rewards for {self.rows} responses")
-        score = raw + np.where(has_eos, 0.0, p.eos_penalty).astype(np.float32)
+        raw = self.rewards(prompts, texts, repeated, model_scores)
+        normalised = self.moments.normalize(raw) if self.moments is not None else raw
+        score = normalised + np.where(has_eos, 0.0, p.eos_penalty).astype(np.float32)
 
-        mask = jnp.asarray(rows["mask"])
+        mask = rows["mask"]
         k1 = rl.kl_estimate(logp, ref_logp, "k1") * mask
         beta = self.kl_ctl.beta
         zero_groups = 0
@@ -297,15 +434,17 @@ class PPOObjective(sft.SFTObjective):
             adv, zero_groups = rl.grpo_advantages(jnp.asarray(score), p.group_size)
             advantages, returns = adv[:, None] * mask, jnp.zeros_like(mask)
         arrays = dict(rows, old_logp=logp, ref_logp=ref_logp, advantages=advantages, old_values=values * mask,
-                      returns=returns, beta=jnp.full((self.rows,), beta, jnp.float32))
+                      returns=returns, beta=np.full((self.rows,), beta, np.float32), reward=raw, score=score)
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         stats = {
             "reward_mean": float(raw.mean()), "reward_std": float(raw.std()), "score_mean": float(score.mean()),
-            "kl_per_response": float(jnp.sum(k1) / self.rows),
-            "entropy": float(jnp.sum(entropy * mask) / jnp.sum(mask)),
+            "kl_per_response": float(np.sum(k1) / self.rows),
+            "entropy": float(np.sum(entropy * mask) / np.sum(mask)),
             "response_length": float(n_resp.mean()), "eos_penalty_rate": float(1.0 - has_eos.mean()),
             "zero_adv_groups": int(zero_groups), "rollout_time_s": time.perf_counter() - t0, "sample_time_s": t_sample,
         }
+        if self.moments is not None:
+            stats.update(reward_running_mean=self.moments.mean, reward_running_std=self.moments.std)
         if self.with_critic:
             stats["explained_variance"] = float(1.0 - rl.masked_var(returns - values, mask) /
                                                 jnp.maximum(rl.masked_var(returns, mask), 1e-8))
@@ -348,13 +487,36 @@ class PPOObjective(sft.SFTObjective):
         examples = (loop.eval_data.examples or [])[:self.ppo.eval_kl_prompts] if loop.eval_data is not None else []
         if examples:
             prompt_tokens, lengths, prompt_ids = self.prompt_rows(examples, 1)
-            params = loop.host_params()
-            responses = self.sample(params, prompt_tokens, lengths, seed=self.config.train.seed + 7919)
+            responses = self.sample(loop, prompt_tokens, lengths, seed=self.config.train.seed + 7919)
             rows, has_eos, n_resp = self.sequences(prompt_tokens, lengths, responses)
-            logp, ref_logp, _, _ = self._score(params, loop.frozen, {k: jnp.asarray(v) for k, v in rows.items()})
-            results["eval_kl_per_response"] = float(jnp.sum((logp - ref_logp) * rows["mask"]) / len(examples))
+            logp, ref_logp, _, _, model_scores = self.score(loop, rows, n_resp, has_eos)
+            results["eval_kl_per_response"] = float(np.sum((logp - ref_logp) * rows["mask"]) / len(examples))
             eos = self.tokenizer.eos_token_id
             texts = [decode(self.tokenizer, [t for t in r[:n] if t != eos]) for r, n in zip(responses, n_resp)]
             prompts = [decode(self.tokenizer, x) for x in prompt_ids]
-            results["eval_sampled_reward"] = float(np.mean(self.reward_fn(prompts, texts, examples)))
+            results["eval_sampled_reward"] = float(np.mean(self.rewards(prompts, texts, examples, model_scores)))
         return results
+
+
+def on_mesh(mesh, *arrays: np.ndarray) -> list[jax.Array]:
+    """Host arrays that every process holds whole -> global arrays with rows split over the
+    mesh's batch axes (data x fsdp); rows are padded (repeating the first) to a multiple of
+    that split, so callers keep the first ``len(array)`` rows of what comes back."""
+    sharding = shd.batch_sharding(mesh)
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    out = []
+    for x in arrays:
+        x = np.asarray(x)
+        if len(x) % split:
+            x = np.concatenate([x, np.repeat(x[:1], split - len(x) % split, axis=0)])
+        out.append(jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index]))
+    return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as one host array on every process (gathered across processes)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -15,6 +15,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 Array = jax.Array
 GRPO_EPS = 1e-6  # GRPO's std floor: a group whose rewards are all equal gets advantage 0
@@ -162,3 +164,57 @@ class AdaptiveKLController:
 
     def state(self) -> dict:
         return {"beta": self.beta}
+
+
+# --- the critic's own learning rate ------------------------------------------------------
+
+def scale_subtree(key: str, factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of ``params[key]`` by ``factor``, after clipping and AdamW: that
+    subtree's learning rate (and weight decay step) is ``factor`` times the rest's, on the
+    same schedule; the gradient clip stays global. Adam's step does not scale with the
+    gradient, so scaling the loss or the gradient would not do this."""
+
+    def update(updates, state, params=None):
+        return {**updates, key: jax.tree.map(lambda u: u * factor, updates[key])}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+# --- reward normalisation (host side) ------------------------------------------------------
+
+@dataclasses.dataclass
+class RunningMoments:
+    """Mean and standard deviation of every reward seen so far, merged one rollout at a time
+    (Chan et al.'s parallel update, float64); ``normalize`` folds the rollout in first, then
+    maps each reward to (r - mean) / (std + eps). Its three numbers are checkpointed."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+    eps: float = 1e-6
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.count)) if self.count else 1.0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64).reshape(-1)
+        n = float(x.size)
+        if not n:
+            return
+        mean, m2 = float(x.mean()), float(((x - x.mean()) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        self.update(x)
+        return ((np.asarray(x, np.float64) - self.mean) / (self.std + self.eps)).astype(np.float32)
+
+    def state(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def restore(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
