@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run N copies of `python -m sft_jax.train` on this machine as one multi-process JAX job,
-# to try the multi-host path without a cluster: CPU devices, gloo collectives, the
-# coordinator on 127.0.0.1. Every argument is passed to sft_jax.train unchanged.
+# Run N copies of `python -m sft_jax.train` (or $MODULE: sft_jax.ppo, sft_jax.dpo, ...) on this
+# machine as one multi-process JAX job, to try the multi-host path without a cluster: CPU
+# devices, gloo collectives, the coordinator on 127.0.0.1. Every argument is passed on unchanged.
 #
 #   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh --config configs/demo.yaml mesh.shape='{data: -1}'
 #
@@ -12,6 +12,7 @@
 #   HEARTBEAT_TIMEOUT    seconds before a dead peer brings the others down (default 100)
 #   LOG_DIR              where process i writes its log, process_i.log (default: a temp dir)
 #   PYTHON               interpreter (default python)
+#   MODULE               the command's module (default sft_jax.train)
 # Process 0's output streams to this terminal; the others go to LOG_DIR. The script exits
 # with the first non-zero exit status, after stopping the processes still running.
 set -euo pipefail
@@ -22,6 +23,7 @@ COORDINATOR_PORT="${COORDINATOR_PORT:-12345}"
 HEARTBEAT_TIMEOUT="${HEARTBEAT_TIMEOUT:-100}"
 LOG_DIR="${LOG_DIR:-$(mktemp -d -t sft_jax_local.XXXXXX)}"
 PYTHON="${PYTHON:-python}"
+MODULE="${MODULE:-sft_jax.train}"
 mkdir -p "$LOG_DIR"
 
 export JAX_PLATFORMS=cpu
@@ -39,9 +41,9 @@ trap cleanup INT TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   if [[ $i -eq 0 ]]; then
-    SFT_JAX_PROCESS_ID=$i "$PYTHON" -m sft_jax.train "$@" > >(tee "$LOG_DIR/process_$i.log") 2>&1 &
+    SFT_JAX_PROCESS_ID=$i "$PYTHON" -m "$MODULE" "$@" > >(tee "$LOG_DIR/process_$i.log") 2>&1 &
   else
-    SFT_JAX_PROCESS_ID=$i "$PYTHON" -m sft_jax.train "$@" >"$LOG_DIR/process_$i.log" 2>&1 &
+    SFT_JAX_PROCESS_ID=$i "$PYTHON" -m "$MODULE" "$@" >"$LOG_DIR/process_$i.log" 2>&1 &
   fi
   pids+=("$!")
 done

@@ -76,6 +76,11 @@ class Objective(Loss):
         they keep no optimizer state, are not checkpointed, and stay bit-equal."""
         return None
 
+    def optimizer(self, tx):
+        """The optax transformation the state trains with, given the config's (``optim.*``:
+        clip, AdamW, schedule). Default: as given (PPO scales the critic's updates)."""
+        return tx
+
     # --- data -------------------------------------------------------------------------------
     def build_data(self) -> Data:
         raise NotImplementedError
