@@ -285,3 +285,22 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
         body = list(ids) + [int(t) for t in answer if t != eos]
         with torch.no_grad():
             assert got == pytest.approx(float(hf_model(torch.tensor([body + [eos]])).logits[0, 0]), abs=1e-4)
+
+    # mistakes stop before the run starts, with the field named
+    import copy
+
+    from sft_jax.config import ConfigError
+    from sft_jax.objectives.ppo import reward_model_dir
+
+    with pytest.raises(ConfigError, match="ppo.reward_fn=.* and ppo.reward_model=.* are both set"):
+        tiny_config(tmp_path / "x", f"ppo.reward_model={tmp_path / 'rm'}", "ppo.reward_fn=a:b")
+    with pytest.raises(ConfigError, match="ppo.critic_init=reward needs ppo.reward_model"):
+        tiny_config(tmp_path / "x", "ppo.critic_init=reward")
+    with pytest.raises(ConfigError, match="not a reward model directory"):
+        reward_model_dir(str(tmp_path / "run"), model_cfg, tokenizer, 48, False)
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(ConfigError, match="another chat template"):
+        reward_model_dir(str(tmp_path / "rm"), model_cfg, other, 48, False)
+    with pytest.raises(ConfigError, match="positions"):
+        reward_model_dir(str(tmp_path / "rm"), model_cfg, tokenizer, model_cfg.n_positions + 1, False)
