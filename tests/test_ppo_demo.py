@@ -1,5 +1,5 @@
-"""PPO from the session's SFT demo model with a large fixed KL coefficient: the KL penalty holds
-the policy at the SFT model.
+"""PPO and GRPO from the session's SFT demo model: a large fixed KL coefficient holds the policy
+at the SFT model, and GRPO climbs a reward it can climb.
 
 ``python -m sft_jax.ppo --config ppo_demo`` (the demo's exact-match reward on the demo tasks)
 with beta = 100, fixed, for 20 iterations (8 prompts per rollout, one optimizer step each) at
@@ -41,3 +41,28 @@ def test_beta_100_keeps_the_policy_at_the_sft_model(sft_demo, tmp_path):
     assert start["exact_match_n"] == end["exact_match_n"] == 500
     assert abs(end["eval_kl_per_response"]) <= 0.05, end
     assert abs(end["exact_match"] - start["exact_match"]) <= 0.02, (start, end)
+
+
+def test_grpo_climbs_a_reward_from_the_sft_model(sft_demo, tmp_path):
+    """The machinery learns, end to end (sampling, group advantages, the clipped loss, the
+    update's sign): GRPO from the SFT demo model with ``sft_jax.data.demo:length_reward``
+    (len(answer) / 10), 6 rollouts of 16 prompts x 8 answers, one optimizer step per 32 rows,
+    lr 1e-3. Measured (2-core CPU, 39 s): the rollouts' mean reward 0.66, 0.69, 0.87, 1.12, 1.33,
+    2.01; answer length 3.8 -> 6.0 tokens. Asserted: the last rollout's reward >= 2x the first's
+    and the answers longer. (The exact-match reward does not rise on this demo within 5
+    minutes: README, RLHF section.)"""
+    assert sft_demo.done.returncode == 0, sft_demo.done.stderr[-3000:]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(sft_demo.out)
+    args = ["--config", "ppo_demo", "ppo.advantage=grpo", "ppo.reward_fn=sft_jax.data.demo:length_reward",
+            "ppo.rollout_prompts=16", "ppo.group_size=8", "ppo.epochs=1", "optim.lr=1e-3", "train.steps=24",
+            "train.eval_at_start=false", "train.exact_match_examples=0", "ppo.eval_kl_prompts=0", "run.export=false"]
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f)
+    done = train_cli(args, devices=None, module="sft_jax.ppo", cwd=tmp_path, env_extra={"XLA_FLAGS": flags})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rollouts = metrics(tmp_path / "runs" / "ppo_demo", "rollout")
+    rewards = [r["reward_mean"] for r in rollouts]
+    print("\nGRPO, length reward: rollout reward", [round(x, 3) for x in rewards])
+    assert len(rollouts) == 6
+    assert rewards[-1] >= 2 * rewards[0], rewards
+    assert rollouts[-1]["response_length"] > rollouts[0]["response_length"] + 1, rollouts

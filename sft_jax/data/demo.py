@@ -112,6 +112,13 @@ def exact_match_reward(prompts: list[str], responses: list[str], examples: list)
     return [float(r.strip() == answer(ex).strip()) for r, ex in zip(responses, examples, strict=True)]
 
 
+def length_reward(prompts: list[str], responses: list[str], examples: list) -> list[float]:
+    """len(response) / 10: a reward any policy can climb by answering longer. Not a goal, a
+    check that an RL setup learns at all (``ppo.reward_fn=sft_jax.data.demo:length_reward``:
+    the rollouts' reward_mean and response_length should rise within a few dozen steps)."""
+    return [len(r) / 10.0 for r in responses]
+
+
 def demo_tokenizer(seed: int = 0, vocab_size: int = 768):
     """A deterministic byte-level BPE (768 tokens: every demo answer is 1-5 tokens) with the built-in template."""
     from sft_jax.data.formats import BUILTIN_TEMPLATE, Renderer, to_messages
