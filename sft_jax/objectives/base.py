@@ -89,7 +89,7 @@ class Objective(Loss):
     def rollout(self, loop, step: int, batch: dict) -> dict:
         """Called by the loop with each step's host batch before the update; returns the
         batch the update trains on. This is PPO's hook: sample responses from
-        ``loop.state.params`` (``loop.host_params()`` for decoding), score them, and return
+        ``loop.state.params`` on ``loop.mesh``, score them, and return
         the arrays its loss needs. Must be deterministic in (step, parameters) for exact
         resume. Default: the batch as read."""
         return batch
