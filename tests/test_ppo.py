@@ -304,3 +304,34 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
         reward_model_dir(str(tmp_path / "rm"), model_cfg, other, 48, False)
     with pytest.raises(ConfigError, match="positions"):
         reward_model_dir(str(tmp_path / "rm"), model_cfg, tokenizer, model_cfg.n_positions + 1, False)
+
+
+def test_sigterm_saves_the_current_step_with_the_controllers_and_exits_0(tmp_path):
+    """``python -m sft_jax.ppo`` sent SIGTERM (a spot preemption) mid-run: it saves the step it
+    is at, with the rollout iterator, the adaptive KL controller's beta and the reward
+    normaliser's moments in the checkpoint, and exits 0."""
+    import time
+
+    from sft_jax import checkpoint as ckpt
+    from train_fixtures import REPO, logged_steps, train_cli, write_tiny_yaml
+
+    config = write_tiny_yaml(
+        tmp_path / "c.yaml", tmp_path / "run", "train.steps=200", "ppo.rollout_prompts=4", "ppo.epochs=2",
+        "train.global_batch_size=4", "ppo.prompt_length=40", "ppo.max_new_tokens=8", "ppo.eval_kl_prompts=0",
+        "ppo.kl_target=0.05", "ppo.kl_horizon=100", "ppo.reward_fn=test_ppo:length_reward", "ppo.reward_norm=true",
+        "checkpoint.every=1000", "optim.warmup_steps=0")
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = train_cli(["--config", config], env, devices=None, module="sft_jax.ppo", background=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not any(s >= 3 for s in logged_steps(tmp_path / "run")):
+        time.sleep(0.01)
+    proc.terminate()
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    step = ckpt.latest_step(tmp_path / "run" / "checkpoints")
+    assert step is not None and 3 <= step < 200 and f"saved step {step}" in output, output
+    state = ckpt.restore(tmp_path / "run" / "checkpoints")["train_state"]["data"]
+    (rollout,) = [r for r in metrics(tmp_path / "run", "rollout") if r["rollout"] == (step - 1) // 2]
+    assert state["step"] == step and state["beta"] == rollout["beta"] != 0.05
+    assert state["reward_moments"]["count"] == 4 * ((step - 1) // 2 + 1)
+    assert state["reward_moments"]["mean"] == pytest.approx(rollout["reward_running_mean"])

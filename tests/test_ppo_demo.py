@@ -41,6 +41,12 @@ def test_beta_100_keeps_the_policy_at_the_sft_model(sft_demo, tmp_path):
     assert start["exact_match_n"] == end["exact_match_n"] == 500
     assert abs(end["eval_kl_per_response"]) <= 0.05, end
     assert abs(end["exact_match"] - start["exact_match"]) <= 0.02, (start, end)
+    # the actor's export, which verified itself against transformers before it was moved into place
+    from transformers import AutoConfig
+
+    hf_dir = tmp_path / "runs" / "ppo_demo" / "hf"
+    assert AutoConfig.from_pretrained(str(hf_dir)).architectures == ["GPT2LMHeadModel"]
+    assert f"HF export:   {hf_dir.relative_to(tmp_path)}" in done.stdout
 
 
 def test_grpo_climbs_a_reward_from_the_sft_model(sft_demo, tmp_path):
