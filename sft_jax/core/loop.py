@@ -49,7 +49,8 @@ from sft_jax.optim import make_optimizer
 from sft_jax.report import write_report
 
 # Tests only: "STEP:during_save" SIGKILLs this process right after the async save of STEP
-# starts (a torn checkpoint), "STEP:after_save" once it is committed.
+# starts (a torn checkpoint), "STEP:after_save" once it is committed, "STEP:sigterm" sends
+# it SIGTERM there (a preemption notice at a known step).
 TEST_KILL_ENV = "SFT_JAX_TEST_KILL"
 
 
@@ -234,19 +235,27 @@ class Loop:
             if c.checkpoint.every and step % c.checkpoint.every == 0 and not last:
                 self.save(step)
                 if step == int(kill_step):
-                    if kill_phase == "after_save":
-                        self.manager.wait_until_finished()
-                    else:  # orbax makes the step's temporary directory in the background: kill once it is there
-                        deadline = time.monotonic() + 60
-                        while not any(self.manager.directory.glob(f"{step}.orbax-checkpoint-tmp*")) \
-                                and time.monotonic() < deadline:
-                            time.sleep(0.001)
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    self.test_kill(step, kill_phase)
             if c.train.eval_every and step % c.train.eval_every == 0 and not last:
                 self.evaluate(step)
         self.save(step, force=True)
         self.manager.wait_until_finished()
         return RunResult(Path(), step, "done", self.last_loss)
+
+    def test_kill(self, step: int, phase: str) -> None:
+        """The ``SFT_JAX_TEST_KILL`` hook, right after the save of ``step``: "sigterm" sends this
+        process a preemption notice (the loop then stops as on a real one); "after_save"
+        SIGKILLs it once the save is committed; "during_save" while it is being written."""
+        if phase == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if phase == "after_save":
+            self.manager.wait_until_finished()
+        else:  # orbax makes the step's temporary directory in the background: kill once it is there
+            deadline = time.monotonic() + 60
+            while not any(self.manager.directory.glob(f"{step}.orbax-checkpoint-tmp*")) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def log(self, step: int, pending: list[dict], seconds: float, n_steps: int, length: int) -> None:
         host = jax.device_get(pending)  # the only regular host sync
