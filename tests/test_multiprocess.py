@@ -267,7 +267,7 @@ def test_sigterm_to_one_process_saves_everywhere_and_resumes(runs, tmp_path):
     rc, text = _finish(proc, 600)
     assert rc == 0, text[-3000:]
     assert max(_losses(out)) == step + 2
-    assert f"resum" in (tmp_path / "logs2" / "process_0.log").read_text().lower()
+    assert "resum" in (tmp_path / "logs2" / "process_0.log").read_text().lower()
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "launch").iterdir()))
