@@ -211,20 +211,19 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size, stop):
 
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # length_reward
 
-    def config(name):
+    def config(name):  # the uninterrupted run compiles into its own cache: it runs beside the other two
         return write_tiny_yaml(
             tmp_path / f"{name}.yaml", tmp_path / name, "train.steps=6", f"ppo.advantage={advantage}",
             f"ppo.rollout_prompts={4 // group_size}", f"ppo.group_size={group_size}", "ppo.epochs=2",
             "train.global_batch_size=4", "ppo.prompt_length=40", "ppo.max_new_tokens=8", "ppo.eval_kl_prompts=0",
             "ppo.kl_target=0.05", "ppo.kl_horizon=100", "ppo.reward_fn=test_ppo:length_reward", "ppo.reward_norm=true",
-            "checkpoint.every=2", "checkpoint.keep=10", "optim.warmup_steps=0", cache_dir=tmp_path / "xla_cache")
+            "checkpoint.every=2", "checkpoint.keep=10", "optim.warmup_steps=0", cache_dir=tmp_path / f"xla_cache_{name}")
 
     def final(run):
         out = ckpt.restore(run / "checkpoints", step=6, with_opt_state=True)
         return jax.device_get(out["params"]), jax.device_get(out["opt_state"])
 
-    done = train_cli(["--config", config("straight")], env, devices=None, module="sft_jax.ppo")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    straight = train_cli(["--config", config("straight")], env, devices=None, module="sft_jax.ppo", background=True)
     killed = config("killed")
     first = train_cli(["--config", killed], devices=None, module="sft_jax.ppo",
                       env_extra={**env, "SFT_JAX_TEST_KILL": f"2:{stop}"})
@@ -235,6 +234,8 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size, stop):
     assert [r["step"] for r in logged] == [1, 2]
     second = train_cli(["--config", killed], env, devices=None, module="sft_jax.ppo")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    output, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, output[-3000:]
     # a resume, not a restart: the two records before the kill are the first run's
     assert metrics(tmp_path / "killed")[:2] == logged
     strip = lambda records: [{k: v for k, v in r.items() if not timing(k)} for r in records]  # noqa: E731
