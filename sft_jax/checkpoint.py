@@ -58,9 +58,25 @@ def as_path(path):
     return Path(os.path.expanduser(os.fspath(path)))
 
 
+def _serial_writes_on_cpu() -> None:
+    """On CPU devices, each array is written by one replica (orbax's replica-parallel writes off).
+
+    Replica-parallel saving slices every device's copy of a replicated array with an eager op,
+    which XLA compiles once per device and shape: with a mesh of host CPU devices (tests,
+    trials) that is ~0.1 s x parameters x devices at the first save, for nothing (one host, one
+    disk). Orbax already turns it off on GPUs; TPUs keep its default."""
+    if jax.default_backend() != "cpu":
+        return
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    if isinstance(handler, ocp.type_handlers.ArrayHandler) and getattr(handler, "_use_replica_parallel", False):
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                                override=True)
+
+
 def make_manager(directory, *, keep: int | None = None, async_save: bool = True,
                  create: bool = True) -> ocp.CheckpointManager:
     """A manager over ``directory`` with this layout's items registered; ``keep`` = max_to_keep."""
+    _serial_writes_on_cpu()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_save)
     root = str(directory) if is_remote(directory) else os.path.abspath(as_path(directory))

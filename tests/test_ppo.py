@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -89,10 +88,15 @@ def test_first_update_ratio_is_one_and_rollout_logps_match_the_model(one_device,
     assert rollout["response_length"] == pytest.approx(mask.sum() / len(mask))
     # old log-probs = -NLL of the initial model on the same rows, computed independently
     model_cfg, _, _ = model_and_tokenizer(cfg)
-    params0 = sft.init_params(model_cfg, jax.random.key(cfg.train.seed))
-    model = GPT2(model_cfg)
-    hidden = model.apply(params0, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
-    nll = np.asarray(token_nll(params0["params"]["wte"], hidden, jnp.asarray(batch["targets"]), model_cfg))
+
+    @jax.jit  # one program, not an XLA compilation per eager op
+    def initial_nll(key, tokens, positions, segment_ids, targets):
+        params0 = sft.init_params(model_cfg, key)
+        hidden = GPT2(model_cfg).apply(params0, tokens, positions, segment_ids, return_hidden=True)
+        return token_nll(params0["params"]["wte"], hidden, targets, model_cfg)
+
+    nll = np.asarray(initial_nll(jax.random.key(cfg.train.seed), *(batch[k] for k in
+                                                                    ("tokens", "positions", "segment_ids", "targets"))))
     np.testing.assert_allclose(batch["old_logp"][mask], -nll[mask], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(batch["ref_logp"][mask], batch["old_logp"][mask], rtol=1e-6, atol=1e-6)
     assert np.all(batch["advantages"][~mask] == 0)
@@ -260,8 +264,10 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
 
     probe = tiny_config(tmp_path / "probe")
     model_cfg, tokenizer, _ = model_and_tokenizer(probe)
-    trunk = sft.init_params(model_cfg, jax.random.key(7))
-    head = jax.tree.map(lambda k: 50.0 * k, init_reward_head(model_cfg, jax.random.key(8)))  # scores of order 1
+    init = jax.jit(lambda key: sft.init_params(model_cfg, key))  # one program, not one per eager op
+    trunk = init(jax.random.key(7))
+    head = jax.jit(lambda key: init_reward_head(model_cfg, key))(jax.random.key(8))
+    head = jax.tree.map(lambda k: 50.0 * k, head)  # scores of order 1
     export_reward_hf(trunk, head, model_cfg, tmp_path / "rm", tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
     cfg, result, seen = ppo_run(tmp_path / "run", "gae", 1, 8, f"ppo.reward_model={tmp_path / 'rm'}",
@@ -296,7 +302,7 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
     for a, b in zip(jax.tree.leaves(final["critic"]["trunk"]), jax.tree.leaves(rm_trunk["params"])):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(final["critic"]["head"]["kernel"], np.asarray(rm_head["score"]["kernel"])[:, 0])
-    start = jax.device_get(sft.init_params(model_cfg, jax.random.key(cfg.train.seed))["params"])
+    start = jax.device_get(init(jax.random.key(cfg.train.seed))["params"])
     assert not np.array_equal(final["params"]["wte"], start["wte"])
 
     # answers that end in EOS early, late, at once, or never (sampling from the tiny model

@@ -193,6 +193,7 @@ class PPOObjective(sft.SFTObjective):
         self.cache = None  # (rollout index, arrays of the whole rollout, per-epoch row orders)
         self._score = jax.jit(self._score_rows)
         self._sample = jax.jit(self._sample_rows, static_argnames="greedy")
+        self._advantages = jax.jit(self._advantage_rows)
 
     # --- parameters ---------------------------------------------------------------------------
     def abstract_params(self):
@@ -423,16 +424,8 @@ class PPOObjective(sft.SFTObjective):
         mask = rows["mask"]
         k1 = rl.kl_estimate(logp, ref_logp, "k1") * mask
         beta = self.kl_ctl.beta
-        zero_groups = 0
-        if self.with_critic:
-            kl = rl.kl_estimate(logp, ref_logp, p.kl_estimator)
-            rewards = rl.token_rewards(jnp.asarray(score), kl, mask, beta)
-            advantages, returns = rl.gae(rewards, values, mask, p.gamma, p.lam)
-            if p.whiten_advantages:
-                advantages = rl.whiten(advantages, mask)
-        else:
-            adv, zero_groups = rl.grpo_advantages(jnp.asarray(score), p.group_size)
-            advantages, returns = adv[:, None] * mask, jnp.zeros_like(mask)
+        advantages, returns, zero_groups, explained = map(np.asarray, self._advantages(
+            score, logp, ref_logp, values, mask, np.float32(beta)))
         arrays = dict(rows, old_logp=logp, ref_logp=ref_logp, advantages=advantages, old_values=values * mask,
                       returns=returns, beta=np.full((self.rows,), beta, np.float32), reward=raw, score=score)
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -446,9 +439,23 @@ class PPOObjective(sft.SFTObjective):
         if self.moments is not None:
             stats.update(reward_running_mean=self.moments.mean, reward_running_std=self.moments.std)
         if self.with_critic:
-            stats["explained_variance"] = float(1.0 - rl.masked_var(returns - values, mask) /
-                                                jnp.maximum(rl.masked_var(returns, mask), 1e-8))
+            stats["explained_variance"] = float(explained)
         return arrays, stats
+
+    def _advantage_rows(self, score, logp, ref_logp, values, mask, beta):
+        """(advantages, returns, zero-advantage groups, explained variance) of a rollout, in one
+        program: PPO's GAE over the per-token rewards (the score at the last response token,
+        -beta * KL at every one), whitened; or GRPO's group-relative advantages."""
+        p = self.ppo
+        if not self.with_critic:
+            adv, zero_groups = rl.grpo_advantages(score, p.group_size)
+            return adv[:, None] * mask, jnp.zeros_like(mask), zero_groups, jnp.zeros(())
+        kl = rl.kl_estimate(logp, ref_logp, p.kl_estimator)
+        advantages, returns = rl.gae(rl.token_rewards(score, kl, mask, beta), values, mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = rl.whiten(advantages, mask)
+        explained = 1.0 - rl.masked_var(returns - values, mask) / jnp.maximum(rl.masked_var(returns, mask), 1e-8)
+        return advantages, returns, jnp.zeros((), jnp.int32), explained
 
     # --- the loss -------------------------------------------------------------------------------
     def loss(self, params, frozen, batch):
