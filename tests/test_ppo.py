@@ -201,15 +201,18 @@ def test_two_processes_match_one_device(one_device, tmp_path):
             np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-6, err_msg=f"step {ra['step']} {key}")
 
 
-@pytest.mark.parametrize("advantage,group_size,stop", [("gae", 1, "after_save"), ("grpo", 4, "sigterm")])
-def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size, stop):
-    """``python -m sft_jax.ppo`` killed (SIGKILL; for GRPO: sent SIGTERM, a preemption notice,
-    which saves, says so and exits 0) right after its step-2 checkpoint, then rerun: the
-    resumed run ends bit-equal to an uninterrupted one (actor, critic, Adam state, every logged loss
-    and rollout, the adaptive KL controller's beta and the reward normaliser's running moments), on
-    the plain single CPU device. Checkpoints
-    fall at rollout ends (2 updates per rollout), where the rerun samples the next rollout from the
-    restored parameters with that rollout's own seed."""
+@pytest.mark.parametrize("advantage,group_size,stop,at", [("gae", 1, "after_save", 2), ("grpo", 4, "sigterm", 1)])
+def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size, stop, at):
+    """``python -m sft_jax.ppo`` stopped, then rerun: the resumed run ends bit-equal to an
+    uninterrupted one (actor, critic, Adam state, every logged loss and rollout, the adaptive KL
+    controller's beta and the reward normaliser's running moments), on the plain single CPU
+    device. 2 updates per rollout, a checkpoint every 2 steps.
+
+    PPO: SIGKILL right after the step-2 checkpoint, at a rollout's end; the rerun samples the
+    next rollout from the restored parameters with that rollout's own seed. GRPO: SIGTERM (a
+    preemption notice) after step 1, between the first rollout's two updates: the run saves
+    step 1, says so and exits 0; the rerun trains the second update on the first rollout as it
+    was sampled (kept in the run directory), without updating beta and the moments again."""
     from sft_jax import checkpoint as ckpt
     from train_fixtures import REPO, train_cli, write_tiny_yaml
 
@@ -230,18 +233,21 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size, stop):
     straight = train_cli(["--config", config("straight")], env, devices=None, module="sft_jax.ppo", background=True)
     killed = config("killed")
     first = train_cli(["--config", killed], devices=None, module="sft_jax.ppo",
-                      env_extra={**env, "SFT_JAX_TEST_KILL": f"2:{stop}"})
+                      env_extra={**env, "SFT_JAX_TEST_KILL": f"{at}:{stop}"})
     assert first.returncode == (0 if stop == "sigterm" else -9), first.stdout[-3000:] + first.stderr[-3000:]
-    assert stop != "sigterm" or "SIGTERM: saved step 2" in first.stderr, first.stderr[-3000:]
-    assert ckpt.latest_step(tmp_path / "killed" / "checkpoints") == 2
+    assert stop != "sigterm" or f"SIGTERM: saved step {at}" in first.stderr, first.stderr[-3000:]
+    assert ckpt.latest_step(tmp_path / "killed" / "checkpoints") == at
     logged = metrics(tmp_path / "killed")
-    assert [r["step"] for r in logged] == [1, 2]
+    assert [r["step"] for r in logged] == list(range(1, at + 1))
+    rollouts = metrics(tmp_path / "killed", "rollout")
     second = train_cli(["--config", killed], env, devices=None, module="sft_jax.ppo")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     output, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, output[-3000:]
-    # a resume, not a restart: the two records before the kill are the first run's
-    assert metrics(tmp_path / "killed")[:2] == logged
+    # a resume, not a restart: the records before the kill are the first run's; the rollout the
+    # first run was in when it stopped is logged once (sampled again, it would be logged twice)
+    assert metrics(tmp_path / "killed")[:at] == logged
+    assert metrics(tmp_path / "killed", "rollout")[:len(rollouts)] == rollouts and len(rollouts) == 1
     strip = lambda records: [{k: v for k, v in r.items() if not timing(k)} for r in records]  # noqa: E731
     for split in ("train", "rollout"):
         assert strip(metrics(tmp_path / "killed", split)) == strip(metrics(tmp_path / "straight", split)), split

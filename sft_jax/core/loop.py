@@ -50,7 +50,7 @@ from sft_jax.report import write_report
 
 # Tests only: "STEP:during_save" SIGKILLs this process right after the async save of STEP
 # starts (a torn checkpoint), "STEP:after_save" once it is committed, "STEP:sigterm" sends
-# it SIGTERM there (a preemption notice at a known step).
+# it SIGTERM after step STEP, saved or not (a preemption notice at a known step).
 TEST_KILL_ENV = "SFT_JAX_TEST_KILL"
 
 
@@ -232,10 +232,11 @@ class Loop:
                 now = time.perf_counter()
                 self.log(step, pending, now - t_last, step - step_last, batch["tokens"].shape[1])
                 pending, t_last, step_last = [], now, step
-            if c.checkpoint.every and step % c.checkpoint.every == 0 and not last:
+            saved = c.checkpoint.every and step % c.checkpoint.every == 0 and not last
+            if saved:
                 self.save(step)
-                if step == int(kill_step):
-                    self.test_kill(step, kill_phase)
+            if step == int(kill_step) and (saved or kill_phase == "sigterm"):
+                self.test_kill(step, kill_phase)
             if c.train.eval_every and step % c.train.eval_every == 0 and not last:
                 self.evaluate(step)
         self.save(step, force=True)

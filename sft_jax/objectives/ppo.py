@@ -30,6 +30,7 @@ critic's updates are scaled to its own learning rate (``ppo.critic_lr``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ from sft_jax.sampling import _decode
 ROW_KEYS = ("tokens", "positions", "segment_ids", "targets", "mask", "old_logp", "ref_logp", "advantages",
             "old_values", "returns", "beta", "reward", "score")
 ROW_ONLY = ("beta", "reward", "score")  # one number per row; the others are (rows, length)
+ROLLOUT_DIR = "rollout"  # the current rollout's arrays, for a resume between its updates
 # filter_logits keeps tokens whose preceding mass is < top_p; 2.0 keeps every token, so the
 # sampled distribution is softmax(logits) exactly, the one old log-probs are computed under
 NO_NUCLEUS = 2.0
@@ -302,13 +304,17 @@ class PPOObjective(sft.SFTObjective):
     def rollout(self, loop, step, batch):
         r, j = batch["rollout"], batch["update"]
         if self.cache is None or self.cache[0] != r:
-            # a resume in the middle of a rollout's updates samples it again from the current
-            # parameters (not bit-equal to the uninterrupted run; checkpoint at rollout ends)
-            arrays, stats = self.make_rollout(loop, [self.train_examples[i] for i in batch["indices"]],
-                                              seed=self.config.train.seed * 1_000_003 + r)
-            self.kl_ctl.update(stats["kl_per_response"], self.rows)
-            stats.update(beta=self.kl_ctl.beta, rollout=r)
-            loop.logger.log_split(step, "rollout", stats)
+            # resumed in the middle of rollout r's updates (a SIGTERM between checkpoints): its
+            # arrays as sampled, from the run directory; beta and the reward moments came back
+            # with the checkpoint, already updated by it
+            arrays = self.stored_rollout(r) if j else None
+            if arrays is None:
+                arrays, stats = self.make_rollout(loop, [self.train_examples[i] for i in batch["indices"]],
+                                                  seed=self.config.train.seed * 1_000_003 + r)
+                self.kl_ctl.update(stats["kl_per_response"], self.rows)
+                stats.update(beta=self.kl_ctl.beta, rollout=r)
+                loop.logger.log_split(step, "rollout", stats)
+                self.store_rollout(r, arrays)
             rng = np.random.default_rng([self.config.train.seed, r, 1])
             self.cache = (r, arrays, [rng.permutation(self.rows) for _ in range(self.ppo.epochs)])
         _, arrays, orders = self.cache
@@ -318,6 +324,41 @@ class PPOObjective(sft.SFTObjective):
         per_process = G // jax.process_count()
         rows = rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
         return {key: value[rows] for key, value in arrays.items()}
+
+    def rollout_file(self) -> Path:
+        """This process's copy of the current rollout, in the run directory."""
+        return Path(self.config.run.output_dir) / ROLLOUT_DIR / f"process_{jax.process_index()}.npz"
+
+    def rollout_key(self) -> str:
+        """What a rollout's arrays depend on besides the parameters: a stored one made under other
+        settings is not reused."""
+        c = self.config
+        made_by = (c.ppo, c.train.seed, c.train.global_batch_size, c.model.init_from)
+        return hashlib.sha1(repr(made_by).encode()).hexdigest()
+
+    def store_rollout(self, r: int, arrays: dict) -> None:
+        """Keep rollout r (every process holds all of it) until the next one replaces it."""
+        path = self.rollout_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, rollout=np.int64(r), made_by=np.bytes_(self.rollout_key()), **arrays)
+        tmp.replace(path)
+
+    def stored_rollout(self, r: int) -> dict | None:
+        """Rollout r's arrays if every process still has them, else None (each samples it again)."""
+        path = self.rollout_file()
+        arrays = None
+        if path.is_file():
+            with np.load(path) as stored:
+                if (set(stored.files) == {"rollout", "made_by", *ROW_KEYS} and int(stored["rollout"]) == r
+                        and stored["made_by"].item() == self.rollout_key().encode()):
+                    arrays = {k: stored[k] for k in ROW_KEYS}
+        found = np.int32(arrays is not None)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            found = np.min(multihost_utils.process_allgather(found))
+        return arrays if found else None
 
     def prompt_rows(self, examples, repeat: int):
         """Left-padded prompt tokens (R, prompt_length), lengths (R,), and the prompts' ids."""
