@@ -81,8 +81,9 @@ def _plot(path: Path, title: str, left: list[tuple[str, list, list]], ylabel: st
     if not left:
         return False
     # fixed margins, not tight_layout: it lays the figure out twice and took half of each plot's time
+    twin = right is not None and bool(right[1])
     fig, ax = plt.subplots(figsize=(7, 4))
-    fig.subplots_adjust(left=0.13, right=0.87 if right is not None and right[1] else 0.97, bottom=0.12, top=0.92)
+    fig.subplots_adjust(left=0.13, right=0.87 if twin else 0.97, bottom=0.12, top=0.92)
     for label, xs, ys in left:
         marker = "o" if len(xs) < 30 or label.startswith("eval") else None
         ax.plot(xs, ys, label=label, marker=marker, markersize=3)
@@ -92,7 +93,7 @@ def _plot(path: Path, title: str, left: list[tuple[str, list, list]], ylabel: st
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    if right is not None and right[1]:
+    if twin:
         ax2 = ax.twinx()
         ax2.plot(right[1], right[2], color="tab:red", alpha=0.6, label=right[0])
         ax2.set_ylabel(right_label)

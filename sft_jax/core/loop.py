@@ -244,9 +244,10 @@ class Loop:
         return RunResult(Path(), step, "done", self.last_loss)
 
     def test_kill(self, step: int, phase: str) -> None:
-        """The ``SFT_JAX_TEST_KILL`` hook, right after the save of ``step``: "sigterm" sends this
-        process a preemption notice (the loop then stops as on a real one); "after_save"
-        SIGKILLs it once the save is committed; "during_save" while it is being written."""
+        """The ``SFT_JAX_TEST_KILL`` hook after ``step``: "sigterm" sends this process a
+        preemption notice (the loop then saves and stops as on a real one); after that step's
+        save, "after_save" SIGKILLs it once the save is committed, "during_save" while it is
+        being written."""
         if phase == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
             return
@@ -317,6 +318,7 @@ class Loop:
                        "nonfinite_run": int(counters["nonfinite_run"])}
         ckpt.save(self.manager, step, params=self.state.params, opt_state=self.state.opt_state,
                   model_config=self.model_cfg, tokenizer=self.tokenizer, train_state=train_state, force=force)
+        self.objective.on_save(self, step)
         self.last_saved = step
 
     # --- evaluation ---------------------------------------------------------------------

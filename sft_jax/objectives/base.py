@@ -94,6 +94,10 @@ class Objective(Loss):
         resume. Default: the batch as read."""
         return batch
 
+    def on_save(self, loop, step: int) -> None:
+        """Called on every process after the checkpoint of ``step`` is started: state the
+        objective keeps outside the checkpoint goes to the run directory here. Default: none."""
+
     def evaluate(self, loop, step: int) -> dict:
         """Held-out metrics at ``step`` ({name: float}); samples may go to ``loop.logger``.
         ``loop.eval_fn(params, global_batch, frozen)`` runs ``eval_sums`` on the mesh."""

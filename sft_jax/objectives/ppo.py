@@ -314,7 +314,6 @@ class PPOObjective(sft.SFTObjective):
                 self.kl_ctl.update(stats["kl_per_response"], self.rows)
                 stats.update(beta=self.kl_ctl.beta, rollout=r)
                 loop.logger.log_split(step, "rollout", stats)
-                self.store_rollout(r, arrays)
             rng = np.random.default_rng([self.config.train.seed, r, 1])
             self.cache = (r, arrays, [rng.permutation(self.rows) for _ in range(self.ppo.epochs)])
         _, arrays, orders = self.cache
@@ -324,6 +323,11 @@ class PPOObjective(sft.SFTObjective):
         per_process = G // jax.process_count()
         rows = rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
         return {key: value[rows] for key, value in arrays.items()}
+
+    def on_save(self, loop, step: int) -> None:
+        """A checkpoint between a rollout's updates (a SIGTERM's): keep that rollout beside it."""
+        if step % self.updates_per_rollout and self.cache is not None:
+            self.store_rollout(*self.cache[:2])
 
     def rollout_file(self) -> Path:
         """This process's copy of the current rollout, in the run directory."""
@@ -337,7 +341,7 @@ class PPOObjective(sft.SFTObjective):
         return hashlib.sha1(repr(made_by).encode()).hexdigest()
 
     def store_rollout(self, r: int, arrays: dict) -> None:
-        """Keep rollout r (every process holds all of it) until the next one replaces it."""
+        """Rollout r's arrays (every process holds all of them), for a rerun from a checkpoint in it."""
         path = self.rollout_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -463,16 +467,15 @@ class PPOObjective(sft.SFTObjective):
         score = normalised + np.where(has_eos, 0.0, p.eos_penalty).astype(np.float32)
 
         mask = rows["mask"]
-        k1 = rl.kl_estimate(logp, ref_logp, "k1") * mask
         beta = self.kl_ctl.beta
-        advantages, returns, zero_groups, explained = map(np.asarray, self._advantages(
+        advantages, returns, zero_groups, explained, k1 = map(np.asarray, self._advantages(
             score, logp, ref_logp, values, mask, np.float32(beta)))
         arrays = dict(rows, old_logp=logp, ref_logp=ref_logp, advantages=advantages, old_values=values * mask,
                       returns=returns, beta=np.full((self.rows,), beta, np.float32), reward=raw, score=score)
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         stats = {
             "reward_mean": float(raw.mean()), "reward_std": float(raw.std()), "score_mean": float(score.mean()),
-            "kl_per_response": float(np.sum(k1) / self.rows),
+            "kl_per_response": float(k1 / self.rows),
             "entropy": float(np.sum(entropy * mask) / np.sum(mask)),
             "response_length": float(n_resp.mean()), "eos_penalty_rate": float(1.0 - has_eos.mean()),
             "zero_adv_groups": int(zero_groups), "rollout_time_s": time.perf_counter() - t0, "sample_time_s": t_sample,
@@ -484,19 +487,20 @@ class PPOObjective(sft.SFTObjective):
         return arrays, stats
 
     def _advantage_rows(self, score, logp, ref_logp, values, mask, beta):
-        """(advantages, returns, zero-advantage groups, explained variance) of a rollout, in one
-        program: PPO's GAE over the per-token rewards (the score at the last response token,
-        -beta * KL at every one), whitened; or GRPO's group-relative advantages."""
+        """(advantages, returns, zero-advantage groups, explained variance, summed k1 KL) of a
+        rollout, in one program: PPO's GAE over the per-token rewards (the score at the last
+        response token, -beta * KL at every one), whitened; or GRPO's group-relative advantages."""
         p = self.ppo
+        k1 = jnp.sum(rl.kl_estimate(logp, ref_logp, "k1") * mask)
         if not self.with_critic:
             adv, zero_groups = rl.grpo_advantages(score, p.group_size)
-            return adv[:, None] * mask, jnp.zeros_like(mask), zero_groups, jnp.zeros(())
+            return adv[:, None] * mask, jnp.zeros_like(mask), zero_groups, jnp.zeros(()), k1
         kl = rl.kl_estimate(logp, ref_logp, p.kl_estimator)
         advantages, returns = rl.gae(rl.token_rewards(score, kl, mask, beta), values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
             advantages = rl.whiten(advantages, mask)
         explained = 1.0 - rl.masked_var(returns - values, mask) / jnp.maximum(rl.masked_var(returns, mask), 1e-8)
-        return advantages, returns, jnp.zeros((), jnp.int32), explained
+        return advantages, returns, jnp.zeros((), jnp.int32), explained, k1
 
     # --- the loss -------------------------------------------------------------------------------
     def loss(self, params, frozen, batch):
