@@ -52,7 +52,7 @@ def synthetic_alpaca(n: int, seed: int = 0):
 
 def prepare(workdir: str, n: int) -> None:
     """DIR/alpaca.jsonl with n rows and DIR/tokenizer, unless already there for this n."""
-    from sft_jax.tokenizer import train_bytelevel_bpe
+    from sft_jax.models.tokenizer import train_bytelevel_bpe
 
     stamp = os.path.join(workdir, "examples.txt")
     if os.path.exists(stamp) and open(stamp).read() == str(n):

@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def analyze(run_dir, studies, *, spike_k: float, seed: int = 0, compute_max_len=None, study_steps: int = 0,
             data_sizes: tuple[int, ...] = (8, 4, 2, 1)) -> tuple[Path, list[dict]]:
-    from sft_jax import report as train_report
+    from sft_jax.core import report as train_report
     from sft_jax.analysis import report, studies as st
     from sft_jax.analysis.run import AnalysisError, load_run
     from sft_jax.core.setup import enable_compilation_cache

@@ -5,7 +5,7 @@
 Both sides run the same computation on the same weights and batch: fp32 master weights,
 ``--dtype`` compute (bf16 autocast for torch on CUDA), loss on response tokens only (the
 first 30% of each row is prompt: label -100 for torch, weight 0 for JAX), global-norm
-clipping at 1.0, the trainer's AdamW (``sft_jax.optim``; decay 0.1 on matmul weights) on
+clipping at 1.0, the trainer's AdamW (``sft_jax.core.optimizer``; decay 0.1 on matmul weights) on
 its linear-warmup cosine schedule. The JAX side times the trainer's own step
 (``sft_jax.train_step.make_train_step``: scanned layers, the chunked float32 ``token_nll``,
 the non-finite guard, a donated state) on a one-device mesh, so the number is what
@@ -16,7 +16,7 @@ sides do the same work.
 
 Warmup steps (compilation, allocator growth) are excluded; the timed steps end with a
 device sync. tokens/s counts every position of the batch, prompt included. MFU uses
-``GPT2Config.flops_per_token`` (see ``sft_jax.metrics``) and is null on CPU.
+``GPT2Config.flops_per_token`` (see ``sft_jax.core.metrics``) and is null on CPU.
 """
 
 from __future__ import annotations
@@ -40,16 +40,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sft_jax import cli, metrics
-from sft_jax import sharding as shd
+from sft_jax import cli
+from sft_jax.core import metrics
+from sft_jax.core import mesh as shd
 from sft_jax import train_step as ts
 from sft_jax.config import OptimSection
 from sft_jax.hf import to_hf_state_dict
 from sft_jax.model import GPT2Config, init_params
-from sft_jax.optim import make_optimizer
+from sft_jax.core.optimizer import make_optimizer
 
 PROMPT_FRACTION = 0.3  # leading share of each row that is prompt (no loss)
-# The trainer's optimizer (sft_jax.optim) with decay switched on, so its mask costs too;
+# The trainer's optimizer (sft_jax.core.optimizer) with decay switched on, so its mask costs too;
 # warmup_steps is set per run to the untimed steps.
 OPTIM = OptimSection(lr=1e-4, weight_decay=0.1, clip_norm=1.0)
 LOSS_CHUNK = 256  # sequence positions per chunk of the fp32 vocab projection in token_nll
@@ -223,7 +224,7 @@ def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warm
         enable()
     optim = dataclasses.replace(OPTIM, warmup_steps=warmup)
 
-    def decays(name, p):  # sft_jax.optim's decay mask in HF names: matmul weights, not embeddings/biases/LN
+    def decays(name, p):  # sft_jax.core.optimizer's decay mask in HF names: matmul weights, not embeddings/biases/LN
         return p.ndim == 2 and not name.endswith(("wte.weight", "wpe.weight"))
 
     named = list(model.named_parameters())  # the tied lm_head is listed once, as wte

@@ -27,7 +27,7 @@ import numpy as np
 from sft_jax import cli
 from sft_jax.generate import add_sampling_args, fit_prompt, load
 from sft_jax.model import GPT2, GPT2Config, init_cache
-from sft_jax.sampling import _next_token
+from sft_jax.inference.sampling import _next_token
 
 PREFILL_MULTIPLE = 64  # prompts are left-padded to a multiple of this: few prefill compiles
 

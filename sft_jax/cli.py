@@ -39,7 +39,7 @@ def user_error(message) -> int:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's mistake (config, data, model files, checkpoints)."""
-    from sft_jax.checkpoint import CheckpointError
+    from sft_jax.core.checkpoint import CheckpointError
     from sft_jax.config import ConfigError
     from sft_jax.data import DataError
     from sft_jax.hf import HFFormatError
@@ -71,7 +71,7 @@ def resolve_path(path: str, *, must_be_local: bool = False) -> str:
     ``gs://...`` stays as is; a bare name that does not exist locally (``gpt2``,
     ``openai-community/gpt2``) stays a hub name unless ``must_be_local`` (an output path).
     """
-    from sft_jax.checkpoint import is_remote
+    from sft_jax.core.checkpoint import is_remote
 
     path = os.fspath(path)
     if is_remote(path):

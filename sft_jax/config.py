@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from sft_jax.data.config import DataConfig
-from sft_jax.distributed import DistributedConfig
+from sft_jax.runtime.distributed import DistributedConfig
 from sft_jax.model import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -144,7 +144,7 @@ class RunSection:
     wandb_name: Optional[str] = None  # the W&B run name; null = wandb's own
 
 
-DEFAULT_REWARD_FN = "sft_jax.data.demo:exact_match_reward"
+DEFAULT_REWARD_FN = "sft_jax.demos.tasks:exact_match_reward"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +222,7 @@ class Config:
     mesh: MeshSection = MeshSection()  # device mesh
     checkpoint: CheckpointSection = CheckpointSection()  # orbax checkpoints
     run: RunSection = RunSection()  # where outputs go
-    distributed: DistributedConfig = DistributedConfig()  # multi-process settings (sft_jax.distributed)
+    distributed: DistributedConfig = DistributedConfig()  # multi-process settings (sft_jax.runtime.distributed)
     ppo: PPOSection = PPOSection()  # RL fine-tuning (python -m sft_jax.ppo)
     reward: RewardSection = RewardSection()  # reward model (python -m sft_jax.reward)
     dpo: DPOSection = DPOSection()  # direct preference optimisation (python -m sft_jax.dpo)

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sft_jax import checkpoint, cli, hf
+from sft_jax import cli, hf
+from sft_jax.core import checkpoint
 
 
 def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False) -> None:

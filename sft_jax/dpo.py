@@ -1,7 +1,7 @@
 """``python -m sft_jax.dpo [--config FILE] [key=value ...]``: DPO against a frozen reference
 (see sft_jax.objectives.dpo), on the shared training core.
 
-With no arguments it runs the demo (sft_jax.preference_demo): pairs from the SFT demo
+With no arguments it runs the demo (sft_jax.demos.preference): pairs from the SFT demo
 model's own mistakes, then DPO from that model. User mistakes print one line on stderr
 and exit 2, before any run directory is written (as ``python -m sft_jax.train``).
 """
@@ -36,7 +36,7 @@ def run_command(argv, *, prog: str, doc: str, objective: str, default_config: st
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        from sft_jax import preference_demo
+        from sft_jax.demos import preference as preference_demo
 
         preference_demo.dpo_demo()
         return 0

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sft_jax import checkpoint, cli, sampling
+from sft_jax import cli
+from sft_jax.core import checkpoint
+from sft_jax.inference import sampling
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:

@@ -7,7 +7,7 @@ Axis letters used in shapes and einsums:
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``,
 ``head_dim``, ``mlp``, ``layers``, ...). The model never names devices: the
 trainer maps logical names to mesh axes with one rules table
-(``sft_jax.sharding.LOGICAL_RULES``). Parameters live in float32; compute runs
+(``sft_jax.core.mesh.LOGICAL_RULES``). Parameters live in float32; compute runs
 in ``config.dtype``.
 """
 

@@ -4,7 +4,7 @@ preference pairs (see sft_jax.objectives.reward), on the shared training core.
 ``python -m sft_jax.reward score --model PATH --data FILE [--out FILE]`` scores a JSONL
 file of pairs (prompt/chosen/rejected, as training reads them) or of prompt/response rows
 with an exported reward model, one JSON line per row. With no arguments it runs the demo
-(sft_jax.preference_demo). User mistakes print one line on stderr and exit 2.
+(sft_jax.demos.preference). User mistakes print one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def score_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     args = cli.parse(parser, argv)
 
-    from sft_jax.scoring import score_file
+    from sft_jax.inference.scoring import score_file
 
     try:
         lines, summary = score_file(cli.resolve_path(args.model), cli.resolve_path(args.data),
@@ -44,7 +44,7 @@ def score_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        from sft_jax import preference_demo
+        from sft_jax.demos import preference as preference_demo
 
         preference_demo.reward_demo()
         return 0

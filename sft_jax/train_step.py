@@ -14,7 +14,7 @@ from sft_jax.core import step as core
 from sft_jax.core.step import TRACE_COUNTS, TrainState, split_micro, state_from_restored
 from sft_jax.model import GPT2, GPT2Config, param_shapes
 from sft_jax.objectives.sft import BATCH_KEYS, SFTLoss, init_params, summed_nll
-from sft_jax.optim import global_norm  # noqa: F401  (callers of the former module use ts.global_norm)
+from sft_jax.core.optimizer import global_norm  # noqa: F401  (callers of the former module use ts.global_norm)
 
 __all__ = ["BATCH_KEYS", "TRACE_COUNTS", "TrainState", "accumulated_grads", "init_state", "make_eval_step",
            "make_train_step", "split_micro", "state_from_restored", "state_shardings", "summed_nll"]

@@ -25,7 +25,7 @@ from sft_jax.core.loop import sigterm_flag as _sigterm_flag
 from sft_jax.core.setup import (ARCH_FIELDS, download_outputs, enable_compilation_cache, model_and_tokenizer,
                                 resume_source, run_dirs, upload_outputs)
 from sft_jax.core.setup import checkpoint_model_config as _checkpoint_model_config
-from sft_jax.metrics import device_memory
+from sft_jax.core.metrics import device_memory
 from sft_jax.core.loop import batch_size_changes
 from sft_jax.objectives.sft import GENERATE_BATCH, SFTObjective, _last_response, generation_examples
 

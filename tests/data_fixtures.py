@@ -8,7 +8,7 @@ import json
 from hypothesis import strategies as st
 
 from sft_jax.data.formats import BUILTIN_TEMPLATE
-from sft_jax.tokenizer import set_chat_template, train_bytelevel_bpe
+from sft_jax.models.tokenizer import set_chat_template, train_bytelevel_bpe
 
 CORPUS = [
     "### System:\nYou are helpful.\n\n### User:\nGive three tips for staying healthy.\n\n### Assistant:\n"

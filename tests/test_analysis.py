@@ -122,7 +122,7 @@ def test_stability_finds_a_planted_spike_and_the_lr_formula():
     found = stability.spikes(loss, gn)
     assert [s["index"] for s in found] == [60] and found[0]["loss_spike_follows"]
     cfg = tiny_config("/tmp/unused")
-    from sft_jax.optim import lr_schedule  # the optimizer's own schedule against the written-out formula
+    from sft_jax.core.optimizer import lr_schedule  # the optimizer's own schedule against the written-out formula
 
     sched = lr_schedule(cfg.optim, 50)
     records = [{"step": s, "lr": float(sched(s - 1))} for s in range(1, 51)]
@@ -203,7 +203,7 @@ def test_opt_in_studies_on_a_tiny_run(tiny_run):
     from sft_jax.analysis.run import load_run
     from sft_jax.analyze import parse_args
     from sft_jax.config import load_config
-    from sft_jax.metrics import read_metrics
+    from sft_jax.core.metrics import read_metrics
 
     def steps_of(out):
         return max(r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "train")
@@ -222,7 +222,7 @@ def test_opt_in_studies_on_a_tiny_run(tiny_run):
     copy = masking["numbers"]["reference_copy"]
     assert copy["responses"] + copy["excluded_short"] == len(training.copy_examples(run)[0])
     # the response-only run's eval loss is the loss of the restored final checkpoint on the eval docs
-    from sft_jax import checkpoint as ckpt
+    from sft_jax.core import checkpoint as ckpt
 
     params = ckpt.restore(tiny_run / "analysis_runs" / "response_only" / "checkpoints")["params"]
     docs = np.arange(min(training.LOSS_DOCS, len(run.eval_ds)))

@@ -25,10 +25,11 @@ import pytest
 
 from data_fixtures import write_jsonl
 from hf_fixtures import make_hf_model, save_hf_model, train_tokenizer
-from sft_jax import chat, checkpoint, cli, convert, generate, hf, train
+from sft_jax import chat, cli, convert, generate, hf, train
+from sft_jax.core import checkpoint
 from sft_jax.data import BUILTIN_TEMPLATE
 from sft_jax.data.__main__ import main as data_main
-from sft_jax.sampling import generate as reference_generate
+from sft_jax.inference.sampling import generate as reference_generate
 from train_fixtures import REPO, write_tiny_yaml
 
 USER_TEMPLATE = (  # a user data.template (the same shape as test_data_formats'), different from the built-in

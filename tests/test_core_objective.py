@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax import trainer
 from sft_jax.core import loop as core_loop
 from sft_jax.core import step as core_step

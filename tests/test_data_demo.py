@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from sft_jax.data import DataConfig, build_datasets, demo_tokenizer, encode_prompt, exact_match, make_demo_examples
-from sft_jax.data.demo import TASKS
+from sft_jax.demos.tasks import TASKS
 
 
 def test_examples_are_deterministic_correct_and_short():
@@ -22,7 +22,7 @@ def test_examples_are_deterministic_correct_and_short():
 
 
 def _answer(e) -> str:
-    """Each task's answer recomputed from its prompt, independently of sft_jax.data.demo."""
+    """Each task's answer recomputed from its prompt, independently of sft_jax.demos.tasks."""
     task, instruction, given = e["task"], e["instruction"], e["input"]
     if task == "reverse":
         return " ".join(given.split()[::-1])

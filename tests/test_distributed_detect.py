@@ -15,7 +15,7 @@ from jax._src import clusters
 from jax._src.clusters import cloud_tpu_cluster, cluster as cluster_mod
 
 from launch_fixtures import calls, jax_autodetect as _jax_autodetect, joined as _joined  # noqa: F401 (fixture)
-from sft_jax import distributed
+from sft_jax.runtime import distributed
 from sft_jax.config import load_config
 
 def test_tpu_vm_worker(monkeypatch, calls):

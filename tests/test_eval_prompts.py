@@ -18,10 +18,10 @@ from sft_jax import trainer
 from sft_jax.config import ConfigError, load_config
 from sft_jax.data import demo_tokenizer, encode_prompt
 from sft_jax.model import GPT2Config
-from sft_jax.sampling import cut_prompt, generate
+from sft_jax.inference.sampling import cut_prompt, generate
 from sft_jax.trainer import generation_examples
 from data_fixtures import write_jsonl
-from sft_jax.metrics import MetricsLogger
+from sft_jax.core.metrics import MetricsLogger
 from train_fixtures import REPO, metrics, tiny_config
 
 LONG_PROMPT = " ".join(f"word{i}" for i in range(120))  # far more than 64 tokens

@@ -7,7 +7,7 @@ import pytest
 
 from hf_fixtures import CHAT_TEMPLATE, EOS_ID, make_hf_model, save_hf_model, train_tokenizer
 from sft_jax import convert, generate as generate_cli, hf
-from sft_jax.sampling import _next_token, filter_logits, generate
+from sft_jax.inference.sampling import _next_token, filter_logits, generate
 
 torch = pytest.importorskip("torch")
 

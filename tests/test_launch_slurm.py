@@ -3,7 +3,7 @@
 The stand-in sbatch runs the script at once with a batch script's SLURM_* environment; the
 stand-in srun starts every task here with the variables srun gives it. The tasks are a
 fake trainer that records its environment; each recorded task environment is then handed
-to ``sft_jax.distributed.initialize`` (with ``jax.distributed.initialize`` patched), and to
+to ``sft_jax.runtime.distributed.initialize`` (with ``jax.distributed.initialize`` patched), and to
 JAX's own auto-detection, to check what that task would join with: coordinator, process
 count, rank and devices.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from launch_fixtures import STANDINS, calls, standin_path, jax_autodetect, joined  # noqa: F401 (fixture)
-from sft_jax import distributed
+from sft_jax.runtime import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "slurm_gpu.sbatch"

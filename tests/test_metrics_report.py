@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from sft_jax import metrics
-from sft_jax.metrics import MetricsLogger, read_metrics
+from sft_jax.core import metrics
+from sft_jax.core.metrics import MetricsLogger, read_metrics
 from sft_jax.model import GPT2Config
-from sft_jax.report import write_report
+from sft_jax.core.report import write_report
 
 
 # --- FLOPs and MFU -----------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_logger_starts_without_importing_torch(tmp_path):
 
     script = (
         "import sys\n"
-        "from sft_jax.metrics import MetricsLogger\n"
+        "from sft_jax.core.metrics import MetricsLogger\n"
         "assert 'torch' not in sys.modules\n"
         f"with MetricsLogger({str(tmp_path)!r}, total_steps=1) as log:\n"
         "    log.log(1, {'loss': 1.5})\n"

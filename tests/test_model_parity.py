@@ -10,7 +10,7 @@ import pytest
 
 from hf_fixtures import EOS_ID, make_hf_model, save_hf_model, torch_logits
 from sft_jax import hf
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax.model import GPT2, GPT2Config, param_shapes, token_nll
 
 torch = pytest.importorskip("torch")

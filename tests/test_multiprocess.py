@@ -285,7 +285,7 @@ def test_launch_scripts_lint(script):
 def test_multislice_mesh_config():
     """mesh.dcn_shape multiplies the per-slice (ICI) sizes; one slice cannot fake two."""
     import jax
-    from sft_jax import sharding
+    from sft_jax.core import mesh as sharding
     from sft_jax.config import ConfigError, load_config
 
     cfg = load_config(None, ["mesh.dcn_shape={data: 2}", "mesh.shape={fsdp: -1}"])
@@ -307,7 +307,7 @@ def test_remote_output_dir_layout(tmp_path):
     local, checkpoints = run_dirs(cfg)
     assert local == tmp_path / "stage" / "bucket__runs__xl"
     assert str(checkpoints) == "gs://bucket/runs/xl/checkpoints"
-    from sft_jax.checkpoint import as_path
+    from sft_jax.core.checkpoint import as_path
     assert str(as_path("gs://bucket/runs/xl") / "checkpoints" / "5") == "gs://bucket/runs/xl/checkpoints/5"
     local_cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}"])
     assert run_dirs(local_cfg) == (tmp_path / "run", tmp_path / "run" / "checkpoints")

@@ -213,7 +213,7 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size, stop, 
     preemption notice) after step 1, between the first rollout's two updates: the run saves
     step 1, says so and exits 0; the rerun trains the second update on the first rollout as it
     was sampled (kept in the run directory), without updating beta and the moments again."""
-    from sft_jax import checkpoint as ckpt
+    from sft_jax.core import checkpoint as ckpt
     from train_fixtures import REPO, train_cli, write_tiny_yaml
 
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # length_reward
@@ -264,7 +264,7 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
     import torch
     from transformers import GPT2ForSequenceClassification
 
-    from sft_jax import checkpoint as ckpt
+    from sft_jax.core import checkpoint as ckpt
     from sft_jax.hf_reward import export_reward_hf, load_reward_hf
     from sft_jax.objectives.preference_losses import init_reward_head
 
@@ -315,7 +315,7 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
     # rarely ends one): the reward model reads each at its last token that is not EOS
     from types import SimpleNamespace
 
-    from sft_jax import sharding as shd
+    from sft_jax.core import mesh as shd
     from sft_jax.objectives.ppo import PPOObjective
 
     objective = PPOObjective(cfg, model_cfg, tokenizer)

@@ -191,7 +191,7 @@ def test_hh_without_marker_and_skip_mode(tmp_path):
 def test_demo_corruptions_are_always_wrong():
     """Every task's fixed corruption differs from the answer, palindromes included ("w w w" once
     stopped the DPO demo), over the demo's own training and held-out prompts."""
-    from sft_jax.data.demo_pairs import corrupt, demo_pair_examples, make_pairs
+    from sft_jax.demos.pairs import corrupt, demo_pair_examples, make_pairs
 
     train, held_out = demo_pair_examples(4000, 500)
     for ex in train + held_out:

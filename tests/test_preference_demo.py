@@ -1,7 +1,7 @@
 """The DPO and reward-model demos (``python -m sft_jax.dpo`` / ``sft_jax.reward`` with no
 arguments), on a shortened schedule, from the session's SFT demo model.
 
-The demo code runs as shipped (sft_jax.preference_demo: pairs from the SFT model's own greedy
+The demo code runs as shipped (sft_jax.demos.preference: pairs from the SFT model's own greedy
 mistakes, training on the core, then its figures); only the sizes are smaller: 800 training
 prompts instead of 4,000, 200 held-out pairs instead of 500, exact match on 100 prompts instead
 of 200, 40 optimizer steps instead of 100 (DPO) or 150 (reward). The bars are the issue's, lowered

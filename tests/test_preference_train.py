@@ -3,7 +3,7 @@
 References: the frozen reference rebuilt independently (bit-equal after DPO), log 2 at the
 first step (policy == reference), a one-device run (a data x fsdp x tensor mesh gives its
 losses), an uninterrupted run (kill -9 and rerun ends bit-equal), and the exported reward
-model scored through transformers' layout (``sft_jax.scoring``), which must give the
+model scored through transformers' layout (``sft_jax.inference.scoring``), which must give the
 accuracy the trainer's held-out evaluation reported."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sft_jax import checkpoint as ckpt
+from sft_jax.core import checkpoint as ckpt
 from sft_jax.core import loop as core_loop
-from sft_jax.data.demo_pairs import demo_pair_examples, make_pairs, write_jsonl
+from sft_jax.demos.pairs import demo_pair_examples, make_pairs, write_jsonl
 from sft_jax.objectives import dpo
 from sft_jax.objectives.reward import RewardObjective
-from sft_jax.scoring import score_file
+from sft_jax.inference.scoring import score_file
 from train_fixtures import losses, metrics, tiny_config, train_cli, write_tiny_yaml
 
 STEPS, EVERY = 4, 2
@@ -94,7 +94,7 @@ def test_reward_model_on_demo_pairs_mesh_parity_and_export_scores_the_same(tmp_p
     (final,) = metrics(tmp_path / "one", "eval")
     print(f"reward model held-out accuracy on demo pairs: {final['eval_accuracy']:.3f}")
     assert 0.0 <= final["eval_accuracy"] <= 1.0  # reported; learning is the demo's to show (not tested here)
-    # the exported GPT2ForSequenceClassification, scored through sft_jax.scoring, agrees with the trainer
+    # the exported GPT2ForSequenceClassification, scored through sft_jax.inference.scoring, agrees with the trainer
     lines, summary = score_file(tmp_path / "one" / "hf", str(pairs[1]))
     assert len(lines) == 48 and summary.endswith(f"{final['eval_accuracy']:.4f}")
 

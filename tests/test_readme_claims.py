@@ -10,8 +10,8 @@ from etils import epath
 from sft_jax import config as config_lib
 from sft_jax.data.cache import cache_root
 from sft_jax.data.config import DataConfig
-from sft_jax.distributed import DistributedConfig
-from sft_jax.runlock import Lease
+from sft_jax.runtime.distributed import DistributedConfig
+from sft_jax.runtime.runlock import Lease
 
 
 def test_documented_defaults():

@@ -7,10 +7,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from sft_jax import checkpoint as ckpt
+from sft_jax.core import checkpoint as ckpt
 from sft_jax import train, trainer
 from sft_jax.data import BatchIterator, build_datasets
-from sft_jax.optim import make_optimizer
+from sft_jax.core.optimizer import make_optimizer
 from train_fixtures import metrics, tiny_config, write_tiny_yaml
 
 

@@ -164,7 +164,7 @@ def test_critic_learning_rate_scales_only_the_critic_updates():
     import optax
 
     from sft_jax.config import OptimSection
-    from sft_jax.optim import make_optimizer
+    from sft_jax.core.optimizer import make_optimizer
 
     rng = np.random.default_rng(0)
     tree = lambda: {"params": {"h_kernel": rng.normal(size=(3, 4)).astype(np.float32)},  # noqa: E731

@@ -17,7 +17,7 @@ from etils import epath
 
 from sft_jax import train
 from sft_jax.core.step import TRACE_COUNTS
-from sft_jax.runlock import LOCK_NAME, DirectoryLock, Lease, RunLockedError
+from sft_jax.runtime.runlock import LOCK_NAME, DirectoryLock, Lease, RunLockedError
 from train_fixtures import REPO, losses, train_cli, write_tiny_yaml
 
 train_cli = functools.partial(train_cli, devices=None)
@@ -42,7 +42,7 @@ def test_the_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     first.release()
     assert not (tmp_path / "run").exists()  # a directory made only for the lock goes with it
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from sft_jax.runlock import DirectoryLock; "
+        [sys.executable, "-c", "import sys, time; from sft_jax.runtime.runlock import DirectoryLock; "
                                "DirectoryLock(sys.argv[1]).acquire(); time.sleep(600)", str(tmp_path / "run")],
         env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax import train
 from sft_jax import train_step as ts
 from sft_jax.config import ConfigError, from_dict, load_config
 from sft_jax.model import GPT2Config
-from sft_jax.optim import make_optimizer
+from sft_jax.core.optimizer import make_optimizer
 from train_fixtures import read_yaml, shipped_configs, write_tiny_yaml
 
 HF_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",

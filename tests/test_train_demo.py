@@ -9,7 +9,7 @@ import numpy as np
 import transformers
 
 from hlo_checks import dot_operand_dtypes
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax import trainer
 from sft_jax.core import step as core_step
 from train_fixtures import losses, metrics, tiny_config

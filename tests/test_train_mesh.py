@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sft_jax import checkpoint as ckpt
-from sft_jax import sharding as shd
+from sft_jax.core import checkpoint as ckpt
+from sft_jax.core import mesh as shd
 from sft_jax import train_step as ts
 from sft_jax import trainer
 from sft_jax.model import GPT2Config
-from sft_jax.optim import make_optimizer
+from sft_jax.core.optimizer import make_optimizer
 from train_fixtures import assert_trees_equal, logged_steps, losses, metrics, tensorboard_scalars, tiny_config
 
 
@@ -50,7 +50,7 @@ def test_mesh_2x2x2_matches_one_device_and_compiles_once(tmp_path, cache, monkey
     Both runs' logs are then held to what the issue lists (``check_run_logs``)."""
     # CPU has no FLOP/s peak and no memory statistics: give it both, so the trainer's MFU
     # and device-memory wiring is exercised (the MFU formula itself is tested by hand).
-    monkeypatch.setattr("sft_jax.metrics.peak_flops", lambda kind: 1e12)
+    monkeypatch.setattr("sft_jax.core.metrics.peak_flops", lambda kind: 1e12)
     monkeypatch.setattr(trainer, "device_memory", lambda: {"bytes_in_use": 123, "peak_bytes_in_use": 456})
     runs = {}
     for name, devices, shape in [("one", jax.devices()[:1], "[1,1,1]"), ("mesh", jax.devices(), "[2,2,2]")]:

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax import train_step as ts
 from sft_jax.config import OptimSection
 from sft_jax.hf import to_hf_state_dict
 from sft_jax.model import GPT2, GPT2Config, init_params, token_nll
-from sft_jax.optim import decay_mask, make_optimizer
+from sft_jax.core.optimizer import decay_mask, make_optimizer
 from train_fixtures import fixed_batches
 
 CFG = GPT2Config.preset("tiny", vocab_size=256, n_positions=32, bos_token_id=0, eos_token_id=0)  # no vocab padding

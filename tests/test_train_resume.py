@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from sft_jax import checkpoint as ckpt
+from sft_jax.core import checkpoint as ckpt
 from train_fixtures import assert_trees_equal, logged_steps, losses, metrics, train_cli, write_tiny_yaml
 
 STEPS = 8

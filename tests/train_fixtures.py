@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 from sft_jax.config import load_config, packaged_config
-from sft_jax.metrics import read_metrics
+from sft_jax.core.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,11 +13,11 @@ import dataclasses
 import jax
 import numpy as np
 
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax import train_step as ts
 from sft_jax.config import OptimSection
 from sft_jax.model import GPT2Config
-from sft_jax.optim import make_optimizer
+from sft_jax.core.optimizer import make_optimizer
 
 GB, GIB = 1e9, 2 ** 30
 BATCH_ARRAYS = len(ts.BATCH_KEYS)  # tokens, targets, weights, positions, segment_ids: 4 bytes each

@@ -10,9 +10,9 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from sft_jax import checkpoint as ckpt
+from sft_jax.core import checkpoint as ckpt
 from sft_jax.config import Config, ConfigError, load_config
-from sft_jax.metrics import MetricsLogger, read_metrics
+from sft_jax.core.metrics import MetricsLogger, read_metrics
 from sft_jax.model import GPT2Config, init_params
 
 

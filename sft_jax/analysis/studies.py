@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax.analysis import compute, memory, stability, tokens, variance
 from sft_jax.analysis.run import Run, one_doc_rows, row_width
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax import checkpoint as ckpt
+from sft_jax.core import checkpoint as ckpt
 from sft_jax.analysis.run import AnalysisError, one_doc_rows, row_width
 from sft_jax.model import GPT2, GPT2Config
 from sft_jax.objectives.sft import SFTObjective
@@ -128,7 +128,7 @@ def copy_examples(run, n: int = COPY_PROMPTS):
     leave room for train.max_new_tokens."""
     from sft_jax.data.formats import encode_prompt
     from sft_jax.objectives.sft import _last_response
-    from sft_jax.sampling import cut_prompt
+    from sft_jax.inference.sampling import cut_prompt
 
     c, prompts, refs = run.config, [], []
     for example in (run.eval_ds.examples or [])[:n] if run.eval_ds is not None else []:
@@ -142,7 +142,7 @@ def copy_examples(run, n: int = COPY_PROMPTS):
 def greedy_responses(run, params, prompts) -> list[list[int]]:
     """Greedy generations (eos dropped), in fixed-size batches: one compile per prompt width."""
     from sft_jax.objectives.sft import GENERATE_BATCH
-    from sft_jax.sampling import generate
+    from sft_jax.inference.sampling import generate
 
     eos, out = run.tokenizer.eos_token_id, []
     for lo in range(0, len(prompts), GENERATE_BATCH):

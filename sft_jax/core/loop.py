@@ -36,17 +36,17 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from sft_jax import checkpoint as ckpt
-from sft_jax import distributed
-from sft_jax import runlock
-from sft_jax import sharding as shd
+from sft_jax.core import checkpoint as ckpt
+from sft_jax.runtime import distributed
+from sft_jax.runtime import runlock
+from sft_jax.core import mesh as shd
 from sft_jax.config import Config, ConfigError
 from sft_jax.core import step as core_step
 from sft_jax.core.setup import (check_same_model, download_outputs, enable_compilation_cache, model_and_tokenizer,
                                 resume_source, run_dirs, upload_outputs)
-from sft_jax.metrics import MetricsLogger, device_memory, mfu
-from sft_jax.optim import make_optimizer
-from sft_jax.report import write_report
+from sft_jax.core.metrics import MetricsLogger, device_memory, mfu
+from sft_jax.core.optimizer import make_optimizer
+from sft_jax.core.report import write_report
 
 # Tests only: "STEP:during_save" SIGKILLs this process right after the async save of STEP
 # starts (a torn checkpoint), "STEP:after_save" once it is committed, "STEP:sigterm" sends

@@ -11,11 +11,11 @@ from typing import Optional
 
 import jax
 
-from sft_jax import checkpoint as ckpt
-from sft_jax import runlock
+from sft_jax.core import checkpoint as ckpt
+from sft_jax.runtime import runlock
 from sft_jax.config import Config, ConfigError
 from sft_jax.data import chat_template
-from sft_jax.data.demo import demo_tokenizer
+from sft_jax.demos.tasks import demo_tokenizer
 from sft_jax.model import GPT2Config
 
 ARCH_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
@@ -120,7 +120,7 @@ def model_and_tokenizer(config: Config):
 
 
 def _load_tokenizer(name: str):
-    from sft_jax.tokenizer import load_tokenizer
+    from sft_jax.models.tokenizer import load_tokenizer
 
     return load_tokenizer(name)
 

@@ -30,8 +30,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sft_jax import sharding as shd
-from sft_jax.optim import applied_steps, global_norm
+from sft_jax.core import mesh as shd
+from sft_jax.core.optimizer import applied_steps, global_norm
 
 # Incremented each time a step function is traced (Python runs only while tracing), so
 # tests can prove a whole run compiles once (or once per bucket length).
@@ -99,7 +99,7 @@ def state_from_restored(params, opt_state, train_state: dict | None, shardings: 
 
 def batch_shardings(mesh, batch_axes: Mapping[str, tuple[str, ...]]) -> dict[str, NamedSharding]:
     """Each batch array's NamedSharding from its logical axis names (the rules table of
-    ``sft_jax.sharding``): ("batch", "length") puts rows over data x fsdp."""
+    ``sft_jax.core.mesh``): ("batch", "length") puts rows over data x fsdp."""
 
     def spec(axes) -> P:
         entries = list(nn.logical_to_mesh_axes(tuple(axes), shd.LOGICAL_RULES))

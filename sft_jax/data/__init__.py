@@ -10,7 +10,7 @@ eval_batches), report, demo (built-in tasks, tokenizer, exact match).
 """
 
 from sft_jax.data.config import DataConfig, DataError
-from sft_jax.data.demo import demo_tokenizer, exact_match, make_demo_examples
+from sft_jax.demos.tasks import demo_tokenizer, exact_match, make_demo_examples
 from sft_jax.data.formats import BUILTIN_TEMPLATE, chat_template, decode, encode_prompt, messages_of
 from sft_jax.data.iterator import BatchIterator, eval_batches
 from sft_jax.data.pack import SFTDataset

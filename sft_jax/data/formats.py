@@ -46,7 +46,7 @@ import dataclasses
 import numpy as np
 
 from sft_jax.data.config import DataConfig, DataError
-from sft_jax.tokenizer import read_template
+from sft_jax.models.tokenizer import read_template
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("alpaca", "prompt_completion", "chat", "demo")

@@ -1,7 +1,7 @@
 """Where examples come from: source specs, readers that know line numbers, and the bad-row policy.
 
 Source syntax (DataConfig.train / DataConfig.eval):
-    "demo"                          the built-in demo tasks (sft_jax.data.demo)
+    "demo"                          the built-in demo tasks (sft_jax.demos.tasks)
     "path/to/file.jsonl"            local .jsonl, .json (a JSON array, or JSON lines), .parquet or .csv
     "owner/name[:config[:split]]"   a Hugging Face hub dataset (split defaults to "train")
     "spec@2.5" or {"path": spec, "weight": 2.5}
@@ -307,7 +307,7 @@ class _Stream:
 
 def _read(split: _Stream, cfg, demo_split: str, seed: int, encoder, *, held: _Stream | None = None, carve=0.0):
     """Stream every source of `split` through the encoder; examples held out by `carve` go to `held`."""
-    from sft_jax.data.demo import make_demo_examples
+    from sft_jax.demos.tasks import make_demo_examples
     from sft_jax.data.formats import detect_format
 
     for k, source in enumerate(split.sources):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax.core.step import batch_shardings, global_batch
 from sft_jax.data.preference import assemble_pairs
 from sft_jax.model import GPT2, token_nll
@@ -151,7 +151,7 @@ class DPOObjective(PairData, sft.SFTObjective):
 
     def sampled_kl(self, loop) -> float:
         """Mean over held-out prompts of log pi(y|x) - log ref(y|x), y sampled from pi at temperature 1."""
-        from sft_jax.sampling import generate
+        from sft_jax.inference.sampling import generate
 
         dataset = loop.eval_data
         n = min(self.dpo.kl_prompts, len(dataset))

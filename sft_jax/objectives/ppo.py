@@ -4,7 +4,7 @@ One *rollout* every ``updates_per_rollout`` optimizer steps (the core's ``rollou
 
 1. ``ppo.rollout_prompts`` training prompts, each ``ppo.group_size`` times, left-padded to
    ``ppo.prompt_length``; responses sampled from pi at temperature 1 by the jitted KV-cache
-   sampler (``sft_jax.sampling``), all rows in one call, no host round trip per token.
+   sampler (``sft_jax.inference.sampling``), all rows in one call, no host round trip per token.
 2. One batched pass gives the old log-probs (pi), reference log-probs (the frozen SFT
    model) and the critic's values of every response token.
 3. The reward: a function ``module:function(prompts, responses, examples)`` on the decoded
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax import sharding as shd
+from sft_jax.core import mesh as shd
 from sft_jax.config import DEFAULT_REWARD_FN, ConfigError
 from sft_jax.data import build_datasets, encode_prompt, report_to_markdown
 from sft_jax.data.formats import decode
@@ -49,7 +49,7 @@ from sft_jax.objectives import rl_losses as rl
 from sft_jax.objectives import sft
 from sft_jax.objectives.base import Data
 from sft_jax.objectives.preference_losses import scores_at
-from sft_jax.sampling import _decode
+from sft_jax.inference.sampling import _decode
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "targets", "mask", "old_logp", "ref_logp", "advantages",
             "old_values", "returns", "beta", "reward", "score")
@@ -76,7 +76,7 @@ def reward_model_dir(spec: str, model_cfg, tokenizer, length: int, critic_from_i
     ``length`` positions, and the actor's architecture if the critic starts from it."""
     from sft_jax import hf
     from sft_jax.objectives.reward import is_reward_dir
-    from sft_jax.tokenizer import load_tokenizer
+    from sft_jax.models.tokenizer import load_tokenizer
 
     where = f"ppo.reward_model={spec!r}"
     directory = Path(spec).expanduser()

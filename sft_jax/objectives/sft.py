@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax.data import BatchIterator, build_datasets, chat_template, encode_prompt, eval_batches, report_to_markdown
-from sft_jax.data.demo import exact_match
+from sft_jax.demos.tasks import exact_match
 from sft_jax.data.formats import decode
 from sft_jax.model import GPT2, GPT2Config, param_shapes, token_nll
 from sft_jax.objectives.base import Data, Loss, Objective
@@ -135,7 +135,7 @@ class SFTObjective(Objective, SFTLoss):
         return {}
 
     def generate(self, loop, prompts: list[list[int]]) -> list[str]:
-        from sft_jax.sampling import generate
+        from sft_jax.inference.sampling import generate
 
         params = self.decoding_params(loop)
         if jax.process_index() != 0:  # samples and exact match are logged by process 0 alone
@@ -172,7 +172,7 @@ def generation_examples(tokenizer, data_cfg, examples: list, n: int, *, n_positi
     """(prompts, references, skipped) for samples and exact match: the first ``n`` of ``examples``
     (the eval examples the data path kept), each prompt cut from the left to leave room for
     ``max_new_tokens``; an example whose prompt renders to no token is skipped and counted."""
-    from sft_jax.sampling import cut_prompt
+    from sft_jax.inference.sampling import cut_prompt
 
     prompts, references, skipped = [], [], 0
     for example in examples:

@@ -1,4 +1,4 @@
-"""Preference pairs on the demo tasks (sft_jax.data.demo): chosen = the correct answer;
+"""Preference pairs on the demo tasks (sft_jax.demos.tasks): chosen = the correct answer;
 rejected = the SFT model's own wrong greedy answer where it errs, else a fixed corruption:
 
     reverse  -> not reversed (the input)*         sort    -> one adjacent swap of the sorted digits
@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from sft_jax.data.demo import make_demo_examples
+from sft_jax.demos.tasks import make_demo_examples
 
 
 def corrupt(example: dict) -> str:

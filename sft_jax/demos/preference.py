@@ -3,7 +3,7 @@
 1. The SFT demo model (``runs/demo/hf``), trained first if absent (``python -m sft_jax.train``).
 2. Pairs (``runs/demo_pairs/``): 4,000 training prompts and the SFT demo's 500 held-out
    prompts; chosen = the correct answer, rejected = the SFT model's own wrong greedy answer
-   where it errs, else the task's fixed corruption (sft_jax.data.demo_pairs). Made once
+   where it errs, else the task's fixed corruption (sft_jax.demos.pairs). Made once
    per SFT model (keyed by the hash of its weights).
 3. DPO (``configs/dpo_demo.yaml``) or a reward model (``configs/reward_demo.yaml``) on them.
 4. Figures: DPO: greedy exact match on SFT's 200 held-out prompts, before (SFT) and after
@@ -43,8 +43,8 @@ def greedy_answers(hf_dir: Path, examples: list[dict]) -> list[str]:
     """The model's greedy answers (EOS stripped) to the demo examples' prompts."""
     from sft_jax import hf
     from sft_jax.data import DataConfig, decode, encode_prompt
-    from sft_jax.sampling import generate
-    from sft_jax.tokenizer import load_tokenizer
+    from sft_jax.inference.sampling import generate
+    from sft_jax.models.tokenizer import load_tokenizer
 
     cfg, params = hf.load_hf(hf_dir, dtype="float32")
     tokenizer = load_tokenizer(str(hf_dir))
@@ -60,7 +60,7 @@ def greedy_answers(hf_dir: Path, examples: list[dict]) -> list[str]:
 
 
 def ensure_pairs(hf_dir: Path, sizes: tuple = SIZES) -> tuple[Path, Path]:
-    from sft_jax.data.demo_pairs import demo_pair_examples, make_pairs, write_jsonl
+    from sft_jax.demos.pairs import demo_pair_examples, make_pairs, write_jsonl
 
     key = hashlib.sha1((hf_dir / "model.safetensors").read_bytes()).hexdigest()
     meta = PAIRS_DIR / "meta.json"
@@ -96,7 +96,7 @@ def dpo_demo(overrides: tuple = (), *, devices=None, sizes: tuple = SIZES) -> di
     (None if the run stopped early, e.g. on SIGTERM)."""
     from sft_jax.config import load_config
     from sft_jax.core import loop as core_loop
-    from sft_jax.data.demo import exact_match, make_demo_examples
+    from sft_jax.demos.tasks import exact_match, make_demo_examples
     from sft_jax.objectives.dpo import DPOObjective
 
     t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def implicit_margins(policy_hf: Path, reference_hf: Path, pairs_file: Path, conf
     from sft_jax import hf
     from sft_jax.data.preference import assemble_pairs, build_preference_datasets
     from sft_jax.objectives.preference_losses import sequence_logps
-    from sft_jax.tokenizer import load_tokenizer
+    from sft_jax.models.tokenizer import load_tokenizer
 
     cfg, policy = hf.load_hf(policy_hf, dtype="float32")
     reference = hf.load_hf(reference_hf, dtype="float32")[1]
@@ -169,7 +169,7 @@ def reward_demo(overrides: tuple = (), *, devices=None, sizes: tuple = SIZES) ->
     from sft_jax.config import load_config
     from sft_jax.core import loop as core_loop
     from sft_jax.objectives.reward import RewardObjective
-    from sft_jax.scoring import RewardScorer
+    from sft_jax.inference.scoring import RewardScorer
 
     t0 = time.perf_counter()
     _, held_out = ensure_pairs(ensure_sft_model(), sizes)

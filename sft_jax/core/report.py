@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 
-from sft_jax.metrics import MetricsLogger, read_metrics
+from sft_jax.core.metrics import MetricsLogger, read_metrics
 
 # (key, label, format) rows of the summary table, in order.
 SUMMARY_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (

@@ -114,7 +114,7 @@ def exact_match_reward(prompts: list[str], responses: list[str], examples: list)
 
 def length_reward(prompts: list[str], responses: list[str], examples: list) -> list[float]:
     """len(response) / 10: a reward any policy can climb by answering longer. Not a goal, a
-    check that an RL setup learns at all (``ppo.reward_fn=sft_jax.data.demo:length_reward``:
+    check that an RL setup learns at all (``ppo.reward_fn=sft_jax.demos.tasks:length_reward``:
     the rollouts' reward_mean and response_length should rise within a few dozen steps)."""
     return [len(r) / 10.0 for r in responses]
 
@@ -122,7 +122,7 @@ def length_reward(prompts: list[str], responses: list[str], examples: list) -> l
 def demo_tokenizer(seed: int = 0, vocab_size: int = 768):
     """A deterministic byte-level BPE (768 tokens: every demo answer is 1-5 tokens) with the built-in template."""
     from sft_jax.data.formats import BUILTIN_TEMPLATE, Renderer, to_messages
-    from sft_jax.tokenizer import EOS, set_chat_template, train_bytelevel_bpe
+    from sft_jax.models.tokenizer import EOS, set_chat_template, train_bytelevel_bpe
 
     class _Eos:  # the renderer needs only the eos text to build training strings
         eos_token = EOS

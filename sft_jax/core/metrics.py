@@ -14,7 +14,7 @@ QK^T and AV in forward and backward, without discounting the causal mask. Recomp
 (remat) is deliberately not counted: that would be hardware FLOPs utilisation, not MFU.
 ``GPT2Config.flops_per_token`` holds the formula; this module only divides.
 
-Metric keys the logger and ``sft_jax.report`` understand (anything else is logged too):
+Metric keys the logger and ``sft_jax.core.report`` understand (anything else is logged too):
 
   train: loss, lr, grad_norm, clip_ratio (fraction of the gradient kept by global-norm
          clipping, min(1, max_norm / grad_norm)), tokens_per_s, mfu, step_time_s,

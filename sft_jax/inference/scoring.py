@@ -21,7 +21,7 @@ class RewardScorer:
 
     def __init__(self, model_dir):
         from sft_jax.hf_reward import load_reward_hf
-        from sft_jax.tokenizer import load_tokenizer
+        from sft_jax.models.tokenizer import load_tokenizer
 
         self.cfg, self.params, self.head = load_reward_hf(model_dir, dtype="float32")
         self.tokenizer = load_tokenizer(str(model_dir))

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from sft_jax.checkpoint import as_path, is_remote
+from sft_jax.core.checkpoint import as_path, is_remote
 from sft_jax.config import ConfigError
 
 LOCK_NAME = "run.lock"

@@ -1,0 +1,1 @@
+"""Inference on a trained model: KV-cache sampling and reward-model scoring."""

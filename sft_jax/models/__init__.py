@@ -1,0 +1,1 @@
+"""Model families behind one interface, and the tokenizer helpers they share."""

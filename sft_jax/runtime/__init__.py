@@ -1,0 +1,1 @@
+"""Process plumbing: jax.distributed set-up, the run lock, local and remote (gs://) paths."""
