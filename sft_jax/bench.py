@@ -43,7 +43,7 @@ import optax
 from sft_jax import cli
 from sft_jax.core import metrics
 from sft_jax.core import mesh as shd
-from sft_jax import train_step as ts
+from sft_jax.objectives import sft
 from sft_jax.config import OptimSection
 from sft_jax.hf import to_hf_state_dict
 from sft_jax.model import GPT2Config, init_params
@@ -152,8 +152,8 @@ def _result(framework: str, cfg: GPT2Config, batch: int, seq: int, first_loss: f
 def make_jax_step(cfg: GPT2Config, tx: optax.GradientTransformation, schedule: optax.Schedule, loss_chunk: int):
     """(mesh, shardings, step): the trainer's jitted ``step(state, batch)`` on one device."""
     mesh = shd.make_mesh((1, 1, 1), jax.local_devices()[:1])
-    _, shardings = ts.state_shardings(cfg, tx, mesh)
-    step = ts.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings, loss_chunk=loss_chunk,
+    _, shardings = sft.state_shardings(cfg, tx, mesh)
+    step = sft.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings, loss_chunk=loss_chunk,
                               clip_norm=OPTIM.clip_norm)
     return mesh, shardings, step
 
@@ -168,7 +168,7 @@ def jax_step_fn(cfg: GPT2Config, params: dict, host_batch: dict, *, total_steps:
     tx, schedule = make_optimizer(dataclasses.replace(OPTIM, warmup_steps=warmup), total_steps)
     mesh, shardings, train_step = make_jax_step(cfg, tx, schedule, chunk)
     batch = shd.global_batch(host_batch, mesh, B)
-    state = [ts.init_state(cfg, tx, mesh, shardings, params={"params": params})]
+    state = [sft.init_state(cfg, tx, mesh, shardings, params={"params": params})]
 
     def one_step():
         state[0], out = train_step(state[0], batch)

@@ -7,6 +7,8 @@
 - ``resolve_path``: relative and ``~`` paths become absolute before they reach orbax (which
   refuses relative paths); hub names and ``gs://`` URLs pass through unchanged.
 - ``load_config``: the typed config with the "no --config" rule (see ``NEEDS_CONFIG``).
+- ``training_command``: the one body of ``train``, ``reward``, ``dpo`` and ``ppo``; each names
+  its objective and default config.
 """
 
 from __future__ import annotations
@@ -94,3 +96,30 @@ def load_config(config_path, overrides):
             raise ConfigError(f"{'/'.join(given)} given without --config; start from a shipped config "
                               f"(--config gpt2_alpaca) or your own YAML")
     return load(config_path, overrides)
+
+
+def training_command(argv, *, prog: str, doc: str, objective: str, default_config: str | None,
+                     example: str = "train.steps=100", prepare=None) -> int:
+    """Parse ``[--config FILE] [key=value ...]``, load the config and run the training core with
+    ``objective`` ("module:Class" under ``sft_jax.objectives``). ``default_config`` None means
+    the SFT demo with the ``NEEDS_CONFIG`` rule. ``prepare(config)`` runs after the config is
+    loaded and before training (the RL demo trains its SFT start there when it is absent)."""
+    import importlib
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML file or packaged config name (default: {default_config or 'demo'})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+    args = parse(parser, argv)
+
+    def start():
+        from sft_jax.core import loop
+
+        module, name = objective.split(":")
+        objective_cls = getattr(importlib.import_module(f"sft_jax.objectives.{module}"), name)
+        config = load_config(args.config, args.overrides)
+        if prepare is not None:
+            prepare(config)
+        return loop.run(config, objective_cls)
+
+    return run_training(start)

@@ -210,7 +210,6 @@ class DPOSection:
     kl_prompts: int = 64  # held-out prompts sampled (temperature 1) for the KL to the reference at each eval
 
 
-DPOConfig = DPOSection  # the name sft_jax.objectives.preference_losses used first
 
 
 @dataclasses.dataclass(frozen=True)

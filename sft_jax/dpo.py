@@ -8,29 +8,7 @@ and exit 2, before any run directory is written (as ``python -m sft_jax.train``)
 
 from __future__ import annotations
 
-import argparse
 import sys
-
-
-def run_command(argv, *, prog: str, doc: str, objective: str, default_config: str) -> int:
-    """Parse ``[--config FILE] [key=value ...]``, load the config and run the core with
-    ``objective`` ("module:Class" under sft_jax.objectives); the shared body of the
-    preference commands."""
-    import importlib
-
-    from sft_jax import cli
-
-    parser = argparse.ArgumentParser(prog=prog, description=doc)
-    parser.add_argument("--config", default=default_config, help=f"YAML file or packaged config name "
-                                                                 f"(default: {default_config})")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. dpo.beta=0.2")
-    args = cli.parse(parser, argv)
-
-    from sft_jax.core import loop as core_loop
-
-    module, name = objective.split(":")
-    objective_cls = getattr(importlib.import_module(f"sft_jax.objectives.{module}"), name)
-    return cli.run_training(lambda: core_loop.run(cli.load_config(args.config, args.overrides), objective_cls))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
 
         preference_demo.dpo_demo()
         return 0
-    return run_command(argv, prog="python -m sft_jax.dpo", doc=__doc__.splitlines()[0], objective="dpo:DPOObjective",
-                       default_config="dpo_demo")
+    from sft_jax import cli
+
+    return cli.training_command(argv, prog="python -m sft_jax.dpo", doc=__doc__.splitlines()[0],
+                                objective="dpo:DPOObjective", default_config="dpo_demo", example="dpo.beta=0.2")
 
 
 if __name__ == "__main__":

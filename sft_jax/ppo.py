@@ -8,7 +8,6 @@ first with ``python -m sft_jax.train``'s demo if that directory is absent.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,30 +16,21 @@ from sft_jax import cli
 DEMO_SFT_DIR = "runs/demo/hf"
 
 
-def run(config, devices=None, batch_transform=None):
-    from sft_jax.core import loop
-    from sft_jax.objectives.ppo import PPOObjective
+def train_demo_sft_if_absent(config) -> None:
+    """The RL demo starts from the SFT demo's export: train it first when it is absent."""
+    if config.model.init_from == DEMO_SFT_DIR and not Path(DEMO_SFT_DIR).is_dir():
+        from sft_jax.core import loop
+        from sft_jax.config import load_config
+        from sft_jax.objectives.sft import SFTObjective
 
-    return loop.run(config, PPOObjective, devices=devices, batch_transform=batch_transform)
+        print(f"sft_jax.ppo: {DEMO_SFT_DIR} is absent: training the SFT demo first", file=sys.stderr, flush=True)
+        loop.run(load_config(None, []), SFTObjective)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_jax.ppo", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="ppo_demo", help="YAML file or packaged config name (default: ppo_demo)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. ppo.advantage=grpo")
-    args = cli.parse(parser, argv)
-
-    from sft_jax import trainer
-    from sft_jax.config import load_config
-
-    def start():
-        config = cli.load_config(args.config, args.overrides)
-        if config.model.init_from == DEMO_SFT_DIR and not Path(DEMO_SFT_DIR).is_dir():
-            print(f"sft_jax.ppo: {DEMO_SFT_DIR} is absent: training the SFT demo first", file=sys.stderr, flush=True)
-            trainer.run(load_config(None, []))
-        return run(config)
-
-    return cli.run_training(start)
+    return cli.training_command(argv, prog="python -m sft_jax.ppo", doc=__doc__.splitlines()[0],
+                                objective="ppo:PPOObjective", default_config="ppo_demo",
+                                example="ppo.advantage=grpo", prepare=train_demo_sft_if_absent)
 
 
 if __name__ == "__main__":

@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "score":
         return score_main(argv[1:])
-    from sft_jax.dpo import run_command
+    from sft_jax import cli
 
-    return run_command(argv, prog="python -m sft_jax.reward", doc=__doc__.splitlines()[0],
-                       objective="reward:RewardObjective", default_config="reward_demo")
+    return cli.training_command(argv, prog="python -m sft_jax.reward", doc=__doc__.splitlines()[0],
+                                objective="reward:RewardObjective", default_config="reward_demo",
+                                example="reward.margin=0.5")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax import train_step as ts
+from sft_jax.model import GPT2
+from sft_jax.objectives import sft
 from sft_jax.analysis import compute, stability, tokens, variance
 from sft_jax.analysis import studies as st
 from sft_jax.model import GPT2Config
@@ -46,7 +47,7 @@ def test_gradient_split_prompt_part_is_zero_under_the_response_mask(tiny_params)
     assert masked["grad_norm_prompt"] == 0.0 and masked["prompt_share"] == 0.0
     assert masked["response_share"] == pytest.approx(1.0)
     # the response part is the trainer's own gradient of the summed response NLL
-    trainer_grads = jax.jit(lambda p, b: ts.accumulated_grads(ts.GPT2(cfg), p, b, 1))
+    trainer_grads = jax.jit(lambda p, b: sft.accumulated_grads(GPT2(cfg), p, b, 1))
     _, grads = trainer_grads(params, {k: jnp.asarray(v) for k, v in batch.items()})
     reference = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
     reference *= batch["weights"].sum()
@@ -88,8 +89,8 @@ def test_model_per_example_statistics_match_a_loop(tiny_params):
     cfg, params = TINY, tiny_params
     batch = _split_batch(rows=5)
     total, sq, dev = variance.per_example_stats(cfg, params, batch)
-    model = ts.GPT2(cfg)
-    row_grad = jax.jit(jax.grad(lambda p, row: ts.summed_nll(model, p, row, 0)))
+    model = GPT2(cfg)
+    row_grad = jax.jit(jax.grad(lambda p, row: sft.summed_nll(model, p, row, 0)))
     flat = []
     for i in range(5):
         g = row_grad(params, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})

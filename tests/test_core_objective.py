@@ -16,12 +16,14 @@ import pytest
 from flax import traverse_util
 
 from sft_jax.core import mesh as shd
-from sft_jax import trainer
 from sft_jax.core import loop as core_loop
 from sft_jax.core import step as core_step
 from sft_jax.data import eval_batches
 from sft_jax.model import GPT2, token_nll
 from sft_jax.objectives import sft
+from sft_jax.core.loop import run
+from sft_jax.objectives.sft import SFTObjective
+from sft_jax.core.setup import model_and_tokenizer
 from train_fixtures import metrics, tiny_config
 
 FROZEN_SEED = 7
@@ -102,7 +104,7 @@ def test_objective_with_frozen_params_trains_evaluates_exports_and_resumes_exact
     ToyObjective.rollout_steps = []
     cfg, result = toy_run(tmp_path / "straight", batch_transform=keep_first)
     assert result.status == "done" and ToyObjective.rollout_steps == list(range(6))  # the hook, once per step
-    model_cfg, _, _ = trainer.model_and_tokenizer(cfg)
+    model_cfg, _, _ = model_and_tokenizer(cfg)
     export = np.load(tmp_path / "straight" / "toy_export.npz")
     # frozen parameters: bit-equal after 6 updates to what they were before the first (no
     # gradient, no optimizer state, not donated), and they are the model FROZEN_SEED makes
@@ -161,7 +163,7 @@ def test_sft_step_traces_its_loss_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr(sft.SFTLoss, "loss", counted)
     cfg = tiny_config(tmp_path / "run", "train.steps=4", "train.micro_batch_size=4")
     before = core_step.TRACE_COUNTS["train"]
-    result = trainer.run(cfg, devices=jax.devices()[:1])
+    result = run(cfg, SFTObjective, devices=jax.devices()[:1])
     assert result.status == "done" and result.step == 4
     assert traces == [(4, 64)]  # one trace, of one micro-batch (G=8 rows in 2 micro-batches of 4)
     assert core_step.TRACE_COUNTS["train"] - before == 1

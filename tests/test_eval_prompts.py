@@ -14,14 +14,15 @@ import jax
 import numpy as np
 import pytest
 
-from sft_jax import trainer
 from sft_jax.config import ConfigError, load_config
 from sft_jax.data import demo_tokenizer, encode_prompt
 from sft_jax.model import GPT2Config
 from sft_jax.inference.sampling import cut_prompt, generate
-from sft_jax.trainer import generation_examples
+from sft_jax.objectives.sft import generation_examples
 from data_fixtures import write_jsonl
 from sft_jax.core.metrics import MetricsLogger
+from sft_jax.core.loop import run
+from sft_jax.objectives.sft import SFTObjective
 from train_fixtures import REPO, metrics, tiny_config
 
 LONG_PROMPT = " ".join(f"word{i}" for i in range(120))  # far more than 64 tokens
@@ -51,7 +52,7 @@ def test_long_eval_prompts_and_dropped_examples_in_a_real_run(tmp_path, monkeypa
         f"data.eval={write_jsonl(tmp_path / 'eval.jsonl', eval_rows())}",
         "train.eval_samples=2", "train.exact_match_examples=10", "train.max_new_tokens=8",
         "run.wandb_project=proj", "run.wandb_name=tiny")
-    assert trainer.run(config, devices=jax.devices()[:1]).status == "done"
+    assert run(config, SFTObjective, devices=jax.devices()[:1]).status == "done"
     (final,) = metrics(tmp_path / "run", "eval")
     assert final["step"] == 2 and np.isfinite(final["eval_loss"])
     assert final["exact_match_n"] == 3  # the three examples the data path kept
@@ -94,7 +95,7 @@ def test_wandb_is_process_0_only_and_never_imported_by_default(tmp_path, monkeyp
     MetricsLogger(tmp_path / "other", enabled=False, total_steps=1, wandb_project="proj").close()
     MetricsLogger(tmp_path / "off", total_steps=1).close()
     assert wandb.inits == [] and not (tmp_path / "other").exists()
-    code = "import sys, sft_jax.trainer; sys.exit('wandb' in sys.modules)"
+    code = "import sys, sft_jax.core.loop, sft_jax.objectives.sft; sys.exit('wandb' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -214,7 +214,7 @@ def test_bench_runs_both_frameworks_on_the_same_computation(monkeypatch):
     pytest.importorskip("torch")
     from sft_jax import bench
 
-    from sft_jax import train_step
+    from sft_jax.core import step as core_step
 
     step_losses = []  # one list per framework, in run order (torch, then jax)
     timed = bench._timed
@@ -226,10 +226,10 @@ def test_bench_runs_both_frameworks_on_the_same_computation(monkeypatch):
         return out
 
     monkeypatch.setattr(bench, "_timed", recording)
-    traces = train_step.TRACE_COUNTS["train"]
+    traces = core_step.TRACE_COUNTS["train"]
     # no warmup: the lr is the peak from the first update, so both later losses follow real updates
     results = bench.benchmark("tiny", batch=2, seq=64, steps=3, warmup=0, dtype="float32")
-    assert train_step.TRACE_COUNTS["train"] == traces + 1  # the trainer's own step, traced once
+    assert core_step.TRACE_COUNTS["train"] == traces + 1  # the trainer's own step, traced once
     for side in ("jax", "torch"):
         r = results[side]
         for key in ("first_loss", "step_time_s", "tokens_per_s"):

@@ -301,7 +301,7 @@ def test_remote_output_dir_layout(tmp_path):
     """gs:// output: checkpoints go to the bucket, the rest is staged locally and copied up.
     (No bucket is reachable here; the copy is exercised between two local directories.)"""
     from sft_jax.config import load_config
-    from sft_jax.trainer import download_outputs, run_dirs, upload_outputs
+    from sft_jax.core.setup import download_outputs, run_dirs, upload_outputs
 
     cfg = load_config(None, ["run.output_dir=gs://bucket/runs/xl", f"run.staging_dir={tmp_path / 'stage'}"])
     local, checkpoints = run_dirs(cfg)

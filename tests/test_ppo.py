@@ -1,4 +1,4 @@
-"""PPO and GRPO through the training core on a tiny model (python -m sft_jax.ppo's ``run``).
+"""PPO and GRPO through the training core on a tiny model (the core's ``run`` with the PPO objective).
 
 References: the rollout's old log-probs recomputed independently from the model's own
 NLL (``model.token_nll``) on the same sequences; the policy ratio on the first epoch's
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from sft_jax import ppo
+from sft_jax.core import loop as core_loop
+from sft_jax.objectives.ppo import PPOObjective
 from sft_jax.core.setup import model_and_tokenizer
 from sft_jax.data.formats import decode
 from sft_jax.model import GPT2, token_nll
@@ -44,7 +45,7 @@ def ppo_run(out, advantage, group_size, rows, *extra, devices=None, feed=None):
                       f"ppo.group_size={group_size}", "ppo.prompt_length=40", "ppo.max_new_tokens=8", "ppo.epochs=2",
                       f"train.global_batch_size={rows}", "ppo.reward_fn=test_ppo:length_reward",
                       "ppo.eval_kl_prompts=0", "train.resume=never", "optim.warmup_steps=0", *extra)
-    result = ppo.run(cfg, devices=jax.devices()[:1] if devices is None else devices, batch_transform=keep)
+    result = core_loop.run(cfg, PPOObjective, devices=jax.devices()[:1] if devices is None else devices, batch_transform=keep)
     return cfg, result, seen
 
 

@@ -8,9 +8,12 @@ import jax
 import numpy as np
 
 from sft_jax.core import checkpoint as ckpt
-from sft_jax import train, trainer
+from sft_jax import train
 from sft_jax.data import BatchIterator, build_datasets
 from sft_jax.core.optimizer import make_optimizer
+from sft_jax.core.loop import run
+from sft_jax.objectives.sft import SFTObjective
+from sft_jax.core.setup import model_and_tokenizer
 from train_fixtures import metrics, tiny_config, write_tiny_yaml
 
 
@@ -25,14 +28,14 @@ def test_packing_resume_with_a_larger_batch_then_buckets_refuse(tmp_path, capsys
     out = tmp_path / "run"
     small, big = [], []
     cfg_small = tiny_config(out, "train.steps=2", "train.global_batch_size=4")
-    assert trainer.run(cfg_small, devices=jax.devices()[:1], batch_transform=recorder(small)).status == "done"
+    assert run(cfg_small, SFTObjective, devices=jax.devices()[:1], batch_transform=recorder(small)).status == "done"
     cfg_big = tiny_config(out, "train.steps=4", "train.global_batch_size=8")
-    assert trainer.run(cfg_big, devices=jax.devices()[:1], batch_transform=recorder(big)).status == "done"
+    assert run(cfg_big, SFTObjective, devices=jax.devices()[:1], batch_transform=recorder(big)).status == "done"
     assert "batch size changed at step 2 (4 -> 8); the data continues from the next unseen row" in capsys.readouterr().err
 
     # the rows fed: those of the uninterrupted 4-row stream, none skipped or repeated
     assert [s for s, _ in small + big] == [0, 1, 2, 3]
-    model_cfg, tokenizer, _ = trainer.model_and_tokenizer(cfg_small)
+    model_cfg, tokenizer, _ = model_and_tokenizer(cfg_small)
     train_ds, _, _ = build_datasets(cfg_small.data, tokenizer, n_positions=64, vocab_size=model_cfg.vocab_size,
                                     seed=0, global_batch_size=4)
     stream = BatchIterator(train_ds, global_batch_size=4, seed=0, max_length=64, prefetch=0)

@@ -9,7 +9,7 @@ import pytest
 
 from sft_jax.core import mesh as shd
 from sft_jax import train
-from sft_jax import train_step as ts
+from sft_jax.objectives import sft
 from sft_jax.config import ConfigError, from_dict, load_config
 from sft_jax.model import GPT2Config
 from sft_jax.core.optimizer import make_optimizer
@@ -44,17 +44,17 @@ def test_shipped_config_validates_and_shards_on_8_devices(path):
     mesh = shd.make_mesh(cfg.mesh, jax.devices())
     shd.check_batch_fits(mesh, cfg.micro_batch_size())
     tx, schedule = make_optimizer(cfg.optim, 1000)
-    abstract, shardings = ts.state_shardings(model_cfg, tx, mesh)  # eval_shape only: nothing allocated
+    abstract, shardings = sft.state_shardings(model_cfg, tx, mesh)  # eval_shape only: nothing allocated
     n = sum(x.size for x in jax.tree.leaves(abstract.params))
     assert n == model_cfg.num_params(include_vocab_padding=True)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract.params))  # master weights stay float32
     # the whole train step traces at full size (micro-batch scan, remat, loss chunks, shardings)
-    step = ts.make_train_step(model_cfg, tx, schedule, mesh=mesh, shardings=shardings,
+    step = sft.make_train_step(model_cfg, tx, schedule, mesh=mesh, shardings=shardings,
                               n_micro=cfg.accumulation_steps(), loss_chunk=cfg.train.loss_chunk,
                               clip_norm=cfg.optim.clip_norm)
     G, T = cfg.train.global_batch_size, cfg.data.max_length
     batch = {k: jax.ShapeDtypeStruct((G, T), jnp.float32 if k == "weights" else jnp.int32,
-                                     sharding=shd.batch_sharding(mesh)) for k in ts.BATCH_KEYS}
+                                     sharding=shd.batch_sharding(mesh)) for k in sft.BATCH_KEYS}
     with shd.rules_context(mesh):
         new_state, step_metrics = jax.eval_shape(step.jitted, abstract, batch)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state) == jax.tree.map(lambda a: (a.shape, a.dtype), abstract)

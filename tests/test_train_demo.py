@@ -10,8 +10,9 @@ import transformers
 
 from hlo_checks import dot_operand_dtypes
 from sft_jax.core import mesh as shd
-from sft_jax import trainer
 from sft_jax.core import step as core_step
+from sft_jax.core.loop import run
+from sft_jax.objectives.sft import SFTObjective
 from train_fixtures import losses, metrics, tiny_config
 
 
@@ -39,7 +40,7 @@ def test_bf16_tracks_float32(tmp_path, monkeypatch):
     curves = {}
     for dtype in ("float32", "bfloat16"):
         cfg = tiny_config(tmp_path / dtype, "train.steps=40", f"model.dtype={dtype}", "train.log_every=1")
-        trainer.run(cfg)
+        run(cfg, SFTObjective)
         curves[dtype] = losses(tmp_path / dtype)
     f32 = np.array([curves["float32"][s] for s in range(1, 41)])
     b16 = np.array([curves["bfloat16"][s] for s in range(1, 41)])

@@ -10,10 +10,13 @@ from jax.sharding import PartitionSpec as P
 
 from sft_jax.core import checkpoint as ckpt
 from sft_jax.core import mesh as shd
-from sft_jax import train_step as ts
-from sft_jax import trainer
+from sft_jax.core import step as core_step
+from sft_jax.objectives import sft
 from sft_jax.model import GPT2Config
 from sft_jax.core.optimizer import make_optimizer
+from sft_jax.core.loop import NonFiniteError, run
+from sft_jax.objectives.sft import SFTObjective
+from sft_jax.core.setup import model_and_tokenizer
 from train_fixtures import assert_trees_equal, logged_steps, losses, metrics, tensorboard_scalars, tiny_config
 
 
@@ -26,7 +29,7 @@ def test_intended_param_and_optimizer_shardings():
     cfg = GPT2Config.preset("tiny", vocab_size=300)
     mesh = shd.make_mesh((2, 2, 2), jax.devices())
     tx, _ = make_optimizer(tiny_config("unused").optim, 10)
-    _, sh = ts.state_shardings(cfg, tx, mesh)
+    _, sh = sft.state_shardings(cfg, tx, mesh)
     p = jax.tree.map(lambda s: s.spec, sh.params)["params"]
     assert p["wte"] == P("tensor", "fsdp")  # (vocab, embed)
     assert p["wpe"] == P(None, "fsdp")  # (positions, embed)
@@ -40,7 +43,7 @@ def test_intended_param_and_optimizer_shardings():
         assert jax.tree.map(lambda s: s.spec, moment) == jax.tree.map(lambda s: s.spec, sh.params)
     assert adam.count.spec == P()
     # a dimension the axis does not divide stays whole on it (25 heads of gpt2-xl on tensor=2)
-    _, xl = ts.state_shardings(GPT2Config.preset("gpt2-xl"), tx, mesh)
+    _, xl = sft.state_shardings(GPT2Config.preset("gpt2-xl"), tx, mesh)
     assert xl.params["params"]["h"]["attn"]["c_attn_kernel"].spec == P(None, "fsdp", None, None, None)
 
 
@@ -51,7 +54,7 @@ def test_mesh_2x2x2_matches_one_device_and_compiles_once(tmp_path, cache, monkey
     # CPU has no FLOP/s peak and no memory statistics: give it both, so the trainer's MFU
     # and device-memory wiring is exercised (the MFU formula itself is tested by hand).
     monkeypatch.setattr("sft_jax.core.metrics.peak_flops", lambda kind: 1e12)
-    monkeypatch.setattr(trainer, "device_memory", lambda: {"bytes_in_use": 123, "peak_bytes_in_use": 456})
+    monkeypatch.setattr("sft_jax.core.metrics.device_memory", lambda: {"bytes_in_use": 123, "peak_bytes_in_use": 456})
     runs = {}
     for name, devices, shape in [("one", jax.devices()[:1], "[1,1,1]"), ("mesh", jax.devices(), "[2,2,2]")]:
         cfg = tiny_config(tmp_path / name, "train.steps=10", f"mesh.shape={shape}", "train.micro_batch_size=4",
@@ -62,9 +65,9 @@ def test_mesh_2x2x2_matches_one_device_and_compiles_once(tmp_path, cache, monkey
             counts[step + 1] = (float(batch["weights"].sum()), float((batch["segment_ids"] > 0).sum()))
             return batch
 
-        before = ts.TRACE_COUNTS["train"]
-        result = trainer.run(cfg, devices=devices, batch_transform=record)
-        assert ts.TRACE_COUNTS["train"] - before == 1  # one trace (so one compile) for the whole packed run
+        before = core_step.TRACE_COUNTS["train"]
+        result = run(cfg, SFTObjective, devices=devices, batch_transform=record)
+        assert core_step.TRACE_COUNTS["train"] - before == 1  # one trace (so one compile) for the whole packed run
         assert result.status == "done" and result.step == 10
         runs[name] = losses(tmp_path / name)
         check_run_logs(tmp_path / name, cfg, n_devices=len(devices), counts=counts)
@@ -80,7 +83,7 @@ def check_run_logs(out, cfg, n_devices, counts):
     holds the same numbers; report.md embeds the four PNG plots and the data report."""
     _, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     G, T = cfg.train.global_batch_size, cfg.data.max_length
-    model_cfg, _, _ = trainer.model_and_tokenizer(cfg)
+    model_cfg, _, _ = model_and_tokenizer(cfg)
     train = metrics(out)
     assert [r["step"] for r in train] == list(range(1, cfg.train.steps + 1))  # log_every=1
     for r in train:
@@ -122,10 +125,10 @@ def test_bucket_mode_compiles_once_per_bucket_length(tmp_path, cache):
 
     cfg = tiny_config(tmp_path / "b", "train.steps=12", "data.batching=buckets", "data.buckets=[24,32,48,64]",
                       "train.global_batch_size=8", cache_dir=cache)
-    before = ts.TRACE_COUNTS["train"]
-    trainer.run(cfg, batch_transform=record)
+    before = core_step.TRACE_COUNTS["train"]
+    run(cfg, SFTObjective, batch_transform=record)
     assert len(widths) >= 2, widths  # the test means something only with several lengths
-    assert ts.TRACE_COUNTS["train"] - before == len(widths)
+    assert core_step.TRACE_COUNTS["train"] - before == len(widths)
 
 
 def test_injected_nan_is_skipped_then_too_many_stop_the_run(tmp_path, cache):
@@ -138,7 +141,7 @@ def test_injected_nan_is_skipped_then_too_many_stop_the_run(tmp_path, cache):
         return transform
 
     cfg = tiny_config(tmp_path / "one", "train.steps=6", "optim.max_nonfinite_steps=2", cache_dir=cache)
-    trainer.run(cfg, batch_transform=poison({2}))
+    run(cfg, SFTObjective, batch_transform=poison({2}))
     records = {r["step"]: r for r in metrics(tmp_path / "one")}
     assert records[2]["nonfinite_total"] == 0 and records[3]["nonfinite_total"] == 1  # step index 2 is logged as 3
     assert records[6]["nonfinite_total"] == 1 and sorted(records) == list(range(1, 7))  # the steps move on
@@ -148,8 +151,8 @@ def test_injected_nan_is_skipped_then_too_many_stop_the_run(tmp_path, cache):
     # SIGTERM save between logs) must fire, before any log would ("by step 4", not 5)
     cfg = tiny_config(tmp_path / "many", "train.steps=8", "optim.max_nonfinite_steps=2", "checkpoint.every=2",
                       "train.log_every=5", cache_dir=cache)
-    with pytest.raises(trainer.NonFiniteError, match=r"2 consecutive .* \(by step 4\).* last good checkpoint is step 2"):
-        trainer.run(cfg, batch_transform=poison({2, 3}))
+    with pytest.raises(NonFiniteError, match=r"2 consecutive .* \(by step 4\).* last good checkpoint is step 2"):
+        run(cfg, SFTObjective, batch_transform=poison({2, 3}))
     assert ckpt.latest_step(tmp_path / "many" / "checkpoints") == 2  # nothing after the skips was saved
     good = ckpt.restore(tmp_path / "many" / "checkpoints")  # and that checkpoint is whole and finite
     assert good["train_state"]["step"] == 2 and good["train_state"]["nonfinite_total"] == 0
@@ -159,14 +162,14 @@ def test_injected_nan_is_skipped_then_too_many_stop_the_run(tmp_path, cache):
 def test_checkpoint_from_4_devices_restores_on_2_and_8(tmp_path, cache):
     cfg = tiny_config(tmp_path / "r", "train.steps=3", "mesh.shape=[1,2,2]", "train.global_batch_size=4",
                       cache_dir=cache)
-    trainer.run(cfg, devices=jax.devices()[:4])
+    run(cfg, SFTObjective, devices=jax.devices()[:4])
     root = tmp_path / "r" / "checkpoints"
     saved = ckpt.restore(root, with_opt_state=True)  # on one device: the reference values
     model_cfg = saved["model_config"]
     tx, _ = make_optimizer(cfg.optim, 3)
     for devices, shape in [(jax.devices()[:2], (1, 2, 1)), (jax.devices(), (2, 2, 2))]:
         mesh = shd.make_mesh(shape, devices)
-        abstract, sh = ts.state_shardings(model_cfg, tx, mesh)
+        abstract, sh = sft.state_shardings(model_cfg, tx, mesh)
         out = ckpt.restore(root, params_target=abstract.params, opt_state_target=abstract.opt_state)
         for got, want, s in zip(jax.tree.leaves(out["params"]), jax.tree.leaves(saved["params"]),
                                 jax.tree.leaves(sh.params)):
@@ -179,7 +182,7 @@ def test_checkpoint_from_4_devices_restores_on_2_and_8(tmp_path, cache):
     assert [r["step"] for r in first] == [1, 2, 3]
     cfg8 = tiny_config(tmp_path / "r", "train.steps=5", "mesh.shape=[2,2,2]", "train.global_batch_size=4",
                        cache_dir=cache)
-    result = trainer.run(cfg8)
+    result = run(cfg8, SFTObjective)
     assert result.step == 5 and logged_steps(tmp_path / "r") == [1, 2, 3, 4, 5]
     assert metrics(tmp_path / "r")[:3] == first  # steps 1-3 untouched: not retrained, not relogged
     assert_trees_equal(ckpt.restore(root, step=3)["params"], saved["params"])
@@ -202,7 +205,7 @@ def test_hf_init_on_the_mesh_exports_what_it_loaded(tmp_path, cache):
     cfg = tiny_config(tmp_path / "run", f"model.init_from={hf_dir}", f"data.train={data}", "data.format=alpaca",
                       "data.eval_fraction=0.1", "train.steps=3", "mesh.shape=[2,2,2]", "optim.lr=1e-12",
                       "run.export=true", "model.dtype=float32", cache_dir=cache)
-    result = trainer.run(cfg)
+    result = run(cfg, SFTObjective)
     assert result.status == "done" and "eval_loss" in result.eval
     before = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
     after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf").state_dict()
@@ -217,8 +220,8 @@ def test_epochs_set_the_number_of_steps(tmp_path, cache):
 
     cfg = tiny_config(tmp_path / "e", "train.steps=0", "train.epochs=0.1", "data.batching=buckets",
                       "data.buckets=[64]", cache_dir=cache)
-    _, tokenizer, _ = trainer.model_and_tokenizer(cfg)
+    _, tokenizer, _ = model_and_tokenizer(cfg)
     train_ds, _, _ = build_datasets(cfg.data, tokenizer, n_positions=64, vocab_size=len(tokenizer), seed=0)
     assert len(train_ds) == 600  # every demo document kept: the count below is the whole dataset
-    result = trainer.run(cfg)
+    result = run(cfg, SFTObjective)
     assert result.step == 8

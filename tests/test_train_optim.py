@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sft_jax.core import mesh as shd
-from sft_jax import train_step as ts
+from sft_jax.objectives import sft
 from sft_jax.config import OptimSection
 from sft_jax.hf import to_hf_state_dict
 from sft_jax.model import GPT2, GPT2Config, init_params, token_nll
@@ -25,8 +25,8 @@ STEPS = 5
 def one_device_step(cfg, optim, total_steps, n_micro=1, max_nonfinite_steps=10):
     tx, schedule = make_optimizer(optim, total_steps)
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    _, shardings = ts.state_shardings(cfg, tx, mesh)
-    step = ts.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings, n_micro=n_micro,
+    _, shardings = sft.state_shardings(cfg, tx, mesh)
+    step = sft.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings, n_micro=n_micro,
                               max_nonfinite_steps=max_nonfinite_steps, clip_norm=optim.clip_norm)
     return tx, schedule, mesh, shardings, step
 
@@ -74,7 +74,7 @@ def test_five_steps_match_hf_torch_adamw():
     batches = fixed_batches(STEPS, rows=4, length=16, vocab=CFG.vocab_size, seed=1)
 
     tx, schedule, mesh, shardings, step = one_device_step(CFG, OPTIM, STEPS)
-    state = ts.init_state(CFG, tx, mesh, shardings, params=jax.tree.map(jnp.array, params0))
+    state = sft.init_state(CFG, tx, mesh, shardings, params=jax.tree.map(jnp.array, params0))
     jax_losses, jax_logged = [], []
     for b in batches:
         state, m = step(state, shd.global_batch(b, mesh, 4))
@@ -136,7 +136,7 @@ def test_one_batch_of_4b_equals_four_micro_batches_of_b():
     batch["weights"][::4] = 1.0  # rows 0 and 4 fully supervised ...
     batch["weights"][1::4] = 0.0  # ... rows 1 and 5 not at all: unequal micro-batch counts
     model = GPT2(CFG)
-    grads_fn = jax.jit(ts.accumulated_grads, static_argnums=(0, 3))
+    grads_fn = jax.jit(sft.accumulated_grads, static_argnums=(0, 3))
     loss1, g1 = grads_fn(model, params, batch, 1)
     loss4, g4 = grads_fn(model, params, batch, 4)
     micro = [{k: v[j::4] for k, v in batch.items()} for j in range(4)]
@@ -186,14 +186,14 @@ def test_summed_nll_with_loss_chunk_equals_unchunked():
     """The train and eval steps' loss (``summed_nll``, which both call with ``train.loss_chunk``)."""
     params = init_params(CFG, jax.random.key(0))
     batch = fixed_batches(1, rows=4, length=16, vocab=CFG.vocab_size, seed=4)[0]
-    loss = jax.jit(ts.summed_nll, static_argnums=(0, 3))
+    loss = jax.jit(sft.summed_nll, static_argnums=(0, 3))
     np.testing.assert_allclose(float(loss(GPT2(CFG), params, batch, 4)), float(loss(GPT2(CFG), params, batch, 0)),
                                rtol=1e-6)
 
 
 def test_nonfinite_step_is_skipped_and_counted():
     tx, _, mesh, shardings, step = one_device_step(CFG, OPTIM, 10, max_nonfinite_steps=2)
-    state = ts.init_state(CFG, tx, mesh, shardings, seed=0)
+    state = sft.init_state(CFG, tx, mesh, shardings, seed=0)
     good, bad, good2 = fixed_batches(3, rows=4, length=16, vocab=CFG.vocab_size, seed=3)
     bad["weights"][0, 3] = np.nan  # one NaN-producing weight poisons loss and gradient
     state, m = step(state, shd.global_batch(good, mesh, 4))

@@ -21,7 +21,7 @@ EVERY = 2
 LONG = 120  # the SIGTERM run: long enough that the signal lands mid-run, not after the last step
 
 # One CPU device, as a user runs it: the persistent compilation cache (whose hit on resume
-# is checked below) is off with several CPU devices (see trainer.enable_compilation_cache).
+# is checked below) is off with several CPU devices (see core.setup.enable_compilation_cache).
 # Resuming onto other meshes is tests/test_train_mesh.py's and tests/test_multiprocess.py's.
 train_cli = functools.partial(train_cli, devices=None)
 

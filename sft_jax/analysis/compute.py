@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.model import GPT2, GPT2Config, init_params
-from sft_jax.train_step import summed_nll
+from sft_jax.objectives.sft import summed_nll
 
 WARMUP = 2  # untimed steps per length (the first compiles)
 REPEATS = 5  # timed steps per length; the median is reported

@@ -14,13 +14,13 @@ import jax
 import numpy as np
 
 from sft_jax.core import mesh as shd
-from sft_jax import train_step as ts
+from sft_jax.objectives import sft
 from sft_jax.config import OptimSection
 from sft_jax.model import GPT2Config
 from sft_jax.core.optimizer import make_optimizer
 
 GB, GIB = 1e9, 2 ** 30
-BATCH_ARRAYS = len(ts.BATCH_KEYS)  # tokens, targets, weights, positions, segment_ids: 4 bytes each
+BATCH_ARRAYS = len(sft.BATCH_KEYS)  # tokens, targets, weights, positions, segment_ids: 4 bytes each
 # Activation elements kept per token and layer for the backward pass, in units of D (model
 # width) at the compute dtype, plus the attention scores and probabilities (2 H T). Without
 # remat: layer norms 2, qkv 3, attention output 1, projection 1, MLP in/act/out 4+4+1 = 16 D
@@ -54,7 +54,7 @@ class Layout:
 
 def abstract_state(model_cfg: GPT2Config, mesh):
     tx, _ = make_optimizer(OptimSection(), total_steps=1000)
-    return ts.state_shardings(model_cfg, tx, mesh)[0], tx
+    return sft.state_shardings(model_cfg, tx, mesh)[0], tx
 
 
 def _device_bytes(leaf) -> int:
@@ -124,12 +124,12 @@ def compiled_memory(model_cfg: GPT2Config, layout: Layout, mesh) -> dict:
     state, tx = abstract_state(cfg, mesh)
     _, schedule = make_optimizer(OptimSection(), total_steps=1000)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = ts.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings,
+    step = sft.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings,
                               n_micro=layout.global_batch // layout.micro_batch, loss_chunk=layout.loss_chunk)
     batch_sh = shd.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((layout.global_batch, layout.seq),
                                      np.float32 if k == "weights" else np.int32, sharding=batch_sh)
-             for k in ts.BATCH_KEYS}
+             for k in sft.BATCH_KEYS}
     with shd.rules_context(mesh):
         # the core's step.jitted is a plain function around its jax.jit: jit it again to lower it
         jitted = step.jitted if hasattr(step.jitted, "lower") else jax.jit(step.jitted)

@@ -16,7 +16,7 @@ from sft_jax.core import checkpoint as ckpt
 from sft_jax.analysis.run import AnalysisError, one_doc_rows, row_width
 from sft_jax.model import GPT2, GPT2Config
 from sft_jax.objectives.sft import SFTObjective
-from sft_jax.train_step import summed_nll
+from sft_jax.objectives.sft import summed_nll
 
 STUDY_STEPS = 200  # optimizer steps per study run (at most the run's own)
 LOSS_DOCS = 64  # documents per loss measurement (train subset, eval split)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.model import GPT2, GPT2Config
-from sft_jax.train_step import summed_nll
+from sft_jax.objectives.sft import summed_nll
 
 MIN_BINS = 4  # fewer usable length bins: inconclusive
 MIN_PER_BIN = 16  # examples a bin needs to count

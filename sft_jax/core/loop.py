@@ -44,7 +44,8 @@ from sft_jax.config import Config, ConfigError
 from sft_jax.core import step as core_step
 from sft_jax.core.setup import (check_same_model, download_outputs, enable_compilation_cache, model_and_tokenizer,
                                 resume_source, run_dirs, upload_outputs)
-from sft_jax.core.metrics import MetricsLogger, device_memory, mfu
+from sft_jax.core import metrics as core_metrics
+from sft_jax.core.metrics import MetricsLogger, mfu
 from sft_jax.core.optimizer import make_optimizer
 from sft_jax.core.report import write_report
 
@@ -69,11 +70,12 @@ class RunResult:
 
 
 def run(config: Config, objective_cls: Callable, *, devices=None, batch_transform: Callable | None = None,
-        memory_stats: Callable = device_memory) -> RunResult:
+        memory_stats: Callable | None = None) -> RunResult:
     """Train ``objective_cls(config, model_cfg, tokenizer, hf_dir)`` (an ``Objective``) as
     ``config`` says. ``devices`` restricts the mesh (default: all);
     ``batch_transform(step, numpy_batch) -> numpy_batch`` is a test hook (e.g. a NaN);
-    ``memory_stats() -> dict | None`` reads device memory for the log."""
+    ``memory_stats() -> dict | None`` reads device memory for the log (default:
+    ``sft_jax.core.metrics.device_memory``, looked up at each log)."""
     t_start = time.perf_counter()
     distributed.initialize(config.distributed)
     enable_compilation_cache(config.train.compilation_cache)
@@ -186,13 +188,14 @@ class Loop:
     checkpoint manager, logger; the objective is asked only for what differs."""
 
     def __init__(self, config: Config, mesh, objective, tx, schedule, shardings, state, frozen, data, manager,
-                 logger: MetricsLogger, total_steps: int, batch_transform, memory_stats: Callable = device_memory):
+                 logger: MetricsLogger, total_steps: int, batch_transform, memory_stats: Callable | None = None):
         self.config, self.mesh, self.objective = config, mesh, objective
         self.model_cfg, self.tokenizer = objective.model_cfg, objective.tokenizer
         self.shardings, self.state, self.iterator, self.eval_data = shardings, state, data.iterator, data.eval_data
         self.frozen, frozen_shardings = frozen if frozen is not None else (None, None)
         self.manager, self.logger, self.total_steps = manager, logger, total_steps
-        self.batch_transform, self.memory_stats = batch_transform, memory_stats
+        self.batch_transform = batch_transform
+        self.memory_stats = memory_stats or (lambda: core_metrics.device_memory())
         self.step_fn = core_step.make_train_step(objective, tx, schedule, mesh=mesh, shardings=shardings,
                                                  n_micro=config.accumulation_steps(),
                                                  max_nonfinite_steps=config.optim.max_nonfinite_steps,

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sft_jax.data import build_datasets, report_to_markdown
     from sft_jax.data.report import report_to_json
-    from sft_jax.trainer import model_and_tokenizer
+    from sft_jax.core.setup import model_and_tokenizer
 
     try:
         overrides = [o if "." in o.partition("=")[0] else f"data.{o}" for o in args.overrides]  # bare key: data

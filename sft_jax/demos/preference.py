@@ -31,11 +31,12 @@ MAX_NEW_TOKENS = 16
 def ensure_sft_model() -> Path:
     hf_dir = SFT_DIR / "hf"
     if not (hf_dir / "config.json").is_file():
-        from sft_jax import trainer
         from sft_jax.config import load_config
+        from sft_jax.core import loop
+        from sft_jax.objectives.sft import SFTObjective
 
         print(f"sft_jax: no SFT demo model at {hf_dir}: training it first (python -m sft_jax.train)", flush=True)
-        trainer.run(load_config("demo", [f"run.output_dir={SFT_DIR}"]))
+        loop.run(load_config("demo", [f"run.output_dir={SFT_DIR}"]), SFTObjective)
     return hf_dir
 
 

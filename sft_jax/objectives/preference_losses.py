@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sft_jax.config import DPO_LOSS_TYPES, DPOConfig  # noqa: F401  (the dpo: section)
+from sft_jax.config import DPO_LOSS_TYPES
 from sft_jax.model import GPT2, GPT2Config, token_nll
 
 Array = jax.Array

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
+from sft_jax.core import step as core
+from sft_jax.core.step import TrainState
 from sft_jax.data import BatchIterator, build_datasets, chat_template, encode_prompt, eval_batches, report_to_markdown
 from sft_jax.demos.tasks import exact_match
 from sft_jax.data.formats import decode
@@ -191,3 +195,42 @@ def _last_response(example) -> str:
     messages = example if isinstance(example, list) else example.get("messages", [])
     replies = [m["content"] for m in messages if m.get("role") == "assistant"]
     return replies[-1] if replies else ""
+
+
+# --- the SFT step without a run (sft_jax.bench, analysis, tests) ---------------------------
+# The shared step of ``sft_jax.core.step`` with the SFT loss; see there for accumulation and
+# the non-finite guard.
+
+def state_shardings(model_cfg: GPT2Config, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, TrainState]:
+    """(abstract state with shardings, shardings) for ``model_cfg`` on ``mesh``; allocates nothing."""
+    return core.state_shardings(param_shapes(model_cfg), tx, mesh)
+
+
+def init_state(model_cfg: GPT2Config, tx, mesh, shardings: TrainState, *, seed: int = 0, params=None) -> TrainState:
+    """A train state created directly in its shards: parameters from ``seed`` (HF's init)
+    unless ``params`` (already sharded, e.g. from ``load_hf``) are given."""
+    return core.init_state(lambda key: init_params(model_cfg, key), tx, shardings, seed=seed, params=params)
+
+
+def accumulated_grads(model: GPT2, params, batch: dict, n_micro: int, loss_chunk: int = 0, micro_sharding=None):
+    """(loss, grads) of the global batch: scan over ``n_micro`` micro-batches, each one's
+    summed NLL divided by the supervised-token count of the *whole* batch, summed."""
+    micro = None if micro_sharding is None else {k: micro_sharding for k in BATCH_KEYS}
+    loss, grads, _ = core.accumulated_grads(SFTLoss(model.config, loss_chunk), params, None, batch, n_micro, micro)
+    return loss, grads
+
+
+def make_train_step(model_cfg: GPT2Config, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    mesh, shardings: TrainState, n_micro: int = 1, loss_chunk: int = 0,
+                    max_nonfinite_steps: int = 10, clip_norm: float = 0.0) -> Callable:
+    """``step(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+    ``batch``: dict of global (G, T) arrays sharded over data x fsdp. ``metrics`` are
+    device scalars; nothing in here waits on the host."""
+    return core.make_train_step(SFTLoss(model_cfg, loss_chunk), tx, schedule, mesh=mesh, shardings=shardings,
+                                n_micro=n_micro, max_nonfinite_steps=max_nonfinite_steps, clip_norm=clip_norm)
+
+
+def make_eval_step(model_cfg: GPT2Config, *, mesh, shardings: TrainState, loss_chunk: int = 0) -> Callable:
+    """``eval_step(params, batch) -> (summed NLL, supervised tokens)`` as device scalars."""
+    return core.make_eval_step(SFTLoss(model_cfg, loss_chunk), mesh=mesh, param_shardings=shardings.params)
