@@ -73,7 +73,7 @@ def resolve_path(path: str, *, must_be_local: bool = False) -> str:
     ``gs://...`` stays as is; a bare name that does not exist locally (``gpt2``,
     ``openai-community/gpt2``) stays a hub name unless ``must_be_local`` (an output path).
     """
-    from sft_jax.core.checkpoint import is_remote
+    from sft_jax.runtime.paths import is_remote
 
     path = os.fspath(path)
     if is_remote(path):

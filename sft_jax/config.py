@@ -144,7 +144,7 @@ class RunSection:
     wandb_name: Optional[str] = None  # the W&B run name; null = wandb's own
 
 
-DEFAULT_REWARD_FN = "sft_jax.demos.tasks:exact_match_reward"
+DEFAULT_REWARD_FN = "sft_jax.objectives.rewards:exact_match_reward"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,9 @@ import re
 
 import numpy as np
 
-from sft_jax.data import DataConfig, build_datasets, demo_tokenizer, encode_prompt, exact_match, make_demo_examples
+from sft_jax.data import DataConfig, build_datasets, encode_prompt
+from sft_jax.demos.tasks import demo_tokenizer, make_demo_examples
+from sft_jax.objectives.rewards import exact_match
 from sft_jax.demos.tasks import TASKS
 
 

@@ -301,13 +301,13 @@ def test_remote_output_dir_layout(tmp_path):
     """gs:// output: checkpoints go to the bucket, the rest is staged locally and copied up.
     (No bucket is reachable here; the copy is exercised between two local directories.)"""
     from sft_jax.config import load_config
-    from sft_jax.core.setup import download_outputs, run_dirs, upload_outputs
+    from sft_jax.runtime.paths import download_outputs, run_dirs, upload_outputs
 
     cfg = load_config(None, ["run.output_dir=gs://bucket/runs/xl", f"run.staging_dir={tmp_path / 'stage'}"])
     local, checkpoints = run_dirs(cfg)
     assert local == tmp_path / "stage" / "bucket__runs__xl"
     assert str(checkpoints) == "gs://bucket/runs/xl/checkpoints"
-    from sft_jax.core.checkpoint import as_path
+    from sft_jax.runtime.paths import as_path
     assert str(as_path("gs://bucket/runs/xl") / "checkpoints" / "5") == "gs://bucket/runs/xl/checkpoints/5"
     local_cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}"])
     assert run_dirs(local_cfg) == (tmp_path / "run", tmp_path / "run" / "checkpoints")

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sft_jax.model import GPT2Config
+from sft_jax.runtime.paths import as_path, is_remote
 
 PYTREE_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("model_config", "tokenizer", "train_state")
@@ -39,23 +40,6 @@ class CheckpointError(ValueError):
 def _handlers() -> dict:
     return {**{name: ocp.StandardCheckpointHandler() for name in PYTREE_ITEMS},
             **{name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS}}
-
-
-REMOTE_SCHEMES = ("gs://", "s3://")  # object stores orbax writes to through etils.epath
-
-
-def is_remote(path) -> bool:
-    return str(path).startswith(REMOTE_SCHEMES)
-
-
-def as_path(path):
-    """A local ``pathlib.Path`` (``~`` expanded), or an ``etils.epath.Path`` for gs:// and
-    other object stores (orbax's own path layer; pathlib would fold "gs://" into "gs:/")."""
-    if is_remote(path):
-        from etils import epath
-
-        return epath.Path(str(path))
-    return Path(os.path.expanduser(os.fspath(path)))
 
 
 def _serial_writes_on_cpu() -> None:

@@ -42,8 +42,8 @@ from sft_jax.runtime import runlock
 from sft_jax.core import mesh as shd
 from sft_jax.config import Config, ConfigError
 from sft_jax.core import step as core_step
-from sft_jax.core.setup import (check_same_model, download_outputs, enable_compilation_cache, model_and_tokenizer,
-                                resume_source, run_dirs, upload_outputs)
+from sft_jax.core.setup import check_same_model, enable_compilation_cache, model_and_tokenizer, resume_source
+from sft_jax.runtime.paths import download_outputs, is_remote, run_dirs, upload_outputs
 from sft_jax.core import metrics as core_metrics
 from sft_jax.core.metrics import MetricsLogger, mfu
 from sft_jax.core.optimizer import make_optimizer
@@ -127,7 +127,7 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
 
     # 2. the run directory -----------------------------------------------------------------
     out, checkpoint_root = run_dirs(config)
-    remote = config.run.output_dir if ckpt.is_remote(config.run.output_dir) else None
+    remote = config.run.output_dir if is_remote(config.run.output_dir) else None
     if main:
         if remote and source is not None:
             download_outputs(remote, out)

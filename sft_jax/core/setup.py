@@ -12,11 +12,10 @@ from typing import Optional
 import jax
 
 from sft_jax.core import checkpoint as ckpt
-from sft_jax.runtime import runlock
 from sft_jax.config import Config, ConfigError
 from sft_jax.data import chat_template
-from sft_jax.demos.tasks import demo_tokenizer
 from sft_jax.model import GPT2Config
+from sft_jax.runtime.paths import as_path
 
 ARCH_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 
@@ -45,43 +44,6 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_dirs(config: Config):
-    """(local directory for logs, report and export; checkpoint root, local or remote).
-
-    Object stores have no append and no atomic directory rename, which metrics.jsonl and
-    the self-verifying export rely on; so with a gs:// output_dir those files are written to
-    a local staging directory and copied up (``upload_outputs``), while orbax writes the
-    checkpoints to the bucket directly from every process."""
-    out = config.run.output_dir
-    if not ckpt.is_remote(out):
-        return Path(out), Path(out) / "checkpoints"
-    name = out.split("://", 1)[1].strip("/").replace("/", "__")
-    return Path(config.run.staging_dir).expanduser() / name, ckpt.as_path(out) / "checkpoints"
-
-
-def upload_outputs(local: Path, remote) -> None:
-    """Copy every file under ``local`` to the same place under ``remote`` (overwriting)."""
-    from etils import epath
-
-    remote = epath.Path(remote)
-    for src in sorted(local.rglob("*")):
-        if src.is_file() and src.relative_to(local).as_posix() != runlock.LOCK_NAME:  # the bucket has its lease
-            dst = remote / src.relative_to(local).as_posix()
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            epath.Path(src).copy(dst, overwrite=True)
-
-
-def download_outputs(remote, local: Path, names=("metrics.jsonl",)) -> None:
-    """On a resume from a fresh machine, bring back the files a run appends to."""
-    from etils import epath
-
-    for name in names:
-        src = epath.Path(remote) / name
-        if src.exists() and not (local / name).exists():
-            local.mkdir(parents=True, exist_ok=True)
-            src.copy(epath.Path(local / name))
-
-
 def resume_source(config: Config):
     """The checkpoint root to resume from, or None for a fresh start."""
     resume = config.train.resume
@@ -90,7 +52,7 @@ def resume_source(config: Config):
         return None
     if resume == "auto":
         return own if ckpt.latest_step(own) is not None else None
-    path = ckpt.as_path(resume)
+    path = as_path(resume)
     for candidate in (path / "checkpoints", path):
         if ckpt.is_checkpoint(candidate):
             return candidate
@@ -105,7 +67,7 @@ def model_and_tokenizer(config: Config):
     compute = dict(dtype=m.dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers,
                    max_segments_per_row=config.data.max_segments_per_row)
     if m.init_from == "scratch":
-        tokenizer = demo_tokenizer(seed=0) if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
+        tokenizer = _demo_tokenizer() if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
         cfg = GPT2Config.preset(m.preset, vocab_size=len(tokenizer), n_positions=m.n_positions,
                                 bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **compute)
         tokenizer.chat_template = chat_template(config.data)
@@ -117,6 +79,14 @@ def model_and_tokenizer(config: Config):
     tokenizer = _load_tokenizer(m.tokenizer or str(directory))
     tokenizer.chat_template = chat_template(config.data)
     return cfg, tokenizer, directory
+
+
+def _demo_tokenizer():
+    """The demo's tokenizer (``model.tokenizer: demo``), a BPE trained on the built-in tasks;
+    named, not imported, so the core does not depend on the demos."""
+    import importlib
+
+    return importlib.import_module("sft_jax.demos.tasks").demo_tokenizer(seed=0)
 
 
 def _load_tokenizer(name: str):

@@ -6,11 +6,10 @@
 
 Modules: config (DataConfig, DataError), sources (reading, bad rows, build_datasets), formats (formats,
 chat template, segment tokenization), pack (documents, packing and bucket plans), iterator (BatchIterator,
-eval_batches), report, demo (built-in tasks, tokenizer, exact match).
+eval_batches), report. The built-in demo tasks are a source (``demo``) from sft_jax.demos.tasks.
 """
 
 from sft_jax.data.config import DataConfig, DataError
-from sft_jax.demos.tasks import demo_tokenizer, exact_match, make_demo_examples
 from sft_jax.data.formats import BUILTIN_TEMPLATE, chat_template, decode, encode_prompt, messages_of
 from sft_jax.data.iterator import BatchIterator, eval_batches
 from sft_jax.data.pack import SFTDataset
@@ -27,11 +26,8 @@ __all__ = [
     "build_datasets",
     "chat_template",
     "decode",
-    "demo_tokenizer",
     "encode_prompt",
     "eval_batches",
-    "exact_match",
-    "make_demo_examples",
     "messages_of",
     "report_to_dict",
     "report_to_markdown",

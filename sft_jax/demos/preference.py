@@ -97,7 +97,8 @@ def dpo_demo(overrides: tuple = (), *, devices=None, sizes: tuple = SIZES) -> di
     (None if the run stopped early, e.g. on SIGTERM)."""
     from sft_jax.config import load_config
     from sft_jax.core import loop as core_loop
-    from sft_jax.demos.tasks import exact_match, make_demo_examples
+    from sft_jax.demos.tasks import make_demo_examples
+    from sft_jax.objectives.rewards import exact_match
     from sft_jax.objectives.dpo import DPOObjective
 
     t0 = time.perf_counter()

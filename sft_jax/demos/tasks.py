@@ -89,36 +89,6 @@ def make_demo_examples(n: int, seed: int, split: str = "train") -> list[dict]:
     return out
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference after stripping surrounding whitespace."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
-
-
-def exact_match_reward(prompts: list[str], responses: list[str], examples: list) -> list[float]:
-    """The demo's RL reward (``ppo.reward_fn``): 1.0 where the response equals the example's
-    answer after stripping whitespace, else 0.0. ``examples`` are rows with an "output"
-    field or chat messages (the answer is the last assistant turn)."""
-    def answer(example) -> str:
-        if isinstance(example, dict) and "output" in example:
-            return str(example["output"])
-        messages = example if isinstance(example, list) else example.get("messages", [])
-        replies = [m["content"] for m in messages if m.get("role") == "assistant"]
-        return replies[-1] if replies else ""
-
-    return [float(r.strip() == answer(ex).strip()) for r, ex in zip(responses, examples, strict=True)]
-
-
-def length_reward(prompts: list[str], responses: list[str], examples: list) -> list[float]:
-    """len(response) / 10: a reward any policy can climb by answering longer. Not a goal, a
-    check that an RL setup learns at all (``ppo.reward_fn=sft_jax.demos.tasks:length_reward``:
-    the rollouts' reward_mean and response_length should rise within a few dozen steps)."""
-    return [len(r) / 10.0 for r in responses]
-
-
 def demo_tokenizer(seed: int = 0, vocab_size: int = 768):
     """A deterministic byte-level BPE (768 tokens: every demo answer is 1-5 tokens) with the built-in template."""
     from sft_jax.data.formats import BUILTIN_TEMPLATE, Renderer, to_messages

@@ -20,7 +20,7 @@ import optax
 from sft_jax.core import step as core
 from sft_jax.core.step import TrainState
 from sft_jax.data import BatchIterator, build_datasets, chat_template, encode_prompt, eval_batches, report_to_markdown
-from sft_jax.demos.tasks import exact_match
+from sft_jax.objectives.rewards import exact_match
 from sft_jax.data.formats import decode
 from sft_jax.model import GPT2, GPT2Config, param_shapes, token_nll
 from sft_jax.objectives.base import Data, Loss, Objective

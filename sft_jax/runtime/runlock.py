@@ -30,10 +30,9 @@ import threading
 import time
 from pathlib import Path
 
-from sft_jax.core.checkpoint import as_path, is_remote
+from sft_jax.runtime.paths import LOCK_NAME, as_path, is_remote
 from sft_jax.config import ConfigError
 
-LOCK_NAME = "run.lock"
 LEASE_NAME = "run.lease"
 LEASE_TTL_S = 120.0
 
