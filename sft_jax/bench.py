@@ -28,7 +28,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -45,7 +44,6 @@ from sft_jax.core import metrics
 from sft_jax.core import mesh as shd
 from sft_jax.objectives import sft
 from sft_jax.config import OptimSection
-from sft_jax.hf import to_hf_state_dict
 from sft_jax.model import GPT2Config, init_params
 from sft_jax.core.optimizer import make_optimizer
 
@@ -193,81 +191,23 @@ def run_jax(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup
                    remat=cfg.remat, attention=cfg.attention, loss_chunk=chunk)
 
 
-# --- PyTorch / HF transformers -------------------------------------------------
+# --- the PyTorch reference ------------------------------------------------------
 
-def torch_model(cfg: GPT2Config, params: dict, device: str):
-    """HF ``GPT2LMHeadModel`` (SDPA attention) holding the same weights as ``params``."""
-    import torch
-    import transformers
+def torch_reference():
+    """``benchmarks/torch_reference.py`` of the repository checkout this package runs from: HF
+    transformers doing the same step. It is a benchmark harness, not part of the library, so
+    it lives beside the other benchmarks and is loaded by path."""
+    import importlib.util
+    from pathlib import Path
 
-    hf_config = transformers.GPT2Config(**{**cfg.to_hf_config(), "use_cache": False}, attn_implementation="sdpa")
-    model = transformers.GPT2LMHeadModel(hf_config)
-    model.loss_type = "ForCausalLM"  # HF's name-based lookup misses this class and warns; same loss either way
-    state = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(params, cfg).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to wte
-        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
-    return model.to(device)
-
-
-def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup: int, compile: bool = False) -> dict:
-    """HF eager (or ``compile=True``: ``torch.compile`` of the same model) on ``hf_batch``;
-    ``position_ids`` and a 4D ``attention_mask`` are passed through when present (packed rows)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    model = torch_model(cfg, params, device).train()
-    torch_remat = cfg.remat == "full"  # HF has no save-the-matmuls policy: save_dots runs without recompute
-    if torch_remat:
-        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
-        enable()
-    optim = dataclasses.replace(OPTIM, warmup_steps=warmup)
-
-    def decays(name, p):  # sft_jax.core.optimizer's decay mask in HF names: matmul weights, not embeddings/biases/LN
-        return p.ndim == 2 and not name.endswith(("wte.weight", "wpe.weight"))
-
-    named = list(model.named_parameters())  # the tied lm_head is listed once, as wte
-    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": optim.weight_decay},
-              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps, fused=cuda)
-    _, schedule = make_optimizer(optim, warmup + steps)
-    lrs = np.asarray(jax.vmap(schedule)(jnp.arange(warmup + steps + 1)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lrs[min(s, len(lrs) - 1)]) / optim.lr)
-    ids = torch.from_numpy(hf_batch["input_ids"]).to(device)
-    labels = torch.from_numpy(hf_batch["labels"]).to(device)
-    extra = {k: torch.from_numpy(np.ascontiguousarray(hf_batch[k])).to(device)
-             for k in ("position_ids", "attention_mask") if k in hf_batch}
-    forward = torch.compile(model) if compile else model
-    autocast = cuda and cfg.dtype != "float32"
-    amp = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if autocast else contextlib.nullcontext()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-
-    def one_step():
-        with amp:
-            loss = forward(input_ids=ids, labels=labels, **extra).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss = loss.detach()
-        return lambda: (torch.cuda.synchronize() if cuda else None, float(loss))[1]
-
-    first_loss, step_time = _timed(one_step, warmup, steps)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    kind = torch.cuda.get_device_name() if cuda else "cpu"
-    B, T = hf_batch["input_ids"].shape
-    supervised = int((hf_batch["labels"][:, 1:] != -100).sum())
-    result = _result("torch.compile" if compile else "torch", cfg, B, T, first_loss, step_time, peak, kind,
-                     supervised=supervised, compute_dtype=cfg.dtype if autocast else "float32",
-                     remat="full" if torch_remat else "none",
-                     attention="sdpa, 4D block-diagonal mask" if "attention_mask" in hf_batch else "sdpa causal")
-    del model, forward, opt
-    if cuda:
-        torch.cuda.empty_cache()  # hand the memory back before JAX runs
-    return result
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the PyTorch reference comes with the repository checkout "
+                                f"(benchmarks/); run python -m sft_jax.bench from one, or pass --no-torch")
+    spec = importlib.util.spec_from_file_location("sft_jax_torch_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --- driver -------------------------------------------------------------------
@@ -295,7 +235,7 @@ def benchmark(preset: str, *, batch: int, seq: int, steps: int, warmup: int = 2,
     # JAX's allocator keeps what it grew to. The JAX run then donates `params`.
     if with_torch:
         host_params = jax.device_get(params)
-        results["torch"] = run_torch(cfg, host_params, hf_batch, steps=steps, warmup=warmup)
+        results["torch"] = torch_reference().run_torch(cfg, host_params, hf_batch, steps=steps, warmup=warmup)
         del host_params
     results["jax"] = run_jax(cfg, params, hf_batch, steps=steps, warmup=warmup)
     if results["torch"]:
@@ -367,7 +307,7 @@ def sweep(presets, batches, rows, attentions, *, seq: int, steps: int, warmup: i
                 hf_batch, jax_rows = _problem(cfg, row_kind, batch, seq, seed)
                 key = {"preset": preset, "rows": row_kind, "batch": batch, "seq": seq, "steps": steps,
                        "warmup": warmup, "dtype": dtype, "remat": remat}
-                runs = [(name, lambda name=name: run_torch(cfg, host_params, hf_batch, steps=steps, warmup=warmup,
+                runs = [(name, lambda name=name: torch_reference().run_torch(cfg, host_params, hf_batch, steps=steps, warmup=warmup,
                                                            compile=name == "torch.compile"))
                         for name in torch_systems]
                 runs += [(f"jax/{attn}", lambda attn=attn: run_jax(

@@ -148,7 +148,7 @@ CHILD = textwrap.dedent(
 def child(cfg_kw: dict, tokenizer_dir, hook: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if hook:
-        env["SFT_JAX_DATA_CACHE_TEST_HOOK"] = hook
+        env["SFT_JAX_FAULT"] = f"cache:{hook}"
     return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg_kw), str(tokenizer_dir)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

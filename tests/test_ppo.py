@@ -234,7 +234,7 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size, stop, 
     straight = train_cli(["--config", config("straight")], env, devices=None, module="sft_jax.ppo", background=True)
     killed = config("killed")
     first = train_cli(["--config", killed], devices=None, module="sft_jax.ppo",
-                      env_extra={**env, "SFT_JAX_TEST_KILL": f"{at}:{stop}"})
+                      env_extra={**env, "SFT_JAX_FAULT": f"step:{at}:{stop}"})
     assert first.returncode == (0 if stop == "sigterm" else -9), first.stdout[-3000:] + first.stderr[-3000:]
     assert stop != "sigterm" or f"SIGTERM: saved step {at}" in first.stderr, first.stderr[-3000:]
     assert ckpt.latest_step(tmp_path / "killed" / "checkpoints") == at

@@ -131,7 +131,7 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, pairs, xla_cache, module, ext
     # the uninterrupted run goes beside the other two, compiling into a cache of its own
     straight = cli(["--config", config("straight", tmp_path / "straight_cache")], module=module, background=True)
     killed = config("killed", xla_cache)
-    first = cli(["--config", killed], module=module, env_extra={"SFT_JAX_TEST_KILL": f"{EVERY}:after_save"})
+    first = cli(["--config", killed], module=module, env_extra={"SFT_JAX_FAULT": f"step:{EVERY}:after_save"})
     assert first.returncode == -9 and ckpt.latest_step(tmp_path / "killed" / "checkpoints") == EVERY
     stored = sorted((tmp_path / "killed" / dpo.REFERENCE_DIR).glob("*.npz"))
     assert len(stored) == (1 if extra else 0)

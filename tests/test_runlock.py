@@ -97,7 +97,7 @@ def test_two_runs_on_one_directory(tmp_path, capsys):
     out = tmp_path / "run"
     config = write_tiny_yaml(tmp_path / "run.yaml", out, "train.steps=4", "checkpoint.every=2",
                              cache_dir=tmp_path / "xla")
-    first = train_cli(["--config", config], env_extra={"SFT_JAX_TEST_KILL": "2:after_save"}, background=True)
+    first = train_cli(["--config", config], env_extra={"SFT_JAX_FAULT": "step:2:after_save"}, background=True)
     try:
         holder = wait_for_holder(out / LOCK_NAME, first)
         first.send_signal(signal.SIGSTOP)  # hold it at any point of its run while the second one starts

@@ -58,7 +58,7 @@ def assert_same_as_uninterrupted(run_dir, reference, steps=STEPS):
 def test_sigkill_after_committed_checkpoint_then_rerun(setup):
     root, config, reference = setup
     cfg = config("killed")
-    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_TEST_KILL": "4:after_save"})
+    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_FAULT": "step:4:after_save"})
     assert first.returncode == -9
     assert ckpt.latest_step(root / "killed" / "checkpoints") == 4
     second = train_cli(["--config", cfg], env_extra={"JAX_LOG_COMPILES": "1"})
@@ -71,7 +71,7 @@ def test_sigkill_after_committed_checkpoint_then_rerun(setup):
 def test_sigkill_during_save_is_ignored_at_resume(setup):
     root, config, reference = setup
     cfg = config("torn")
-    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_TEST_KILL": "4:during_save"})
+    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_FAULT": "step:4:during_save"})
     assert first.returncode == -9
     ckpts = root / "torn" / "checkpoints"
     # the kill did land inside step 4's save: its temporary directory is on disk, uncommitted

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import math
-import os
 import signal
 import sys
 import time
@@ -38,7 +37,7 @@ import numpy as np
 
 from sft_jax.core import checkpoint as ckpt
 from sft_jax.runtime import distributed
-from sft_jax.runtime import runlock
+from sft_jax.runtime import faults, runlock
 from sft_jax.core import mesh as shd
 from sft_jax.config import Config, ConfigError
 from sft_jax.core import step as core_step
@@ -48,12 +47,6 @@ from sft_jax.core import metrics as core_metrics
 from sft_jax.core.metrics import MetricsLogger, mfu
 from sft_jax.core.optimizer import make_optimizer
 from sft_jax.core.report import write_report
-
-# Tests only: "STEP:during_save" SIGKILLs this process right after the async save of STEP
-# starts (a torn checkpoint), "STEP:after_save" once it is committed, "STEP:sigterm" sends
-# it SIGTERM after step STEP, saved or not (a preemption notice at a known step).
-TEST_KILL_ENV = "SFT_JAX_TEST_KILL"
-
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive optimizer steps with non-finite loss or gradients."""
@@ -212,7 +205,6 @@ class Loop:
         G = c.train.global_batch_size
         pending: list[dict] = []
         t_last, step_last = time.perf_counter(), step
-        kill_step, _, kill_phase = os.environ.get(TEST_KILL_ENV, "-1:").partition(":")
         if c.train.eval_at_start and step == 0:
             self.evaluate(0)
         while step < self.total_steps:
@@ -238,29 +230,12 @@ class Loop:
             saved = c.checkpoint.every and step % c.checkpoint.every == 0 and not last
             if saved:
                 self.save(step)
-            if step == int(kill_step) and (saved or kill_phase == "sigterm"):
-                self.test_kill(step, kill_phase)
+            faults.after_step(step, bool(saved), self.manager.directory, self.manager.wait_until_finished)
             if c.train.eval_every and step % c.train.eval_every == 0 and not last:
                 self.evaluate(step)
         self.save(step, force=True)
         self.manager.wait_until_finished()
         return RunResult(Path(), step, "done", self.last_loss)
-
-    def test_kill(self, step: int, phase: str) -> None:
-        """The ``SFT_JAX_TEST_KILL`` hook after ``step``: "sigterm" sends this process a
-        preemption notice (the loop then saves and stops as on a real one); after that step's
-        save, "after_save" SIGKILLs it once the save is committed, "during_save" while it is
-        being written."""
-        if phase == "sigterm":
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        if phase == "after_save":
-            self.manager.wait_until_finished()
-        else:  # orbax makes the step's temporary directory in the background: kill once it is there
-            deadline = time.monotonic() + 60
-            while not any(self.manager.directory.glob(f"{step}.orbax-checkpoint-tmp*")) and time.monotonic() < deadline:
-                time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGKILL)
 
     def log(self, step: int, pending: list[dict], seconds: float, n_steps: int, length: int) -> None:
         host = jax.device_get(pending)  # the only regular host sync

@@ -15,7 +15,7 @@ from sft_jax.core import checkpoint as ckpt
 from sft_jax.config import Config, ConfigError
 from sft_jax.data import chat_template
 from sft_jax.model import GPT2Config
-from sft_jax.runtime.paths import as_path
+from sft_jax.runtime.paths import as_path, run_dirs
 
 ARCH_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 

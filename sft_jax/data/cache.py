@@ -37,7 +37,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import sys
 import time
 from collections import Counter
@@ -45,11 +44,11 @@ from collections import Counter
 import numpy as np
 
 from sft_jax.data.config import DataError
+from sft_jax.runtime import faults
 
 VERSION = 1  # bump when the layout or the meaning of the arrays changes
 ARRAYS = ("tokens", "supervised", "offsets", "response_tokens")
 _NOT_HASHED = ("cache", "cache_dir", "num_proc", "prefetch")  # do not change the arrays
-TEST_HOOK = "SFT_JAX_DATA_CACHE_TEST_HOOK"  # tests only: "kill" mid-build, or "sleep:SECONDS" before building
 
 
 def cache_root(cfg) -> str:
@@ -125,17 +124,14 @@ def _build_locked(cfg, tokenizer, root, digest, inputs, seed, global_batch_size,
     for name in os.listdir(root):  # leftovers of killed builds: we hold the lock, so nobody writes them
         if name.startswith(digest + ".tmp."):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    hook = os.environ.get(TEST_HOOK, "")
-    if hook.startswith("sleep:"):
-        time.sleep(float(hook.split(":", 1)[1]))
+    faults.before_cache_build()
     start = time.perf_counter()
     tmp = os.path.join(root, f"{digest}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
     os.makedirs(tmp)
     try:
         # The build writes the arrays into tmp as it goes (SplitWriter) and returns them memory-mapped.
         train, eval_, report = build(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size, folder=tmp)
-        if hook == "kill":  # a builder killed mid-way: the arrays are written, nothing is renamed
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.after_cache_write()
         sizes = {name: {"documents": len(ds), "tokens": int(ds.offsets[-1])}
                  for name, ds in (("train", train), ("eval", eval_)) if ds is not None}
         from sft_jax.data.report import report_to_json

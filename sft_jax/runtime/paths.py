@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sft_jax.config import Config
 
 LOCK_NAME = "run.lock"  # the run lock's file (sft_jax.runtime.runlock); never uploaded
 
