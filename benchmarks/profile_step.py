@@ -76,12 +76,12 @@ def profile(preset: str, batch: int, seq: int, rows: str, attention: str, out_di
     import jax
 
     from sft_jax import bench
-    from sft_jax.model import GPT2Config, init_params
+    from sft_jax.models.family import config_for_preset, family_of
 
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    cfg = GPT2Config.preset(preset, remat=remat, dtype=dtype, attention=attention)
-    params = init_params(cfg, jax.random.key(0))["params"]
+    cfg = config_for_preset(preset, remat=remat, dtype=dtype, attention=attention)
+    params = family_of(cfg).init_params(cfg, jax.random.key(0))["params"]
     hf_batch, jax_rows = bench._problem(cfg, rows, batch, seq, 0)
     host_batch = jax_rows if jax_rows is not None else bench.jax_batch(hf_batch)
     one_step, _, _ = bench.jax_step_fn(cfg, params, host_batch, total_steps=warmup + steps, warmup=warmup)

@@ -13,8 +13,8 @@ import numpy as np
 
 from sft_jax.bench import OPTIM, _result, _timed
 from sft_jax.core.optimizer import make_optimizer
-from sft_jax.hf import to_hf_state_dict
-from sft_jax.model import GPT2Config
+from sft_jax.models.gpt2 import GPT2Config
+from sft_jax.models.hf_io import to_hf_state_dict
 
 
 def torch_model(cfg: GPT2Config, params: dict, device: str):

@@ -1,4 +1,4 @@
-"""Benchmark of one SFT train step: this JAX stack next to HF transformers' PyTorch GPT-2.
+"""Benchmark of one SFT train step: this JAX stack next to HF transformers' PyTorch model.
 
     python -m sft_jax.bench --preset gpt2-large --batch 8 --seq 1024 --steps 20 --remat save_dots
 
@@ -7,7 +7,7 @@ Both sides run the same computation on the same weights and batch: fp32 master w
 first 30% of each row is prompt: label -100 for torch, weight 0 for JAX), global-norm
 clipping at 1.0, the trainer's AdamW (``sft_jax.core.optimizer``; decay 0.1 on matmul weights) on
 its linear-warmup cosine schedule. The JAX side times the trainer's own step
-(``sft_jax.train_step.make_train_step``: scanned layers, the chunked float32 ``token_nll``,
+(``sft_jax.objectives.sft.make_train_step``: scanned layers, the chunked float32 token NLL,
 the non-finite guard, a donated state) on a one-device mesh, so the number is what
 ``python -m sft_jax.train`` runs; torch is eager ``GPT2LMHeadModel`` with SDPA attention
 and fused AdamW on CUDA. The torch model is built from the JAX initial parameters, so the
@@ -15,8 +15,8 @@ first-step losses must agree; they are reported next to the speed as a check tha
 sides do the same work.
 
 Warmup steps (compilation, allocator growth) are excluded; the timed steps end with a
-device sync. tokens/s counts every position of the batch, prompt included. MFU uses
-``GPT2Config.flops_per_token`` (see ``sft_jax.core.metrics``) and is null on CPU.
+device sync. tokens/s counts every position of the batch, prompt included. MFU uses the
+config's ``flops_per_token`` (see ``sft_jax.core.metrics``) and is null on CPU.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from sft_jax.core import metrics
 from sft_jax.core import mesh as shd
 from sft_jax.objectives import sft
 from sft_jax.config import OptimSection
-from sft_jax.model import GPT2Config, init_params
 from sft_jax.core.optimizer import make_optimizer
+from sft_jax.models.family import ModelConfig, config_for_preset, family_of
 
 PROMPT_FRACTION = 0.3  # leading share of each row that is prompt (no loss)
 # The trainer's optimizer (sft_jax.core.optimizer) with decay switched on, so its mask costs too;
@@ -56,7 +56,7 @@ LOSS_CHUNK = 256  # sequence positions per chunk of the fp32 vocab projection in
 
 # --- the shared problem -----------------------------------------------------
 
-def make_batch(cfg: GPT2Config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """HF-style SFT batch: ``input_ids`` (B,T) random tokens, ``labels`` (B,T) equal to the
     ids with -100 on the prompt part."""
     rng = np.random.default_rng(seed)
@@ -84,7 +84,7 @@ def jax_batch(hf_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def make_packed_batch(cfg: GPT2Config, batch: int, seq: int, seed: int = 0) -> tuple[dict, dict]:
+def make_packed_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> tuple[dict, dict]:
     """Packed rows, as training sees them: documents of log-uniform length in [30, 600]
     (``seed``), random tokens, the first 30% of each document prompt, packed by
     ``sft_jax.data.pack`` (the trainer's packer, seeded plan) into rows of ``seq``; the first
@@ -129,7 +129,7 @@ def _timed(step: Callable[[], Callable[[], float]], warmup: int, steps: int) -> 
     return first_loss, (time.perf_counter() - t0) / steps
 
 
-def _result(framework: str, cfg: GPT2Config, batch: int, seq: int, first_loss: float, step_time: float,
+def _result(framework: str, cfg: ModelConfig, batch: int, seq: int, first_loss: float, step_time: float,
             peak_bytes: Optional[int], device_kind: str, supervised: Optional[int] = None, **extra) -> dict:
     tokens_per_s = batch * seq / step_time
     return {
@@ -147,7 +147,7 @@ def _result(framework: str, cfg: GPT2Config, batch: int, seq: int, first_loss: f
 
 # --- JAX ----------------------------------------------------------------------
 
-def make_jax_step(cfg: GPT2Config, tx: optax.GradientTransformation, schedule: optax.Schedule, loss_chunk: int):
+def make_jax_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, loss_chunk: int):
     """(mesh, shardings, step): the trainer's jitted ``step(state, batch)`` on one device."""
     mesh = shd.make_mesh((1, 1, 1), jax.local_devices()[:1])
     _, shardings = sft.state_shardings(cfg, tx, mesh)
@@ -156,7 +156,7 @@ def make_jax_step(cfg: GPT2Config, tx: optax.GradientTransformation, schedule: o
     return mesh, shardings, step
 
 
-def jax_step_fn(cfg: GPT2Config, params: dict, host_batch: dict, *, total_steps: int, warmup: int,
+def jax_step_fn(cfg: ModelConfig, params: dict, host_batch: dict, *, total_steps: int, warmup: int,
                 loss_chunk: int = LOSS_CHUNK):
     """(one_step, mesh, loss chunk): ``one_step()`` runs the trainer's step once on the
     device-resident batch and returns a function that waits for it and returns its loss.
@@ -175,7 +175,7 @@ def jax_step_fn(cfg: GPT2Config, params: dict, host_batch: dict, *, total_steps:
     return one_step, mesh, chunk
 
 
-def run_jax(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup: int, loss_chunk: int = LOSS_CHUNK,
+def run_jax(cfg: ModelConfig, params: dict, hf_batch: dict, *, steps: int, warmup: int, loss_chunk: int = LOSS_CHUNK,
             jax_rows: Optional[dict] = None) -> dict:
     """The trainer's step on ``hf_batch`` (or on ``jax_rows``, the same rows in this stack's
     layout, e.g. from ``make_packed_batch``)."""
@@ -219,12 +219,12 @@ def benchmark(preset: str, *, batch: int, seq: int, steps: int, warmup: int = 2,
     without autocast, so both sides compute in the same precision)."""
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    cfg = GPT2Config.preset(preset, remat=remat, dtype=dtype, attention=attention)
+    cfg = config_for_preset(preset, remat=remat, dtype=dtype, attention=attention)
     if steps < 1:
         raise ValueError("--steps must be at least 1")
-    if seq > cfg.n_positions:
-        raise ValueError(f"--seq {seq} exceeds n_positions={cfg.n_positions}")
-    params = init_params(cfg, jax.random.key(seed))["params"]
+    if seq > cfg.max_position_embeddings:
+        raise ValueError(f"--seq {seq} exceeds n_positions={cfg.max_position_embeddings}")
+    params = family_of(cfg).init_params(cfg, jax.random.key(seed))["params"]
     hf_batch = make_batch(cfg, batch, seq, seed)
     results = {
         "preset": preset, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "dtype": dtype, "remat": remat,
@@ -280,7 +280,7 @@ def versions() -> dict:
     return out
 
 
-def _problem(cfg: GPT2Config, rows: str, batch: int, seq: int, seed: int) -> tuple[dict, Optional[dict]]:
+def _problem(cfg: ModelConfig, rows: str, batch: int, seq: int, seed: int) -> tuple[dict, Optional[dict]]:
     if rows == "dense":
         return make_batch(cfg, batch, seq, seed), None
     jb, hf = make_packed_batch(cfg, batch, seq, seed)
@@ -298,10 +298,10 @@ def sweep(presets, batches, rows, attentions, *, seq: int, steps: int, warmup: i
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     records = []
     for preset in presets:
-        cfg = GPT2Config.preset(preset, remat=remat, dtype=dtype)
-        if seq > cfg.n_positions:
-            raise ValueError(f"--seq {seq} exceeds n_positions={cfg.n_positions}")
-        host_params = jax.device_get(init_params(cfg, jax.random.key(seed))["params"])
+        cfg = config_for_preset(preset, remat=remat, dtype=dtype)
+        if seq > cfg.max_position_embeddings:
+            raise ValueError(f"--seq {seq} exceeds n_positions={cfg.max_position_embeddings}")
+        host_params = jax.device_get(family_of(cfg).init_params(cfg, jax.random.key(seed))["params"])
         for row_kind in rows:
             for batch in batches:
                 hf_batch, jax_rows = _problem(cfg, row_kind, batch, seq, seed)
@@ -374,11 +374,13 @@ def _csv(kind, choices=None):
 
 
 def main(argv=None):
-    from sft_jax.model import ATTENTION_IMPLS, PRESETS
+    from sft_jax.models.family import preset_names
+    from sft_jax.models.layers.attention import ATTENTION_IMPLS
 
+    presets_known = preset_names()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=["gpt2"], type=_csv(str),
-                    help="model preset(s), comma-separated (sft_jax.model.PRESETS); 'all' = the four GPT-2 sizes")
+                    help="model preset(s), comma-separated (any family's); 'all' = the four GPT-2 sizes")
     ap.add_argument("--batch", type=_csv(int), default=[8], help="batch size(s), e.g. 8,16,32: each system "
                     "is reported at its own best batch")
     ap.add_argument("--seq", type=int, default=1024)
@@ -388,7 +390,7 @@ def main(argv=None):
                     help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
     ap.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
     ap.add_argument("--attention", default=["auto"], type=_csv(str, ATTENTION_IMPLS),
-                    help="JAX attention path(s), comma-separated (sft_jax.model.resolve_attention)")
+                    help="JAX attention path(s), comma-separated (sft_jax.models.layers.attention)")
     ap.add_argument("--rows", default=["dense"], type=_csv(str, ROW_KINDS),
                     help="dense (one causal document a row) and/or packed (log-uniform [30, 600] documents "
                          "packed by sft_jax.data.pack)")
@@ -397,9 +399,9 @@ def main(argv=None):
     ap.add_argument("--json", help="write {versions, records: one per configuration} here")
     args = cli.parse(ap, argv)
     presets = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] if "all" in args.preset else args.preset
-    unknown = [p for p in presets if p not in PRESETS]
+    unknown = [p for p in presets if p not in presets_known]
     if unknown:
-        return cli.user_error(f"--preset {','.join(unknown)}: choose one of {sorted(PRESETS)} or all")
+        return cli.user_error(f"--preset {','.join(unknown)}: choose one of {presets_known} or all")
     if min(*args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
         return cli.user_error("--batch, --seq and --steps must be at least 1, --warmup at least 0")
     torch_systems = () if args.no_torch else (TORCH_SYSTEMS if args.torch_compile else ("torch",))

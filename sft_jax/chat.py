@@ -10,8 +10,8 @@ the oldest whole turns are dropped (the system message stays), with a one-line n
 With stdin not a terminal there is no banner and no prompt: one message per line in, each
 reply on one line out (newlines inside a reply become spaces), exit 0 at end of input.
 
-Decoding: one jitted prefill of the rendered conversation into a KV cache of ``n_positions``
-slots, then a jitted one-token step called from a Python loop, the cache staying on device.
+Decoding: one jitted prefill of the rendered conversation into a KV cache as long as the model's
+context, then a jitted one-token step called from a Python loop, the cache staying on device.
 """
 
 from __future__ import annotations
@@ -26,47 +26,48 @@ import numpy as np
 
 from sft_jax import cli
 from sft_jax.generate import add_sampling_args, fit_prompt, load
-from sft_jax.model import GPT2, GPT2Config, init_cache
 from sft_jax.inference.sampling import _next_token
+from sft_jax.models.family import ModelConfig, family_of
 
 PREFILL_MULTIPLE = 64  # prompts are left-padded to a multiple of this: few prefill compiles
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def prefill(params, tokens, length, *, cfg: GPT2Config):
+def prefill(params, tokens, length, *, cfg: ModelConfig):
     """tokens (1,T0) left-padded, ``length`` real tokens -> (last logits (1,V), cache)."""
     T0 = tokens.shape[1]
     slot = jnp.arange(T0)[None, :]
     first_real = T0 - length
     segment_ids = (slot >= first_real).astype(jnp.int32)  # pad slots are segment 0: never attended
     positions = jnp.maximum(slot - first_real, 0)
-    cache = init_cache(cfg, 1, cfg.n_positions)
-    logits, cache = GPT2(cfg).apply(params, tokens, positions, segment_ids, cache=cache)
+    family = family_of(cfg)
+    cache = family.init_cache(cfg, 1, cfg.max_position_embeddings)
+    logits, cache = family.module(cfg).apply(params, tokens, positions, segment_ids, cache=cache)
     return logits[:, -1], cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k"), donate_argnames=("cache",))
-def decode_step(params, cache, logits, position, rng, temperature, top_p, *, cfg: GPT2Config,
+def decode_step(params, cache, logits, position, rng, temperature, top_p, *, cfg: ModelConfig,
                 greedy: bool, top_k: int):
     """Pick the next token from ``logits`` (1,V) and feed it at ``position``: (token (1,), logits, cache)."""
     token = _next_token(logits, rng, temperature, top_p, greedy=greedy, top_k=top_k)
-    logits, cache = GPT2(cfg).apply(params, token[:, None], position.reshape(1, 1),
-                                    jnp.ones((1, 1), jnp.int32), cache=cache)
+    logits, cache = family_of(cfg).module(cfg).apply(params, token[:, None], position.reshape(1, 1),
+                                                     jnp.ones((1, 1), jnp.int32), cache=cache)
     return token, logits[:, 0], cache
 
 
 class Chat:
     """A conversation with one model; ``reply(text)`` yields the answer in pieces as it decodes."""
 
-    def __init__(self, cfg: GPT2Config, params, tokenizer, eos_id: int, *, system: str | None = None,
+    def __init__(self, cfg: ModelConfig, params, tokenizer, eos_id: int, *, system: str | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, notice=print):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template; train with sft_jax (it stores one) or use "
                              "python -m sft_jax.generate --raw")
-        if max_new_tokens < 1 or max_new_tokens >= cfg.n_positions:
+        if max_new_tokens < 1 or max_new_tokens >= cfg.max_position_embeddings:
             raise ValueError(f"--max-new-tokens={max_new_tokens} must be between 1 and n_positions - 1 "
-                             f"({cfg.n_positions - 1})")
+                             f"({cfg.max_position_embeddings - 1})")
         if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
         self.cfg, self.params, self.tokenizer, self.eos_id = cfg, params, tokenizer, eos_id
@@ -85,26 +86,27 @@ class Chat:
 
     def prompt(self) -> list[int]:
         """The conversation's tokens; drops the oldest whole turns (not the system message) to fit."""
-        room = self.cfg.n_positions - self.max_new_tokens
+        room = self.cfg.max_position_embeddings - self.max_new_tokens
         ids = self.encode(self.messages)
         dropped = 0
         while len(ids) > room:
             head = 1 if self.messages and self.messages[0]["role"] == "system" else 0
             later_users = [i for i, m in enumerate(self.messages) if m["role"] == "user" and i > head]
             if not later_users:  # only the current message is left: cut it from the left
-                return fit_prompt(ids, self.max_new_tokens, self.cfg.n_positions)
+                return fit_prompt(ids, self.max_new_tokens, self.cfg.max_position_embeddings)
             dropped += later_users[0] - head
             self.messages = self.messages[:head] + self.messages[later_users[0]:]
             ids = self.encode(self.messages)
         if dropped:
-            self.notice(f"(dropped the {dropped} oldest messages to fit {self.cfg.n_positions} positions)")
+            self.notice(f"(dropped the {dropped} oldest messages to fit {self.cfg.max_position_embeddings} positions)")
         return ids
 
     def reply(self, text: str):
         """Add the user's ``text``, then yield the reply's text in pieces as tokens arrive."""
         self.messages.append({"role": "user", "content": text})
         ids = self.prompt()
-        T0 = min(-(-len(ids) // PREFILL_MULTIPLE) * PREFILL_MULTIPLE, self.cfg.n_positions - self.max_new_tokens)
+        room = self.cfg.max_position_embeddings - self.max_new_tokens
+        T0 = min(-(-len(ids) // PREFILL_MULTIPLE) * PREFILL_MULTIPLE, room)
         tokens = np.full((1, T0), self.eos_id, np.int32)
         tokens[0, T0 - len(ids):] = ids
         logits, cache = prefill(self.params, jnp.asarray(tokens), jnp.int32(len(ids)), cfg=self.cfg)
@@ -140,14 +142,15 @@ def main(argv=None) -> int:
     interactive = sys.stdin.isatty()
     try:
         cfg, params, tokenizer, eos_id = load(args.model)
-        max_new = args.max_new_tokens or min(256, cfg.n_positions // 2)
+        max_new = args.max_new_tokens or min(256, cfg.max_position_embeddings // 2)
         chat = Chat(cfg, params, tokenizer, eos_id, system=args.system, max_new_tokens=max_new,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     notice=lambda line: print(line, file=sys.stderr, flush=True))
     except (ValueError, OSError) as e:  # CheckpointError, HFFormatError, bad flags, missing files
         return cli.user_error(e)
     if interactive:
-        print(f"chatting with {args.model} ({cfg.n_positions} positions); /reset starts over, /exit quits")
+        print(f"chatting with {args.model} ({cfg.max_position_embeddings} positions); /reset starts over, "
+              f"/exit quits")
     while True:
         try:
             line = input("> " if interactive else "")

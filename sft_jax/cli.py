@@ -44,7 +44,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from sft_jax.core.checkpoint import CheckpointError
     from sft_jax.config import ConfigError
     from sft_jax.data import DataError
-    from sft_jax.hf import HFFormatError
+    from sft_jax.models.hf_io import HFFormatError
 
     return ConfigError, DataError, HFFormatError, CheckpointError
 

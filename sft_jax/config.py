@@ -31,7 +31,9 @@ import yaml
 
 from sft_jax.data.config import DataConfig
 from sft_jax.runtime.distributed import DistributedConfig
-from sft_jax.model import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES
+from sft_jax.models.family import preset_names
+from sft_jax.models.layers.attention import ATTENTION_IMPLS
+from sft_jax.models.layers.common import REMAT_POLICIES
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -45,12 +47,12 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     init_from: str = "scratch"  # HF directory, hub name (gpt2, gpt2-medium, ...), or 'scratch'
-    preset: str = "demo"  # size for init_from=scratch: one of model.PRESETS
+    preset: str = "demo"  # architecture and size for init_from=scratch: a preset of any family (models.family)
     tokenizer: Optional[str] = None  # HF dir/hub name, or 'demo'; null = init_from's own ('demo' for scratch)
     n_positions: int = 1024  # context length for init_from=scratch (HF models bring their own)
     dtype: str = "bfloat16"  # compute dtype (weights stay float32): float32 | bfloat16 | float16
     remat: str = "none"  # rematerialisation: none | full | save_dots | offload
-    attention: str = "auto"  # auto | xla (reference) | cudnn_bias | cudnn_packed | pallas | splash (see model.resolve_attention)
+    attention: str = "auto"  # auto | xla (reference) | cudnn_bias | cudnn_packed | pallas | splash (models.layers.attention)
     scan_layers: bool = True  # scan the layer stack (one compiled block) instead of unrolling
 
 
@@ -385,8 +387,8 @@ def _mesh_shape(value, key: str = "mesh.shape", allow_rest: bool = True) -> tupl
 
 def _validate(cfg: Config) -> None:
     m, t, o, c = cfg.model, cfg.train, cfg.optim, cfg.checkpoint
-    if m.init_from == "scratch" and m.preset not in PRESETS:
-        raise ConfigError(f"model.preset={m.preset!r}: choose one of {sorted(PRESETS)}")
+    if m.init_from == "scratch" and m.preset not in preset_names():
+        raise ConfigError(f"model.preset={m.preset!r}: choose one of {preset_names()}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={m.dtype!r}: choose float32, bfloat16 or float16")
     if m.remat not in REMAT_POLICIES:

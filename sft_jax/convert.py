@@ -1,4 +1,4 @@
-"""Convert between HF GPT-2 directories and sft_jax orbax checkpoints.
+"""Convert between HF model directories (any supported family) and sft_jax orbax checkpoints.
 
   python -m sft_jax.convert hf-to-orbax SRC DST            # SRC: HF dir or hub name; writes step 0
   python -m sft_jax.convert orbax-to-hf SRC DST [--dtype bfloat16] [--overwrite]
@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from sft_jax import cli, hf
+from sft_jax import cli
 from sft_jax.core import checkpoint
+from sft_jax.models import hf_io as hf
 
 
 def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False) -> None:

@@ -51,7 +51,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | Non
 
 
 def load(model: str):
-    """(GPT2Config, params, tokenizer, eos_id) for ``--model``; ValueError without a tokenizer."""
+    """(model config, params, tokenizer, eos_id) for ``--model``; ValueError without a tokenizer."""
     cfg, params, tokenizer = checkpoint.load_model(cli.resolve_path(model))
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer; cannot encode a text prompt")
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     args = cli.parse(parser, argv)
     try:
         cfg, params, tokenizer, eos_id = load(args.model)
-        prompt = fit_prompt(encode_prompt(tokenizer, args.prompt, args.raw), args.max_new_tokens, cfg.n_positions)
+        prompt = fit_prompt(encode_prompt(tokenizer, args.prompt, args.raw), args.max_new_tokens,
+                            cfg.max_position_embeddings)
         (completion,) = sampling.generate(params, cfg, [prompt], max_new_tokens=args.max_new_tokens,
                                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                           eos_id=eos_id, seed=args.seed)

@@ -14,7 +14,8 @@ import sys
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sft_jax.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", required=True, help="model size: gpt2, gpt2-medium, gpt2-large, gpt2-xl, ...")
+    p.add_argument("--preset", required=True, help="model preset of any family: gpt2, gpt2-medium, gpt2-large, "
+                                                   "gpt2-xl, ...")
     p.add_argument("--devices", type=int, required=True, help="accelerators the run will have")
     p.add_argument("--memory", required=True, help="memory per device, e.g. 16GB (1e9 bytes) or 80GiB")
     p.add_argument("--seq", type=int, default=1024, help="tokens per row (default 1024)")
@@ -37,13 +38,13 @@ def main(argv=None) -> int:
     import jax
 
     from sft_jax.analysis import memory as mem
-    from sft_jax.model import PRESETS, GPT2Config
+    from sft_jax.models.family import config_for_preset, preset_names
 
     try:
         memory_bytes = mem.parse_bytes(args.memory)
-        if args.preset not in PRESETS:
-            raise ValueError(f"--preset {args.preset!r}: choose one of {sorted(PRESETS)}")
-        cfg = GPT2Config.preset(args.preset, n_positions=max(1024, args.seq), dtype=args.dtype)
+        if args.preset not in preset_names():
+            raise ValueError(f"--preset {args.preset!r}: choose one of {preset_names()}")
+        cfg = config_for_preset(args.preset, max_position_embeddings=max(1024, args.seq), dtype=args.dtype)
     except ValueError as e:
         print(f"sft_jax.plan: {e}", file=sys.stderr)
         return 2

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.model import GPT2
+from sft_jax.models.gpt2 import GPT2
 from sft_jax.objectives import sft
 from sft_jax.analysis import compute, stability, tokens, variance
 from sft_jax.analysis import studies as st
-from sft_jax.model import GPT2Config
+from sft_jax.models.gpt2 import GPT2Config
 from train_fixtures import fixed_batches, tiny_config, train_cli, write_tiny_yaml
 
 

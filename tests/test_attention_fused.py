@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax import model as model_lib
-from sft_jax.model import attention_mask, dot_product_attention, packed_segments, resolve_attention
+from sft_jax.models.layers import attention as model_lib
+from sft_jax.models.layers.attention import attention_mask, dot_product_attention, packed_segments, resolve_attention
 
 B, T, H, K = 4, 128, 2, 64
 

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hf_fixtures import CHAT_TEMPLATE, make_hf_model, save_hf_model, train_tokenizer
 from sft_jax.core import checkpoint
-from sft_jax.model import GPT2Config, param_shapes
+from sft_jax.models.gpt2 import GPT2Config, param_shapes
 
 CFG = GPT2Config.preset("tiny", vocab_size=300, n_positions=64, eos_token_id=0, bos_token_id=0)
 OPT = optax.adamw(1e-3)

@@ -25,7 +25,8 @@ import pytest
 
 from data_fixtures import write_jsonl
 from hf_fixtures import make_hf_model, save_hf_model, train_tokenizer
-from sft_jax import chat, cli, convert, generate, hf, train
+from sft_jax import chat, cli, convert, generate, train
+from sft_jax.models import hf_io as hf
 from sft_jax.core import checkpoint
 from sft_jax.data import BUILTIN_TEMPLATE
 from sft_jax.data.__main__ import main as data_main

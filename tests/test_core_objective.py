@@ -19,7 +19,7 @@ from sft_jax.core import mesh as shd
 from sft_jax.core import loop as core_loop
 from sft_jax.core import step as core_step
 from sft_jax.data import eval_batches
-from sft_jax.model import GPT2, token_nll
+from sft_jax.models.gpt2 import GPT2, token_nll
 from sft_jax.objectives import sft
 from sft_jax.core.loop import run
 from sft_jax.objectives.sft import SFTObjective

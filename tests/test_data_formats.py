@@ -185,9 +185,9 @@ def test_exported_tokenizer_reproduces_the_training_prompts(tmp_path, user_templ
     from data_fixtures import write_jsonl
     from transformers import AutoTokenizer
 
-    from sft_jax import hf
+    from sft_jax.models import hf_io as hf
     from sft_jax.data import build_datasets, chat_template
-    from sft_jax.model import GPT2Config, param_shapes
+    from sft_jax.models.gpt2 import GPT2Config, param_shapes
 
     template = None
     if user_template:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sft_jax.data import BatchIterator, SFTDataset, eval_batches
-from sft_jax.model import attention_mask
+from sft_jax.models.layers.attention import attention_mask
 
 T = 64
 KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")

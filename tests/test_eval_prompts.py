@@ -17,7 +17,7 @@ import pytest
 from sft_jax.config import ConfigError, load_config
 from sft_jax.data import encode_prompt
 from sft_jax.demos.tasks import demo_tokenizer
-from sft_jax.model import GPT2Config
+from sft_jax.models.gpt2 import GPT2Config
 from sft_jax.inference.sampling import cut_prompt, generate
 from sft_jax.objectives.sft import generation_examples
 from data_fixtures import write_jsonl

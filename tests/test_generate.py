@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from hf_fixtures import CHAT_TEMPLATE, EOS_ID, make_hf_model, save_hf_model, train_tokenizer
-from sft_jax import convert, generate as generate_cli, hf
+from sft_jax import convert, generate as generate_cli
+from sft_jax.models import hf_io as hf
 from sft_jax.inference.sampling import _next_token, filter_logits, generate
 
 torch = pytest.importorskip("torch")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from hlo_checks import cudnn_attention_calls, host_offload_transfers
-from sft_jax.model import GPT2, GPT2Config, init_params, token_nll
+from sft_jax.models.gpt2 import GPT2, GPT2Config, init_params, token_nll
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
                                 reason="needs a CUDA GPU (run with SFT_JAX_TEST_PLATFORMS=cuda)")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.model import attention_mask, dot_product_attention, resolve_attention
+from sft_jax.models.layers.attention import attention_mask, dot_product_attention, resolve_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
                                 reason="needs a CUDA GPU (run with SFT_JAX_TEST_PLATFORMS=cuda)")
@@ -46,7 +46,7 @@ def _run(impl, dtype, q, k, v, seg, w):
 @pytest.mark.parametrize("impl", ["cudnn_packed", "pallas", "auto"])
 def test_fused_packed_attention_matches_xla_in_bf16(impl):
     if impl == "cudnn_packed":
-        from sft_jax.model import cudnn_packed_unavailable
+        from sft_jax.models.layers.attention import cudnn_packed_unavailable
         if why := cudnn_packed_unavailable():
             pytest.skip(why)
     rng = np.random.default_rng(0)

@@ -15,7 +15,8 @@ from safetensors.numpy import load_file, save_file
 
 from hf_fixtures import CHAT_TEMPLATE, make_hf_model, save_hf_model, torch_logits, train_tokenizer
 from train_fixtures import assert_trees_equal
-from sft_jax import convert, hf
+from sft_jax import convert
+from sft_jax.models import hf_io as hf
 from sft_jax.core import checkpoint
 
 torch = pytest.importorskip("torch")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hlo_checks import cudnn_attention_calls, dot_operand_dtypes, host_offload_transfers
-from sft_jax.model import GPT2, GPT2Config, init_params
+from sft_jax.models.gpt2 import GPT2, GPT2Config, init_params
 
 CFG = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
 BF16_CUDNN = CFG.replace(attention="cudnn", dtype="bfloat16")  # on CPU: the silent XLA fallback

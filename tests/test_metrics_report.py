@@ -10,7 +10,7 @@ import pytest
 
 from sft_jax.core import metrics
 from sft_jax.core.metrics import MetricsLogger, read_metrics
-from sft_jax.model import GPT2Config
+from sft_jax.models.gpt2 import GPT2Config
 from sft_jax.core.report import write_report
 
 

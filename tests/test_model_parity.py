@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from hf_fixtures import EOS_ID, make_hf_model, save_hf_model, torch_logits
-from sft_jax import hf
+from sft_jax.models import hf_io as hf
 from sft_jax.core import mesh as shd
-from sft_jax.model import GPT2, GPT2Config, param_shapes, token_nll
+from sft_jax.models.gpt2 import GPT2, GPT2Config, param_shapes, token_nll
 
 torch = pytest.importorskip("torch")
 

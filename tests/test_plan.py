@@ -8,7 +8,7 @@ import pytest
 
 from sft_jax import plan
 from sft_jax.analysis import memory as mem
-from sft_jax.model import GPT2Config
+from sft_jax.models.gpt2 import GPT2Config
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "gpt2-xl"])

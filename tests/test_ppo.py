@@ -19,7 +19,7 @@ from sft_jax.core import loop as core_loop
 from sft_jax.objectives.ppo import PPOObjective
 from sft_jax.core.setup import model_and_tokenizer
 from sft_jax.data.formats import decode
-from sft_jax.model import GPT2, token_nll
+from sft_jax.models.gpt2 import GPT2, token_nll
 from sft_jax.objectives import sft
 from train_fixtures import REPO, metrics, tiny_config
 
@@ -266,7 +266,7 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
     from transformers import GPT2ForSequenceClassification
 
     from sft_jax.core import checkpoint as ckpt
-    from sft_jax.hf_reward import export_reward_hf, load_reward_hf
+    from sft_jax.models.hf_reward import export_reward_hf, load_reward_hf
     from sft_jax.objectives.preference_losses import init_reward_head
 
     probe = tiny_config(tmp_path / "probe")

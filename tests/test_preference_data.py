@@ -15,7 +15,7 @@ from sft_jax.data.preference import (
     preference_eval_batches,
     to_pair,
 )
-from sft_jax.model import attention_mask
+from sft_jax.models.layers.attention import attention_mask
 
 EOS = "<|endoftext|>"
 HH = ("\n\nHuman: What is 12 + 30?\n\nAssistant: Let me think.\n\nHuman: Just the number.\n\nAssistant:"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_fixtures import EOS_ID, make_hf_model, save_hf_model, train_tokenizer
-from sft_jax import hf
+from sft_jax.models import hf_io as hf
 from sft_jax.data.config import DataConfig
 from sft_jax.data.preference import PreferenceBatchIterator, build_preference_datasets
 from sft_jax.objectives import preference_losses as pl

@@ -46,7 +46,7 @@ def test_summariser_sums_device_op_time_by_name(tmp_path):
 def test_packed_rows_give_both_frameworks_the_same_loss():
     torch = pytest.importorskip("torch")
     from sft_jax import bench
-    from sft_jax.model import GPT2, GPT2Config, init_params, token_nll
+    from sft_jax.models.gpt2 import GPT2, GPT2Config, init_params, token_nll
 
     cfg = GPT2Config.preset("tiny", n_positions=256)
     jb, hf = bench.make_packed_batch(cfg, batch=2, seq=256, seed=0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from hf_fixtures import EOS_ID, make_hf_model, save_hf_model, train_tokenizer
-from sft_jax import hf, hf_reward
+from sft_jax.models import hf_io as hf
+from sft_jax.models import hf_reward
 from sft_jax.objectives.preference_losses import init_reward_head
 
 torch = pytest.importorskip("torch")

@@ -11,7 +11,7 @@ from sft_jax.core import mesh as shd
 from sft_jax import train
 from sft_jax.objectives import sft
 from sft_jax.config import ConfigError, from_dict, load_config
-from sft_jax.model import GPT2Config
+from sft_jax.models.gpt2 import GPT2Config
 from sft_jax.core.optimizer import make_optimizer
 from train_fixtures import read_yaml, shipped_configs, write_tiny_yaml
 

@@ -12,7 +12,7 @@ from sft_jax.core import checkpoint as ckpt
 from sft_jax.core import mesh as shd
 from sft_jax.core import step as core_step
 from sft_jax.objectives import sft
-from sft_jax.model import GPT2Config
+from sft_jax.models.gpt2 import GPT2Config
 from sft_jax.core.optimizer import make_optimizer
 from sft_jax.core.loop import NonFiniteError, run
 from sft_jax.objectives.sft import SFTObjective

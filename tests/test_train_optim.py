@@ -11,8 +11,8 @@ import pytest
 from sft_jax.core import mesh as shd
 from sft_jax.objectives import sft
 from sft_jax.config import OptimSection
-from sft_jax.hf import to_hf_state_dict
-from sft_jax.model import GPT2, GPT2Config, init_params, token_nll
+from sft_jax.models.hf_io import to_hf_state_dict
+from sft_jax.models.gpt2 import GPT2, GPT2Config, init_params, token_nll
 from sft_jax.core.optimizer import decay_mask, make_optimizer
 from train_fixtures import fixed_batches
 

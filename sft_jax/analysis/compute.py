@@ -2,7 +2,7 @@
 
 The run's architecture with random weights (position table extended as needed), B fixed at
 the run's micro-batch rows, forward + backward timed at T = 64, 128, ... Measured ratios
-t(2T)/t(T) are set beside the FLOP model's (``GPT2Config.flops_per_token``), split into the
+t(2T)/t(T) are set beside the FLOP model's (the config's ``flops_per_token``), split into the
 quadratic attention part and the rest."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.model import GPT2, GPT2Config, init_params
+from sft_jax.models.family import ModelConfig, family_of
 from sft_jax.objectives.sft import summed_nll
 
 WARMUP = 2  # untimed steps per length (the first compiles)
@@ -33,10 +33,10 @@ def lengths(n_positions: int, top: int | None = None) -> list[int]:
     return out
 
 
-def flops(cfg: GPT2Config, batch: int, length: int) -> dict:
+def flops(cfg: ModelConfig, batch: int, length: int) -> dict:
     """Training FLOPs of one step of (batch, length): the attention part (12 L D T per token) and the rest (6N)."""
     total = batch * length * cfg.flops_per_token(length)
-    attention = batch * length * 12 * cfg.n_layer * cfg.n_embd * length
+    attention = batch * length * cfg.attention_flops_per_token(length)
     return {"total": total, "attention": attention, "rest": total - attention}
 
 
@@ -48,15 +48,15 @@ def fit_cost_curve(ts, seconds) -> dict:
     return {"c0": float(coef[0]), "c1": float(coef[1]), "c2": float(coef[2])}
 
 
-def random_params(cfg: GPT2Config, seed: int = 0):
+def random_params(cfg: ModelConfig, seed: int = 0):
     """Float32 weights of the architecture drawn N(0, 0.02) by numpy: a step's time does not depend
     on the values, and the model's own init would cost a compile per position-table size."""
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: family_of(cfg).init_params(cfg, key), jax.random.key(0))
     return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02), shapes)
 
 
-def random_batch(cfg: GPT2Config, batch: int, length: int, rng) -> dict:
+def random_batch(cfg: ModelConfig, batch: int, length: int, rng) -> dict:
     return {"tokens": rng.integers(0, cfg.vocab_size, (batch, length)).astype(np.int32),
             "targets": rng.integers(0, cfg.vocab_size, (batch, length)).astype(np.int32),
             "weights": np.ones((batch, length), np.float32),
@@ -64,12 +64,12 @@ def random_batch(cfg: GPT2Config, batch: int, length: int, rng) -> dict:
             "segment_ids": np.ones((batch, length), np.int32)}
 
 
-def time_steps(cfg: GPT2Config, batch: int, ts: list[int], *, seed: int = 0, warmup: int = WARMUP,
+def time_steps(cfg: ModelConfig, batch: int, ts: list[int], *, seed: int = 0, warmup: int = WARMUP,
                repeats: int = REPEATS) -> dict[int, list[float]]:
     """Seconds of forward + backward per length (``repeats`` timings after ``warmup`` untimed).
     Every length is compiled before any is timed: no warm-up includes a compile."""
-    cfg = cfg.replace(n_positions=max(cfg.n_positions, max(ts)))
-    model = GPT2(cfg)
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, max(ts)))
+    model = family_of(cfg).module(cfg)
     params = random_params(cfg, seed)
     grad = jax.jit(jax.value_and_grad(lambda p, b: summed_nll(model, p, b, 0)))
     rng = np.random.default_rng(seed)
@@ -91,7 +91,7 @@ def spread(times: list[float]) -> float:
     return (max(times) - min(times)) / float(np.median(times))
 
 
-def ratios(cfg: GPT2Config, batch: int, timings: dict[int, list[float]]) -> list[dict]:
+def ratios(cfg: ModelConfig, batch: int, timings: dict[int, list[float]]) -> list[dict]:
     """Per doubling: measured t(2T)/t(T) beside the FLOP model's total and attention-only ratio."""
     ts = sorted(timings)
     rows = []

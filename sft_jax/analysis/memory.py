@@ -16,16 +16,14 @@ import numpy as np
 from sft_jax.core import mesh as shd
 from sft_jax.objectives import sft
 from sft_jax.config import OptimSection
-from sft_jax.model import GPT2Config
 from sft_jax.core.optimizer import make_optimizer
+from sft_jax.models.family import ModelConfig, config_for_preset
 
 GB, GIB = 1e9, 2 ** 30
 BATCH_ARRAYS = len(sft.BATCH_KEYS)  # tokens, targets, weights, positions, segment_ids: 4 bytes each
-# Activation elements kept per token and layer for the backward pass, in units of D (model
-# width) at the compute dtype, plus the attention scores and probabilities (2 H T). Without
-# remat: layer norms 2, qkv 3, attention output 1, projection 1, MLP in/act/out 4+4+1 = 16 D
-# (Korthikanti et al. 2022 count 34 s b h bytes with dropout masks; GPT-2 here has none).
-ACT_PER_TOKEN_D = {"none": 16, "save_dots": 11, "full": 1}
+# Activations kept per token and layer for the backward pass: the family's count
+# (``activations_per_token(remat)``, elements at the compute dtype), plus the attention scores
+# and probabilities (2 H T) where the policy keeps them.
 SCORES_KEPT = {"none": True, "save_dots": False, "full": False}
 CLAIM_N = 1.5e9  # the claim's round parameter count
 # The step is compiled to be measured, never run: without LLVM's optimisations the CPU compile
@@ -52,7 +50,7 @@ class Layout:
         return self.data * self.fsdp
 
 
-def abstract_state(model_cfg: GPT2Config, mesh):
+def abstract_state(model_cfg: ModelConfig, mesh):
     tx, _ = make_optimizer(OptimSection(), total_steps=1000)
     return sft.state_shardings(model_cfg, tx, mesh)[0], tx
 
@@ -62,7 +60,7 @@ def _device_bytes(leaf) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
 
 
-def state_bytes(model_cfg: GPT2Config, mesh) -> dict:
+def state_bytes(model_cfg: ModelConfig, mesh) -> dict:
     """Bytes per device of the train state, counted from its abstract shards: parameters
     (float32 masters), Adam m and v, and the scalars (optimizer counts, non-finite counters)."""
     state, _ = abstract_state(model_cfg, mesh)
@@ -78,29 +76,29 @@ def batch_bytes(layout: Layout) -> int:
     return BATCH_ARRAYS * 4 * (layout.global_batch // layout.dp) * layout.seq
 
 
-def activation_bytes(model_cfg: GPT2Config, layout: Layout) -> int:
+def activation_bytes(model_cfg: ModelConfig, layout: Layout) -> int:
     """Activations kept for the backward pass of one micro-batch, per device."""
     width = np.dtype(model_cfg.dtype).itemsize
     rows = layout.micro_batch // layout.dp
     tokens = rows * layout.seq
-    D, H, L = model_cfg.n_embd, model_cfg.n_head, model_cfg.n_layer
-    per_layer = ACT_PER_TOKEN_D[layout.remat] * D
+    H, L = model_cfg.num_attention_heads, model_cfg.num_hidden_layers
+    per_layer = model_cfg.activations_per_token(layout.remat)
     if SCORES_KEPT[layout.remat]:
         per_layer += 2 * H * layout.seq / layout.tensor
     kept = L * tokens * per_layer * width
     if layout.remat != "none":  # one layer's activations rebuilt at a time in the backward pass
-        kept += tokens * (16 * D + 2 * H * layout.seq / layout.tensor) * width
+        kept += tokens * (model_cfg.activations_per_token("none") + 2 * H * layout.seq / layout.tensor) * width
     return int(kept)
 
 
-def logits_bytes(model_cfg: GPT2Config, layout: Layout) -> int:
+def logits_bytes(model_cfg: ModelConfig, layout: Layout) -> int:
     """float32 logits and their gradient for the positions computed at once."""
     rows = layout.micro_batch // layout.dp
     positions = layout.loss_chunk or layout.seq
     return int(2 * rows * positions * model_cfg.padded_vocab_size * 4 / layout.tensor)
 
 
-def predict(model_cfg: GPT2Config, layout: Layout, state: dict) -> dict:
+def predict(model_cfg: ModelConfig, layout: Layout, state: dict) -> dict:
     """Predicted bytes per device; ``state`` from ``state_bytes`` on the layout's mesh."""
     cfg = model_cfg.replace(remat=layout.remat)
     out = dict(state)
@@ -118,7 +116,7 @@ def make_mesh(layout: Layout, devices):
     return shd.make_mesh((layout.data, layout.fsdp, layout.tensor), devices[:layout.data * layout.fsdp * layout.tensor])
 
 
-def compiled_memory(model_cfg: GPT2Config, layout: Layout, mesh) -> dict:
+def compiled_memory(model_cfg: ModelConfig, layout: Layout, mesh) -> dict:
     """XLA's memory accounting of the jitted train step, compiled on abstract shapes."""
     cfg = model_cfg.replace(remat=layout.remat)
     state, tx = abstract_state(cfg, mesh)
@@ -144,7 +142,7 @@ def claim_table(ns=(CLAIM_N, None)) -> list[dict]:
     gradients 4N, Adam m and v 8N; total 16N (the bf16 copy is transient, not added)."""
     rows = []
     for n in ns:
-        n = n if n is not None else GPT2Config.preset("gpt2-xl").num_params()
+        n = n if n is not None else config_for_preset("gpt2-xl").num_params()
         rows.append({"N": n, "weights_fp32": 4 * n, "weights_bf16": 2 * n, "grads_fp32": 4 * n,
                      "adam": 8 * n, "total": 16 * n})
     return rows
@@ -186,10 +184,10 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(model_cfg: GPT2Config, devices: int, global_batch: int, seq: int) -> list[Layout]:
+def candidate_layouts(model_cfg: ModelConfig, devices: int, global_batch: int, seq: int) -> list[Layout]:
     out = []
     for tensor in _divisors(devices):
-        if model_cfg.n_head % tensor:
+        if model_cfg.num_attention_heads % tensor:
             continue
         dp = devices // tensor
         for data, fsdp in {(1, dp), (dp, 1)}:
@@ -208,7 +206,7 @@ def cost(layout: Layout) -> float:
             * (1 + TENSOR_COST * np.log2(layout.tensor)) * (1 + (CHUNK_COST if layout.loss_chunk else 0.0)))
 
 
-def plan(model_cfg: GPT2Config, devices, global_batch: int, seq: int, memory_bytes: int) -> list[tuple[Layout, dict]]:
+def plan(model_cfg: ModelConfig, devices, global_batch: int, seq: int, memory_bytes: int) -> list[tuple[Layout, dict]]:
     """Layouts whose predicted bytes per device fit ``HEADROOM x memory_bytes``, best first."""
     states: dict = {}
     fits = []

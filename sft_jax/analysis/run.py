@@ -13,7 +13,7 @@ import numpy as np
 from sft_jax.core import checkpoint as ckpt
 from sft_jax.config import Config, ConfigError, load_config
 from sft_jax.core.metrics import MetricsLogger, read_metrics
-from sft_jax.model import GPT2Config, init_params
+from sft_jax.models.family import ModelConfig, family_of
 
 
 class AnalysisError(ValueError):
@@ -24,7 +24,7 @@ class AnalysisError(ValueError):
 class Run:
     directory: Path
     config: Config
-    model_cfg: GPT2Config  # float32 compute, no remat: gradients for the analysis are exact
+    model_cfg: ModelConfig  # float32 compute, no remat: gradients for the analysis are exact
     tokenizer: Any
     hf_dir: Optional[Path]
     train_ds: Any  # sft_jax.data.SFTDataset
@@ -41,9 +41,9 @@ class Run:
     @functools.cached_property
     def _initial(self):
         if self.hf_dir is not None:
-            from sft_jax import hf
+            from sft_jax.models import hf_io
 
-            return on_first_device(hf.load_hf(self.hf_dir, dtype="float32")[1])
+            return on_first_device(hf_io.load_hf(self.hf_dir, dtype="float32")[1])
         return on_first_device(seeded_init(self.model_cfg, self.config.train.seed))
 
     def initial_params(self):
@@ -68,15 +68,15 @@ class Run:
 RUN_ONCE = {"xla_backend_optimization_level": 0}
 
 
-def seeded_init(cfg: GPT2Config, seed: int):
+def seeded_init(cfg: ModelConfig, seed: int):
     """``init_params`` under one jit, as the trainer runs it (op by op, its layer scan alone
     takes many seconds to compile on CPU)."""
     return _compiled_init(cfg)(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_init(cfg: GPT2Config):
-    init = jax.jit(lambda key: init_params(cfg, key))
+def _compiled_init(cfg: ModelConfig):
+    init = jax.jit(lambda key: family_of(cfg).init_params(cfg, key))
     return init.lower(jax.random.key(0)).compile(compiler_options=RUN_ONCE)
 
 
@@ -102,7 +102,7 @@ def load_run(directory) -> Run:
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, output_dir=str(directory)))
     model_cfg, tokenizer, hf_dir = model_and_tokenizer(config)
     model_cfg = model_cfg.replace(dtype="float32", remat="none", attention="xla")
-    train_ds, eval_ds, _ = build_datasets(config.data, tokenizer, n_positions=model_cfg.n_positions,
+    train_ds, eval_ds, _ = build_datasets(config.data, tokenizer, n_positions=model_cfg.max_position_embeddings,
                                           vocab_size=model_cfg.vocab_size, seed=config.train.seed,
                                           global_batch_size=config.train.global_batch_size)
     records = read_metrics(directory / MetricsLogger.FILENAME)

@@ -216,7 +216,7 @@ def stability_study(run: Run, opts: Options) -> dict:
 
 def compute_study(run: Run, opts: Options) -> dict:
     B = run.config.micro_batch_size()
-    ts = compute.lengths(run.model_cfg.n_positions, opts.compute_max_len)
+    ts = compute.lengths(run.model_cfg.max_position_embeddings, opts.compute_max_len)
     cfg = run.model_cfg.replace(dtype=run.config.model.dtype)
     timings = compute.time_steps(cfg, B, ts, seed=opts.seed)
     rows = compute.ratios(cfg, B, timings)
@@ -300,7 +300,7 @@ def _response_only_eval(run):
     from sft_jax.data import build_datasets
 
     d = dataclasses.replace(run.config.data, train_on_prompt=False)
-    return build_datasets(d, run.tokenizer, n_positions=run.model_cfg.n_positions,
+    return build_datasets(d, run.tokenizer, n_positions=run.model_cfg.max_position_embeddings,
                           vocab_size=run.model_cfg.vocab_size, seed=run.config.train.seed,
                           global_batch_size=run.config.train.global_batch_size)[1]
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from sft_jax.analysis import variance
-from sft_jax.model import GPT2Config
+from sft_jax.models.family import ModelConfig
 
 MIN_LENGTH_RATIO = 2.0  # claim 1 holds if L_A / L_Q >= this
 
@@ -32,7 +32,7 @@ def full_weights(batch: dict) -> np.ndarray:
     return same_next.astype(np.float32)
 
 
-def gradient_split(cfg: GPT2Config, params, batches: list[tuple[dict, np.ndarray]]) -> dict:
+def gradient_split(cfg: ModelConfig, params, batches: list[tuple[dict, np.ndarray]]) -> dict:
     """Norms and cosine of grad(L_Q) and grad(L_A), where L_Q (L_A) is the summed NLL over the
     prompt (response) positions among ``loss_weights``, summed over ``batches`` of
     (batch, loss_weights); and each part's share of the total, <g_part, g> / |g|^2 (they sum to 1).

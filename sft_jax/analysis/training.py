@@ -14,7 +14,7 @@ import numpy as np
 
 from sft_jax.core import checkpoint as ckpt
 from sft_jax.analysis.run import AnalysisError, one_doc_rows, row_width
-from sft_jax.model import GPT2, GPT2Config
+from sft_jax.models.family import ModelConfig, family_of
 from sft_jax.objectives.sft import SFTObjective
 from sft_jax.objectives.sft import summed_nll
 
@@ -82,12 +82,12 @@ def short_run(run, name: str, steps: int, *, train_on_prompt=None, subset=None):
 
 
 @functools.lru_cache(maxsize=8)
-def _nll_fn(cfg: GPT2Config):
-    model = GPT2(cfg)
+def _nll_fn(cfg: ModelConfig):
+    model = family_of(cfg).module(cfg)
     return jax.jit(lambda p, b: (summed_nll(model, p, b, 0), jnp.sum(b["weights"])))
 
 
-def mean_nll(cfg: GPT2Config, params, dataset, indices) -> float:
+def mean_nll(cfg: ModelConfig, params, dataset, indices) -> float:
     """Mean NLL per supervised target of documents ``indices`` (one document per row, the
     dataset's own loss mask), in batches of LOSS_BATCH rows of one width: one compile."""
     indices = np.asarray(indices)
@@ -134,7 +134,7 @@ def copy_examples(run, n: int = COPY_PROMPTS):
     for example in (run.eval_ds.examples or [])[:n] if run.eval_ds is not None else []:
         ids = encode_prompt(run.tokenizer, c.data, example)
         if ids:
-            prompts.append(cut_prompt(ids, run.model_cfg.n_positions, c.train.max_new_tokens))
+            prompts.append(cut_prompt(ids, run.model_cfg.max_position_embeddings, c.train.max_new_tokens))
             refs.append(run.tokenizer(_last_response(example), add_special_tokens=False)["input_ids"])
     return prompts, refs
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.model import GPT2, GPT2Config
+from sft_jax.models.family import ModelConfig, family_of
 from sft_jax.objectives.sft import summed_nll
 
 MIN_BINS = 4  # fewer usable length bins: inconclusive
@@ -91,11 +91,11 @@ def verdict(fit: dict | None) -> str:
 # --- per-example gradients of a model ---------------------------------------------------
 
 @functools.lru_cache(maxsize=8)
-def gradient_stats_fn(cfg: GPT2Config):
+def gradient_stats_fn(cfg: ModelConfig):
     """One jitted program for the token and the variance study (one compile serves both).
     For a (C, T) batch of one document per row, g_i = the gradient of row i's summed NLL
     under ``batch["weights"]``; returns (total + sum_i g_i, |g_i|^2, |g_i - scale * center|^2)."""
-    model = GPT2(cfg)
+    model = family_of(cfg).module(cfg)
 
     @jax.jit
     def stats(params, batch, total, center, scale):
@@ -131,7 +131,7 @@ def chunks(batch: dict) -> list[tuple[dict, int]]:
     return out
 
 
-def per_example_stats(cfg: GPT2Config, params, batch: dict) -> tuple:
+def per_example_stats(cfg: ModelConfig, params, batch: dict) -> tuple:
     """(sum of g_i, |g_i|^2, |g_i - ḡ|^2) over the rows of ``batch`` (one document each), in
     chunks of CHUNK rows: a first pass for ḡ, a second for the deviations."""
     fn = gradient_stats_fn(cfg)

@@ -5,7 +5,8 @@ holds these items:
 
   params        StandardSave of the float32 params pytree (sharded arrays are saved sharded)
   opt_state     StandardSave of the optimizer state (optional)
-  model_config  JsonSave of ``GPT2Config.to_dict()``
+  model_config  JsonSave of the model config's fields and its ``model_type`` (which family reads it;
+                absent in older checkpoints, which hold GPT-2)
   tokenizer     JsonSave of {filename: text} from ``tokenizer.save_pretrained`` (optional;
                 includes the chat template)
   train_state   JsonSave of trainer bookkeeping: step, data iterator state, rng, counters (optional)
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sft_jax.model import GPT2Config
+from sft_jax.models.family import ModelConfig, config_from_dict, config_to_dict
 from sft_jax.runtime.paths import as_path, is_remote
 
 PYTREE_ITEMS = ("params", "opt_state")
@@ -105,13 +106,13 @@ def tokenizer_from_files(files: dict[str, str] | None):
 
 # --- save / restore -----------------------------------------------------------
 
-def save(manager: ocp.CheckpointManager, step: int, *, params, model_config: GPT2Config | dict,
+def save(manager: ocp.CheckpointManager, step: int, *, params, model_config: ModelConfig | dict,
          tokenizer=None, opt_state=None, train_state: dict | None = None, force: bool = False) -> bool:
     """Save one step (async if the manager is); returns whether orbax saved it.
 
     Callers that exit or read the checkpoint right after must ``manager.wait_until_finished()``.
     """
-    cfg_dict = model_config.to_dict() if isinstance(model_config, GPT2Config) else dict(model_config)
+    cfg_dict = dict(model_config) if isinstance(model_config, dict) else config_to_dict(model_config)
     items: dict[str, Any] = {"params": ocp.args.StandardSave(params),
                              "model_config": ocp.args.JsonSave(cfg_dict)}
     if opt_state is not None:
@@ -182,7 +183,7 @@ def restore(path, step: int | None = None, *, params_target=None, opt_state_targ
 
     Targets are abstract pytrees (``jax.ShapeDtypeStruct`` with ``.sharding``), so arrays land
     sharded on any mesh; without a target they land whole on the first local device.
-    Returns {params, opt_state, model_config: GPT2Config, tokenizer, train_state, step};
+    Returns {params, opt_state, model_config (its family's config), tokenizer, train_state, step};
     ``with_tokenizer=False`` leaves tokenizer None (building it imports transformers' AutoTokenizer
     and with it torch: seconds a caller that needs only the weights can skip).
     """
@@ -209,7 +210,7 @@ def restore(path, step: int | None = None, *, params_target=None, opt_state_targ
     return {
         "params": out["params"],
         "opt_state": out["opt_state"] if want_opt else None,
-        "model_config": GPT2Config.from_dict(out["model_config"]),
+        "model_config": config_from_dict(out["model_config"]),
         "tokenizer": tokenizer_from_files(out["tokenizer"] if "tokenizer" in out else None),
         "train_state": out["train_state"] if "train_state" in present else None,
         "step": step,
@@ -217,9 +218,9 @@ def restore(path, step: int | None = None, *, params_target=None, opt_state_targ
 
 
 def load_model(path, **config_overrides):
-    """(GPT2Config, params, tokenizer | None) from an HF dir, a hub name, or an orbax checkpoint
+    """(model config, params, tokenizer | None) from an HF dir, a hub name, or an orbax checkpoint
     (root or step dir). ``config_overrides`` set compute fields (dtype, remat, ...)."""
-    from sft_jax import hf  # hf imports nothing from here; lazy to keep checkpoint import light
+    from sft_jax.models import hf_io as hf  # imports nothing from here; lazy to keep checkpoint import light
 
     p = as_path(path)
     if p.is_dir() and is_checkpoint(p):

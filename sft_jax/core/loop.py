@@ -87,9 +87,9 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
     model_cfg, tokenizer, hf_dir = model_and_tokenizer(config)
     if main and config.run.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"run.wandb_project={config.run.wandb_project!r} needs wandb: pip install 'sft_jax[wandb]'")
-    if config.train.max_new_tokens >= model_cfg.n_positions:  # scratch models: already refused by the config
+    if config.train.max_new_tokens >= model_cfg.max_position_embeddings:  # scratch: already refused by the config
         raise ConfigError(f"train.max_new_tokens={config.train.max_new_tokens} leaves no room for a prompt in "
-                          f"the model's n_positions={model_cfg.n_positions}; it must be smaller")
+                          f"the model's n_positions={model_cfg.max_position_embeddings}; it must be smaller")
     if source is not None:
         check_same_model(source, model_cfg)
     objective = objective_cls(config, model_cfg, tokenizer, hf_dir)

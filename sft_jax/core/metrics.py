@@ -12,7 +12,7 @@ tied token embedding stays in because it is also the LM head's matmul), L layers
 T sequence length. 6N counts forward (2N) plus backward (4N) matmul FLOPs; 12 L D T counts
 QK^T and AV in forward and backward, without discounting the causal mask. Recomputation
 (remat) is deliberately not counted: that would be hardware FLOPs utilisation, not MFU.
-``GPT2Config.flops_per_token`` holds the formula; this module only divides.
+Each family's config (``flops_per_token``) holds the formula; this module only divides.
 
 Metric keys the logger and ``sft_jax.core.report`` understand (anything else is logged too):
 

@@ -7,7 +7,8 @@
 
 ``s`` counts *applied* updates: a skipped non-finite step leaves the optimizer state, and
 so the schedule, where it was. Weight decay touches matmul kernels only; biases,
-LayerNorm and the embeddings (wte, wpe) are exempt unless ``optim.decay_embeddings``.
+norms and the embedding tables (each family's ``embedding_names``) are exempt unless
+``optim.decay_embeddings``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from sft_jax.config import OptimSection
+from sft_jax.models.family import embedding_names
 
 
 def lr_schedule(optim: OptimSection, total_steps: int) -> optax.Schedule:
@@ -27,10 +29,12 @@ def lr_schedule(optim: OptimSection, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool = False):
-    """True where weight decay applies: ``*_kernel`` matrices, plus wte/wpe if asked."""
+    """True where weight decay applies: ``*_kernel`` matrices, plus the embedding tables if asked."""
+    embeddings = embedding_names() if decay_embeddings else frozenset()
+
     def decays(path, _):
         name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-        return name.endswith("_kernel") or (decay_embeddings and name in ("wte", "wpe"))
+        return name.endswith("_kernel") or name in embeddings
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -14,10 +14,8 @@ import jax
 from sft_jax.core import checkpoint as ckpt
 from sft_jax.config import Config, ConfigError
 from sft_jax.data import chat_template
-from sft_jax.model import GPT2Config
+from sft_jax.models.family import DEFAULT_MODEL_TYPE, ModelConfig, config_for_preset, family_of
 from sft_jax.runtime.paths import as_path, run_dirs
-
-ARCH_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 
 
 def enable_compilation_cache(directory: Optional[str]) -> None:
@@ -61,21 +59,22 @@ def resume_source(config: Config):
 
 
 def model_and_tokenizer(config: Config):
-    """(GPT2Config, tokenizer, hf_dir or None), reading no weights. The tokenizer carries the
+    """(model config, tokenizer, hf_dir or None), reading no weights: a preset of any family for
+    ``model.init_from: scratch``, else the family ``config.json`` names. The tokenizer carries the
     chat template the run trains with, so every checkpoint (and the export) stores it."""
     m = config.model
     compute = dict(dtype=m.dtype, remat=m.remat, attention=m.attention, scan_layers=m.scan_layers,
                    max_segments_per_row=config.data.max_segments_per_row)
     if m.init_from == "scratch":
         tokenizer = _demo_tokenizer() if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
-        cfg = GPT2Config.preset(m.preset, vocab_size=len(tokenizer), n_positions=m.n_positions,
+        cfg = config_for_preset(m.preset, vocab_size=len(tokenizer), max_position_embeddings=m.n_positions,
                                 bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **compute)
         tokenizer.chat_template = chat_template(config.data)
         return cfg, tokenizer, None
-    from sft_jax import hf
+    from sft_jax.models import hf_io
 
-    directory = hf.resolve_dir(m.init_from)
-    cfg = hf.read_config(directory, **compute)
+    directory = hf_io.resolve_dir(m.init_from)
+    cfg = hf_io.read_config(directory, **compute)
     tokenizer = _load_tokenizer(m.tokenizer or str(directory))
     tokenizer.chat_template = chat_template(config.data)
     return cfg, tokenizer, directory
@@ -107,9 +106,16 @@ def checkpoint_model_config(root: Path) -> dict:
     return {}
 
 
-def check_same_model(source: Path, model_cfg: GPT2Config) -> None:
-    """A resume must find the architecture that model.* describes."""
+def check_same_model(source: Path, model_cfg: ModelConfig) -> None:
+    """A resume must find the architecture that model.* describes: its family and the fields
+    that identify an architecture of it (``Family.arch_fields``)."""
     saved = checkpoint_model_config(source)
-    diff = {k: (saved.get(k), getattr(model_cfg, k)) for k in ARCH_FIELDS if saved.get(k) != getattr(model_cfg, k)}
-    if saved and diff:
+    if not saved:
+        return
+    saved_type = saved.get("model_type", DEFAULT_MODEL_TYPE)
+    if saved_type != model_cfg.model_type:
+        raise ConfigError(f"checkpoint {source} holds a {saved_type} model; model.* describes {model_cfg.model_type}")
+    fields = family_of(model_cfg).arch_fields
+    diff = {k: (saved.get(k), getattr(model_cfg, k)) for k in fields if saved.get(k) != getattr(model_cfg, k)}
+    if diff:
         raise ConfigError(f"checkpoint {source} holds a different model than model.* describes: {diff}")

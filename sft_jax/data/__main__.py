@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [o if "." in o.partition("=")[0] else f"data.{o}" for o in args.overrides]  # bare key: data
         config = cli.load_config(args.config, overrides)
         model_cfg, tokenizer, _ = model_and_tokenizer(config)
-        _, _, report = build_datasets(config.data, tokenizer, n_positions=model_cfg.n_positions,
+        _, _, report = build_datasets(config.data, tokenizer, n_positions=model_cfg.max_position_embeddings,
                                       vocab_size=model_cfg.vocab_size, seed=config.train.seed,
                                       global_batch_size=config.train.global_batch_size)
     except cli.user_errors() as e:

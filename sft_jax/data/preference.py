@@ -40,6 +40,7 @@ from sft_jax.data.iterator import BatchIterator, eval_batches
 from sft_jax.data.pack import SFTDataset, assemble, best_fit_rows, bucket_for, bucket_lengths, packing_rows
 from sft_jax.data.report import OPEN, CLOSE, length_stats
 from sft_jax.data.sources import BadRows, _carve, _Split, _weighted_indices, add_rows, load_source, parse_sources
+from sft_jax.models.heads import reward_read_position
 
 PREFERENCE_FORMATS = ("preference", "hh")
 HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
@@ -201,7 +202,7 @@ def assemble_pairs(dataset: PairDataset, rows: list, width: int, pairs_per_row: 
             pair_mask[r, j] = 1.0
             for half in (0, 1):
                 n = int(lengths[2 * p + half])
-                reward_index[r, 2 * j + half] = at + n - 2  # the token before the closing eos
+                reward_index[r, 2 * j + half] = reward_read_position(at, n)  # the token before the closing eos
                 at += n
     batch["pair_mask"], batch["reward_index"] = pair_mask, reward_index
     return batch

@@ -42,8 +42,8 @@ def ensure_sft_model() -> Path:
 
 def greedy_answers(hf_dir: Path, examples: list[dict]) -> list[str]:
     """The model's greedy answers (EOS stripped) to the demo examples' prompts."""
-    from sft_jax import hf
     from sft_jax.data import DataConfig, decode, encode_prompt
+    from sft_jax.models import hf_io as hf
     from sft_jax.inference.sampling import generate
     from sft_jax.models.tokenizer import load_tokenizer
 
@@ -126,8 +126,8 @@ def dpo_demo(overrides: tuple = (), *, devices=None, sizes: tuple = SIZES) -> di
 
 def implicit_margins(policy_hf: Path, reference_hf: Path, pairs_file: Path, config) -> np.ndarray:
     """beta * [(log pi - log ref)(chosen) - (log pi - log ref)(rejected)] per held-out pair, in file order."""
-    from sft_jax import hf
     from sft_jax.data.preference import assemble_pairs, build_preference_datasets
+    from sft_jax.models import hf_io as hf
     from sft_jax.objectives.preference_losses import sequence_logps
     from sft_jax.models.tokenizer import load_tokenizer
 
@@ -136,8 +136,8 @@ def implicit_margins(policy_hf: Path, reference_hf: Path, pairs_file: Path, conf
     data_cfg = config.data.__class__.from_dict({"train": str(pairs_file), "format": "preference",
                                                 "max_length": config.data.max_length, "shuffle": False,
                                                 "eval_fraction": 0.0})
-    dataset = build_preference_datasets(data_cfg, load_tokenizer(str(policy_hf)), n_positions=cfg.n_positions,
-                                        vocab_size=cfg.vocab_size, seed=0)[0]
+    dataset = build_preference_datasets(data_cfg, load_tokenizer(str(policy_hf)),
+                                        n_positions=cfg.max_position_embeddings, vocab_size=cfg.vocab_size, seed=0)[0]
     logps = jax.jit(lambda p, b: sequence_logps(p, b, cfg))
     out = []
     order = np.arange(len(dataset))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.model import GPT2, GPT2Config, init_cache
+from sft_jax.models.family import ModelConfig, family_of
 
 Array = jax.Array
 
@@ -44,16 +44,17 @@ def _next_token(logits: Array, rng: Array, temperature: Array, top_p: Array, *, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k"))
-def _decode(params, tokens, lengths, rng, temperature, top_p, eos_id, *, cfg: GPT2Config,
+def _decode(params, tokens, lengths, rng, temperature, top_p, eos_id, *, cfg: ModelConfig,
             max_new_tokens: int, greedy: bool, top_k: int) -> Array:
     """tokens (B,T0) left-padded, lengths (B,) -> new tokens (B, max_new_tokens), eos after a row stops."""
-    model = GPT2(cfg)
+    family = family_of(cfg)
+    model = family.module(cfg)
     B, T0 = tokens.shape
     slot = jnp.arange(T0)[None, :]
     first_real = T0 - lengths[:, None]  # (B,1)
     segment_ids = (slot >= first_real).astype(jnp.int32)
     positions = jnp.maximum(slot - first_real, 0)
-    cache = init_cache(cfg, B, T0 + max_new_tokens)
+    cache = family.init_cache(cfg, B, T0 + max_new_tokens)
     logits, cache = model.apply(params, tokens, positions, segment_ids, cache=cache)
     state = dict(cache=cache, logits=logits[:, -1], rng=rng, i=jnp.array(0, jnp.int32),
                  done=jnp.zeros((B,), bool), out=jnp.full((B, max_new_tokens), eos_id, jnp.int32))
@@ -88,7 +89,7 @@ def cut_prompt(prompt: list[int], n_positions: int, max_new_tokens: int) -> list
     return list(prompt[-budget:]) if len(prompt) > budget else list(prompt)
 
 
-def generate(params, cfg: GPT2Config, prompt_token_lists, *, max_new_tokens: int, temperature: float = 0.0,
+def generate(params, cfg: ModelConfig, prompt_token_lists, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int, seed: int = 0) -> list[list[int]]:
     """New tokens for each prompt, up to and including the first ``eos_id`` (as HF returns them).
 
@@ -100,13 +101,14 @@ def generate(params, cfg: GPT2Config, prompt_token_lists, *, max_new_tokens: int
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     # checked here, on the host: past this point a bad length is a shape error deep inside jit
-    if max_new_tokens < 1 or longest + max_new_tokens > cfg.n_positions:
+    context = cfg.max_position_embeddings
+    if max_new_tokens < 1 or longest + max_new_tokens > context:
         raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit the "
-                         f"model's n_positions={cfg.n_positions} (need max_new_tokens >= 1 and their sum <= "
+                         f"model's n_positions={context} (need max_new_tokens >= 1 and their sum <= "
                          f"n_positions; prompt_budget() says how long a prompt may be)")
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    T0 = min(-(-longest // 8) * 8, cfg.n_positions - max_new_tokens)  # round up: fewer recompiles
+    T0 = min(-(-longest // 8) * 8, context - max_new_tokens)  # round up: fewer recompiles
     tokens = np.full((len(prompts), T0), eos_id, np.int32)
     for row, p in zip(tokens, prompts):
         row[T0 - len(p):] = p

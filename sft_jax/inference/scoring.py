@@ -14,13 +14,14 @@ import numpy as np
 from sft_jax.data import DataError
 from sft_jax.data.formats import BUILTIN_TEMPLATE, FieldError, Renderer, encode_documents
 from sft_jax.data.preference import to_pair
+from sft_jax.models.heads import reward_read_position
 
 
 class RewardScorer:
     """An exported reward model (``load_reward_hf``) with its tokenizer and template."""
 
     def __init__(self, model_dir):
-        from sft_jax.hf_reward import load_reward_hf
+        from sft_jax.models.hf_reward import load_reward_hf
         from sft_jax.models.tokenizer import load_tokenizer
 
         self.cfg, self.params, self.head = load_reward_hf(model_dir, dtype="float32")
@@ -30,10 +31,10 @@ class RewardScorer:
 
     def score(self, conversations: list[list[dict]], batch_size: int = 32) -> np.ndarray:
         """One float32 score per conversation (its last message is the assistant's response)."""
-        from sft_jax.hf_reward import jax_scores
+        from sft_jax.models.hf_reward import jax_scores
 
         docs = encode_documents(conversations, self.renderer, train_on_prompt=False, last_turn_only=True)
-        eos, T = self.tokenizer.eos_token_id, self.cfg.n_positions
+        eos, T = self.tokenizer.eos_token_id, self.cfg.max_position_embeddings
         seqs = []
         for tokens, supervised in zip(docs.tokens, docs.supervised):
             end = int(np.flatnonzero(supervised).max()) + 1  # through the closing eos
@@ -45,7 +46,7 @@ class RewardScorer:
             rows = np.full((len(chunk), width), eos, np.int32)
             for r, s in enumerate(chunk):
                 rows[r, :len(s)] = s
-            index = np.array([max(len(s) - 2, 0) for s in chunk], np.int32)
+            index = np.array([reward_read_position(0, len(s)) for s in chunk], np.int32)
             out.append(jax_scores(self.params, self.head, self.cfg, rows, index))
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

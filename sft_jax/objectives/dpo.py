@@ -29,7 +29,7 @@ import numpy as np
 from sft_jax.core import mesh as shd
 from sft_jax.core.step import batch_shardings, global_batch
 from sft_jax.data.preference import assemble_pairs
-from sft_jax.model import GPT2, token_nll
+from sft_jax.models.family import family_of
 from sft_jax.objectives import sft
 from sft_jax.objectives.pairs import PAIR_AXES, PairData, summed
 from sft_jax.objectives.preference_losses import as_pairs, dpo_loss, sequence_logps, sequence_tokens
@@ -161,10 +161,11 @@ class DPOObjective(PairData, sft.SFTObjective):
             from jax.experimental import multihost_utils
 
             reference = multihost_utils.process_allgather(reference, tiled=True)
-        max_new = min(self.config.train.max_new_tokens, self.model_cfg.n_positions - max(map(len, prompts)))
+        context = self.model_cfg.max_position_embeddings
+        max_new = min(self.config.train.max_new_tokens, context - max(map(len, prompts)))
         samples = generate(policy, self.model_cfg, prompts, max_new_tokens=max_new, temperature=1.0,
                            eos_id=self.tokenizer.eos_token_id, seed=KL_SEED)
-        batch = _scoring_batch(prompts, samples, self.model_cfg.n_positions)
+        batch = _scoring_batch(prompts, samples, context)
         logp = jax.jit(lambda p, b: _summed_logp(self.model_cfg, p, b))
         return float(np.mean(np.asarray(logp(policy, batch)) - np.asarray(logp(reference, batch))))
 
@@ -217,6 +218,8 @@ def _scoring_batch(prompts, samples, n_positions) -> dict:
 
 
 def _summed_logp(cfg, params, batch):
-    hidden = GPT2(cfg).apply(params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
-    nll = token_nll(params["params"]["wte"], hidden, batch["targets"], cfg)
+    family = family_of(cfg)
+    hidden = family.module(cfg).apply(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                      return_hidden=True)
+    nll = family.token_nll(params, hidden, batch["targets"], cfg)
     return -jnp.sum(nll * batch["weights"], axis=-1)

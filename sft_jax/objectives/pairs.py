@@ -42,8 +42,9 @@ class PairData:
 
     def build_data(self) -> Data:
         c, d = self.config, self.config.data
-        train_ds, eval_ds, report = build_preference_datasets(d, self.tokenizer, n_positions=self.model_cfg.n_positions,
-                                                              vocab_size=self.model_cfg.vocab_size, seed=c.train.seed)
+        m = self.model_cfg
+        train_ds, eval_ds, report = build_preference_datasets(d, self.tokenizer, n_positions=m.max_position_embeddings,
+                                                              vocab_size=m.vocab_size, seed=c.train.seed)
         iterator = PairIterator(train_ds, global_batch_size=c.train.global_batch_size, seed=c.train.seed,
                                 mode=d.batching, max_length=d.max_length, buckets=d.buckets,
                                 process_index=jax.process_index(), process_count=jax.process_count(),

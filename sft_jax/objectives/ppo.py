@@ -9,7 +9,7 @@ One *rollout* every ``updates_per_rollout`` optimizer steps (the core's ``rollou
    model) and the critic's values of every response token.
 3. The reward: a function ``module:function(prompts, responses, examples)`` on the decoded
    answers, or a reward model (``ppo.reward_model``, frozen on the mesh, read at each
-   answer's last token that is not EOS, as transformers' GPT2ForSequenceClassification
+   answer's last token that is not EOS, as transformers' *ForSequenceClassification
    reads it), optionally normalised by a running mean and std (``ppo.reward_norm``);
    answers without EOS get ``ppo.eos_penalty`` added.
 4. PPO: per-token reward = score at the last response token - beta * KL at every response
@@ -22,7 +22,7 @@ its rows of each mini-batch.
 
 The rollout is then trained on for ``ppo.epochs`` passes of shuffled mini-batches of
 ``train.global_batch_size`` rows, one mini-batch per optimizer step. Trainable parameters
-are one tree, ``{"params": actor, "critic": {"trunk": GPT-2, "head": value head}}`` (PPO)
+are one tree, ``{"params": actor, "critic": {"trunk": a second model, "head": value head}}`` (PPO)
 or ``{"params": actor}`` (GRPO), so the core's checkpointing, resume and optimizer hold
 both; the loss is the actor's plus ``ppo.value_coef`` times the critic's, and the
 critic's updates are scaled to its own learning rate (``ppo.critic_lr``).
@@ -44,11 +44,12 @@ from sft_jax.core import mesh as shd
 from sft_jax.config import DEFAULT_REWARD_FN, ConfigError
 from sft_jax.data import build_datasets, encode_prompt, report_to_markdown
 from sft_jax.data.formats import decode
-from sft_jax.model import GPT2, lm_logits, param_shapes
+from sft_jax.models.family import family_of
+from sft_jax.models.heads import reward_read_position
+from sft_jax.models.layers.common import scores_at
 from sft_jax.objectives import rl_losses as rl
 from sft_jax.objectives import sft
 from sft_jax.objectives.base import Data
-from sft_jax.objectives.preference_losses import scores_at
 from sft_jax.inference.sampling import _decode
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "targets", "mask", "old_logp", "ref_logp", "advantages",
@@ -70,11 +71,11 @@ def load_reward_fn(spec: str):
 
 
 def reward_model_dir(spec: str, model_cfg, tokenizer, length: int, critic_from_it: bool):
-    """The GPT2ForSequenceClassification directory ``ppo.reward_model`` names (an export, or a
-    reward run whose ``hf/`` holds one) and its config, checked against the actor: the same
-    tokenizer and chat template (it scores the actor's tokens as they are), room for
-    ``length`` positions, and the actor's architecture if the critic starts from it."""
-    from sft_jax import hf
+    """The reward-model directory ``ppo.reward_model`` names (a ``*ForSequenceClassification``
+    export, or a reward run whose ``hf/`` holds one) and its config, checked against the actor:
+    the same family, tokenizer and chat template (it scores the actor's tokens as they are),
+    room for ``length`` positions, and the actor's architecture if the critic starts from it."""
+    from sft_jax.models import hf_io as hf
     from sft_jax.objectives.reward import is_reward_dir
     from sft_jax.models.tokenizer import load_tokenizer
 
@@ -83,22 +84,27 @@ def reward_model_dir(spec: str, model_cfg, tokenizer, length: int, critic_from_i
     if not is_reward_dir(directory) and is_reward_dir(directory / "hf"):
         directory = directory / "hf"
     if not is_reward_dir(directory):
-        raise ConfigError(f"{where}: not a reward model directory (an HF GPT2ForSequenceClassification export, "
+        raise ConfigError(f"{where}: not a reward model directory (an HF *ForSequenceClassification export, "
                           f"e.g. python -m sft_jax.reward's OUTPUT_DIR/hf)")
     try:
         cfg = hf.read_config(directory, dtype=model_cfg.dtype, attention=model_cfg.attention,
                              scan_layers=model_cfg.scan_layers)
     except hf.HFFormatError as e:
         raise ConfigError(f"{where}: {e}") from None
+    family = family_of(model_cfg)
+    if family_of(cfg) is not family:
+        raise ConfigError(f"{where}: a {family_of(cfg).name} model; the policy is {family.name} (the reward model "
+                          f"must be of the policy's family)")
     theirs = load_tokenizer(str(directory))
     if theirs.get_vocab() != tokenizer.get_vocab() or cfg.eos_token_id != model_cfg.eos_token_id:
         raise ConfigError(f"{where}: its tokenizer differs from the policy's (it would score other tokens)")
     if (theirs.chat_template or None) != (tokenizer.chat_template or None):
         raise ConfigError(f"{where}: it was trained with another chat template than this run's data.template; "
                           f"it would score prompts laid out differently")
-    if cfg.n_positions < length:
-        raise ConfigError(f"{where}: {cfg.n_positions} positions < ppo.prompt_length + ppo.max_new_tokens = {length}")
-    arch = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+    if cfg.max_position_embeddings < length:
+        raise ConfigError(f"{where}: {cfg.max_position_embeddings} positions < ppo.prompt_length + "
+                          f"ppo.max_new_tokens = {length}")
+    arch = family.arch_fields
     if critic_from_it and any(getattr(cfg, k) != getattr(model_cfg, k) for k in arch):
         raise ConfigError(f"ppo.critic_init=reward: the reward model's architecture "
                           f"{ {k: getattr(cfg, k) for k in arch} } is not the actor's "
@@ -106,18 +112,18 @@ def reward_model_dir(spec: str, model_cfg, tokenizer, length: int, critic_from_i
     return directory, cfg
 
 
-def actor_logps(model: GPT2, actor, batch) -> tuple[jax.Array, jax.Array]:
-    """(log pi(target_t | prefix), entropy at t), each (B,T) float32."""
+def actor_logps(model, actor, batch) -> tuple[jax.Array, jax.Array]:
+    """(log pi(target_t | prefix), entropy at t), each (B,T) float32; ``model`` is a family's module."""
     hidden = model.apply({"params": actor}, batch["tokens"], batch["positions"], batch["segment_ids"],
                          return_hidden=True)
-    logits = lm_logits(actor["wte"], hidden, model.config)  # (B,T,V)
+    logits = family_of(model.config).logits(actor, hidden, model.config)  # (B,T,V)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     return picked - logz, rl.entropy_from_logits(logits)
 
 
-def critic_values(model: GPT2, critic, batch) -> jax.Array:
-    """The critic's value at each position, (B,T) float32: a linear head on a GPT-2 trunk."""
+def critic_values(model, critic, batch) -> jax.Array:
+    """The critic's value at each position, (B,T) float32: a linear head on a trunk of the actor's family."""
     hidden = model.apply({"params": critic["trunk"]}, batch["tokens"], batch["positions"], batch["segment_ids"],
                          return_hidden=True)
     return jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), critic["head"]["kernel"]) + critic["head"]["bias"][0]
@@ -175,9 +181,9 @@ class PPOObjective(sft.SFTObjective):
         self.mini_batches = self.rows // config.train.global_batch_size
         self.updates_per_rollout = p.epochs * self.mini_batches
         self.length = p.prompt_length + p.max_new_tokens
-        if self.length > model_cfg.n_positions:
+        if self.length > model_cfg.max_position_embeddings:
             raise ConfigError(f"ppo.prompt_length + ppo.max_new_tokens = {self.length} exceeds the model's "
-                              f"{model_cfg.n_positions} positions")
+                              f"{model_cfg.max_position_embeddings} positions")
         self.reward_dir = self.reward_cfg = None
         if p.reward_model is not None:
             self.reward_fn, self.reward_name = None, p.reward_model
@@ -199,10 +205,10 @@ class PPOObjective(sft.SFTObjective):
 
     # --- parameters ---------------------------------------------------------------------------
     def abstract_params(self):
-        actor = param_shapes(self.model_cfg)
+        actor = family_of(self.model_cfg).param_shapes(self.model_cfg)
         if not self.with_critic:
             return actor
-        D = self.model_cfg.n_embd
+        D = self.model_cfg.hidden_size
         box = lambda shape, names: nn.Partitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names=names)
         head = {"kernel": box((D,), ("embed",)), "bias": box((1,), (None,))}
         return {"params": actor["params"], "critic": {"trunk": actor["params"], "head": head}}
@@ -211,7 +217,8 @@ class PPOObjective(sft.SFTObjective):
         if not self.with_critic:
             return {"params": actor}
         if head is None:
-            head = {"kernel": jnp.zeros((self.model_cfg.n_embd,), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
+            D = self.model_cfg.hidden_size
+            head = {"kernel": jnp.zeros((D,), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
         return {"params": actor, "critic": {"trunk": trunk, "head": head}}
 
     def init_params(self, key):
@@ -226,17 +233,17 @@ class PPOObjective(sft.SFTObjective):
         from_reward = self.with_critic and self.ppo.critic_init == "reward"
         if self.hf_dir is None and not from_reward:
             return None
-        from sft_jax import hf
+        from sft_jax.models import hf_io
 
         seed = jax.random.key(self.config.train.seed)
-        load = lambda sh: hf.load_hf(self.hf_dir, shardings={"params": sh}, dtype=self.model_cfg.dtype)[1]["params"]
+        load = lambda sh: hf_io.load_hf(self.hf_dir, shardings={"params": sh}, dtype=self.model_cfg.dtype)[1]["params"]
         draw = lambda sh, key: jax.jit(lambda k: sft.init_params(self.model_cfg, k)["params"], out_shardings=sh)(key)
         actor = load(shardings["params"]) if self.hf_dir is not None else draw(shardings["params"], seed)
         if not self.with_critic:
             return {"params": actor}
         head = None
         if from_reward:
-            from sft_jax.hf_reward import load_reward_hf
+            from sft_jax.models.hf_reward import load_reward_hf
 
             _, trunk, reward_head = load_reward_hf(self.reward_dir, shardings={"params": shardings["critic"]["trunk"]},
                                                    dtype=self.model_cfg.dtype)
@@ -266,19 +273,19 @@ class PPOObjective(sft.SFTObjective):
     def frozen_params(self, mesh):
         """The reference model (the starting actor, rebuilt from its source on every start)
         and, with ``ppo.reward_model``, the reward model, both on the mesh."""
-        shardings = shd.logical_shardings(mesh, param_shapes(self.model_cfg))
+        shardings = shd.logical_shardings(mesh, family_of(self.model_cfg).param_shapes(self.model_cfg))
         if self.hf_dir is not None:
-            from sft_jax import hf
+            from sft_jax.models import hf_io
 
-            params = hf.load_hf(self.hf_dir, shardings=shardings, dtype=self.model_cfg.dtype)[1]
+            params = hf_io.load_hf(self.hf_dir, shardings=shardings, dtype=self.model_cfg.dtype)[1]
         else:
             params = jax.jit(lambda k: {"params": sft.init_params(self.model_cfg, k)["params"]},
                              out_shardings=shardings)(jax.random.key(self.config.train.seed))
         if self.reward_dir is None:
             return params, shardings
-        from sft_jax.hf_reward import load_reward_hf
+        from sft_jax.models.hf_reward import load_reward_hf
 
-        reward_sh = shd.logical_shardings(mesh, param_shapes(self.reward_cfg))
+        reward_sh = shd.logical_shardings(mesh, family_of(self.reward_cfg).param_shapes(self.reward_cfg))
         head_sh = {"score": {"kernel": shd.replicated(mesh)}}
         _, trunk, head = load_reward_hf(self.reward_dir, shardings=reward_sh, dtype=self.model_cfg.dtype)
         frozen = {"params": params["params"], "reward": {"params": trunk["params"], "head": jax.device_put(head, head_sh)}}
@@ -290,8 +297,9 @@ class PPOObjective(sft.SFTObjective):
     # --- data ---------------------------------------------------------------------------------
     def build_data(self) -> Data:
         c = self.config
-        train_ds, eval_ds, report = build_datasets(c.data, self.tokenizer, n_positions=self.model_cfg.n_positions,
-                                                   vocab_size=self.model_cfg.vocab_size, seed=c.train.seed)
+        m = self.model_cfg
+        train_ds, eval_ds, report = build_datasets(c.data, self.tokenizer, n_positions=m.max_position_embeddings,
+                                                   vocab_size=m.vocab_size, seed=c.train.seed)
         self.train_examples = train_ds.examples
         if len(self.train_examples) < self.ppo.rollout_prompts:
             raise ConfigError(f"ppo.rollout_prompts={self.ppo.rollout_prompts} exceeds the "
@@ -422,8 +430,9 @@ class PPOObjective(sft.SFTObjective):
         values = critic_values(self.model, params["critic"], rows) if self.with_critic else jnp.zeros_like(logp)
         reward = jnp.zeros(logp.shape[:1], jnp.float32)
         if self.reward_cfg is not None:
-            hidden = GPT2(self.reward_cfg).apply({"params": frozen["reward"]["params"]}, rows["tokens"],
-                                                 rows["positions"], rows["segment_ids"], return_hidden=True)
+            reward_model = family_of(self.reward_cfg).module(self.reward_cfg)
+            hidden = reward_model.apply({"params": frozen["reward"]["params"]}, rows["tokens"],
+                                        rows["positions"], rows["segment_ids"], return_hidden=True)
             reward = scores_at(frozen["reward"]["head"], hidden, reward_index[:, None])[:, 0]
         constrain = lambda x: jax.lax.with_sharding_constraint(x, shd.BATCH_SPEC)  # noqa: E731
         return tuple(map(constrain, (logp, ref_logp, values, entropy, reward)))
@@ -431,10 +440,9 @@ class PPOObjective(sft.SFTObjective):
     def score(self, loop, rows: dict, n_resp: np.ndarray, has_eos: np.ndarray):
         """(logp, ref_logp, values, entropy, reward model scores) of the rows, as host arrays.
         The reward model reads each answer's last token that is not EOS (the last prompt
-        token for an empty answer), the position transformers' GPT2ForSequenceClassification
+        token for an empty answer), the position transformers' *ForSequenceClassification
         reads in prompt + answer + EOS with pad = EOS."""
-        P = self.ppo.prompt_length
-        index = (P - 1 + n_resp - has_eos.astype(np.int32)).astype(np.int32)
+        index = reward_read_position(self.ppo.prompt_length, n_resp, has_eos).astype(np.int32)
         n = len(index)
         keys = ("tokens", "positions", "segment_ids", "targets")
         placed = on_mesh(loop.mesh, *(rows[k] for k in keys), index)

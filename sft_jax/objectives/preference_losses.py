@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax.config import DPO_LOSS_TYPES
-from sft_jax.model import GPT2, GPT2Config, token_nll
+from sft_jax.models.family import ModelConfig, family_of, unwrap
+from sft_jax.models.layers.common import scores_at
 
 Array = jax.Array
 
@@ -41,12 +42,13 @@ def segment_sums(values: Array, segment_ids: Array, num_sequences: int) -> Array
     return sums[:, 1:]
 
 
-def sequence_logps(params, batch: dict, cfg: GPT2Config, *, loss_chunk: int = 0) -> Array:
+def sequence_logps(params, batch: dict, cfg: ModelConfig, *, loss_chunk: int = 0) -> Array:
     """Summed response log-probs per sequence, (R, 2Kp) float32 (0 for empty slots)."""
-    inner = params["params"] if "params" in params else params
-    hidden = GPT2(cfg).apply({"params": inner}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                             return_hidden=True)  # (R,T,D)
-    nll = token_nll(inner["wte"], hidden, batch["targets"], cfg, chunk=loss_chunk)  # (R,T)
+    family = family_of(cfg)
+    inner = unwrap(params)
+    hidden = family.module(cfg).apply({"params": inner}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                      return_hidden=True)  # (R,T,D)
+    nll = family.token_nll(inner, hidden, batch["targets"], cfg, chunk=loss_chunk)  # (R,T)
     num_sequences = batch["reward_index"].shape[1]
     return segment_sums(-nll * batch["weights"], batch["segment_ids"], num_sequences)
 
@@ -119,32 +121,19 @@ def dpo_loss(policy_logps: Array, reference_logps: Array, pair_mask: Array, *, b
 # ----------------------------------------------------------------------------------------- reward model
 
 
-def init_reward_head(cfg: GPT2Config, rng: Array) -> dict:
+def init_reward_head(cfg: ModelConfig, rng: Array) -> dict:
     """Bias-free scalar head, HF's ``score`` Linear(D, 1, bias=False) with the model's init std."""
-    kernel = jax.random.normal(rng, (cfg.n_embd, 1), jnp.float32) * cfg.initializer_range
+    kernel = jax.random.normal(rng, (cfg.hidden_size, 1), jnp.float32) * cfg.initializer_range
     return {"score": {"kernel": kernel}}
 
 
-def scores_at(head: dict, hidden: Array, index: Array) -> Array:
-    """Scores from final hidden states (R, T, D) read at positions ``index`` (R, S) -> (R, S) float32."""
-    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # (R,S,D)
-    kernel = head["score"]["kernel"].astype(jnp.float32)
-    return jnp.einsum("RSD,DO->RSO", picked.astype(jnp.float32), kernel)[..., 0]
-
-
-def reward_scores(params, head: dict, batch: dict, cfg: GPT2Config) -> Array:
-    """Reward per sequence, (R, 2Kp): the head read at each sequence's last response token that is not eos,
-    the position transformers' GPT2ForSequenceClassification reads with pad_token_id = eos_token_id."""
-    inner = params["params"] if "params" in params else params
-    hidden = GPT2(cfg).apply({"params": inner}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                             return_hidden=True)
+def reward_scores(params, head: dict, batch: dict, cfg: ModelConfig) -> Array:
+    """Reward per sequence, (R, 2Kp): the head read at each sequence's last response token that is not eos
+    (``reward_index``, see sft_jax.models.heads), where transformers' *ForSequenceClassification reads it
+    with pad_token_id = eos_token_id."""
+    hidden = family_of(cfg).module(cfg).apply({"params": unwrap(params)}, batch["tokens"], batch["positions"],
+                                              batch["segment_ids"], return_hidden=True)
     return scores_at(head, hidden, batch["reward_index"])
-
-
-def last_non_eos_index(tokens: Array, eos_id: int) -> Array:
-    """(B, T) -> (B,): rightmost position whose token is not eos (0 if none), HF's rule for pad = eos."""
-    T = tokens.shape[-1]
-    return jnp.argmax(jnp.arange(T) * (tokens != eos_id), axis=-1)
 
 
 def reward_loss(chosen_scores: Array, rejected_scores: Array, pair_mask: Array, *, margin=0.0,

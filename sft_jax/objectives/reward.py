@@ -1,13 +1,13 @@
-"""A reward model: the GPT-2 trunk plus a bias-free scalar head, trained on preference pairs.
+"""A reward model: a model family's trunk plus a bias-free scalar head, trained on preference pairs.
 
 Parameters: ``{"params": trunk, "head": {"score": {"kernel": (D, 1)}}}``. The score of a
 sequence is the head read at its last response token that is not EOS (the position
-transformers' ``GPT2ForSequenceClassification`` reads with pad = EOS); the loss of a pair
+transformers' ``*ForSequenceClassification`` reads with pad = EOS); the loss of a pair
 is -log sigma(r_chosen - r_rejected - reward.margin). Starts from ``model.init_from`` (an
 HF causal-LM directory such as an SFT run's ``hf/`` export, or a reward model's export,
 whose head it then keeps); a fresh head is drawn from the seed. Metrics: loss, pairwise
-accuracy, mean margin, on train and held-out pairs. Export: a self-verifying
-``GPT2ForSequenceClassification`` directory at ``OUTPUT_DIR/hf``.
+accuracy, mean margin, on train and held-out pairs. Export: a self-verifying directory of the
+family's ``*ForSequenceClassification`` class (GPT-2: ``GPT2ForSequenceClassification``) at ``OUTPUT_DIR/hf``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax.data import chat_template
-from sft_jax.model import param_shapes
+from sft_jax.models.family import family_of
 from sft_jax.objectives import sft
 from sft_jax.objectives.base import Objective
 from sft_jax.objectives.pairs import PairData, summed
@@ -30,14 +30,14 @@ HEAD_SEED_OFFSET = 1  # the head's key is fold_in(key(seed), 1); the trunk's is 
 
 
 def is_reward_dir(directory) -> bool:
-    """True for an HF GPT2ForSequenceClassification directory (a reward model export)."""
-    from sft_jax.hf_reward import ARCHITECTURE
+    """True for an HF directory of a family's reward class (a reward model export)."""
+    from sft_jax.models.hf_reward import is_reward_config
 
     try:
         config = json.loads((Path(directory) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return ARCHITECTURE in (config.get("architectures") or [])
+    return is_reward_config(config)
 
 
 class RewardObjective(PairData, Objective):
@@ -49,9 +49,10 @@ class RewardObjective(PairData, Objective):
 
     # --- parameters -------------------------------------------------------------------------
     def abstract_params(self):
-        head = jax.eval_shape(lambda: nn.Partitioned(jnp.zeros((self.model_cfg.n_embd, 1), jnp.float32),
+        head = jax.eval_shape(lambda: nn.Partitioned(jnp.zeros((self.model_cfg.hidden_size, 1), jnp.float32),
                                                      names=("embed", None)))
-        return {"params": param_shapes(self.model_cfg)["params"], "head": {"score": {"kernel": head}}}
+        trunk = family_of(self.model_cfg).param_shapes(self.model_cfg)["params"]
+        return {"params": trunk, "head": {"score": {"kernel": head}}}
 
     def init_params(self, key):
         return {"params": sft.init_params(self.model_cfg, key)["params"],
@@ -60,14 +61,14 @@ class RewardObjective(PairData, Objective):
     def initial_params(self, shardings):
         if self.hf_dir is None:
             return None
-        from sft_jax import hf
-        from sft_jax.hf_reward import load_reward_hf
+        from sft_jax.models import hf_io
+        from sft_jax.models.hf_reward import load_reward_hf
 
         trunk_sh = {"params": shardings["params"]}
         if is_reward_dir(self.hf_dir):
             _, trunk, head = load_reward_hf(self.hf_dir, shardings=trunk_sh, dtype=self.model_cfg.dtype)
         else:
-            trunk = hf.load_hf(self.hf_dir, shardings=trunk_sh, dtype=self.model_cfg.dtype)[1]
+            trunk = hf_io.load_hf(self.hf_dir, shardings=trunk_sh, dtype=self.model_cfg.dtype)[1]
             key = jax.random.fold_in(jax.random.key(self.config.train.seed), HEAD_SEED_OFFSET)
             head = init_reward_head(self.model_cfg, key)
         return {"params": trunk["params"], "head": jax.device_put(head, shardings["head"])}
@@ -98,11 +99,11 @@ class RewardObjective(PairData, Objective):
         export_dir = out / "hf"
         params = loop.host_params()
         if jax.process_index() == 0:
-            from sft_jax.hf_reward import export_reward_hf
+            from sft_jax.models.hf_reward import export_reward_hf
 
             export_reward_hf({"params": params["params"]}, params["head"],
                              self.model_cfg.replace(dtype="float32", remat="none"), export_dir,
                              tokenizer=self.tokenizer, chat_template=chat_template(self.config.data), verify=True,
                              overwrite=True)
-        return [f"HF export:   {export_dir} (GPT2ForSequenceClassification)",
+        return [f"HF export:   {export_dir} ({family_of(self.model_cfg).reward_class})",
                 f"score pairs: python -m sft_jax.reward score --model {export_dir} --data FILE"]

@@ -3,7 +3,7 @@
 The batch is five (rows, length) arrays; the loss of a global batch is its summed,
 weighted NLL over its supervised-token count. Evaluation: held-out loss and perplexity, a
 few greedy samples into the log, exact match on held-out prompts. Export: a transformers
-``GPT2LMHeadModel`` directory that verifies itself.
+causal-LM directory of the model's family that verifies itself.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -22,24 +21,23 @@ from sft_jax.core.step import TrainState
 from sft_jax.data import BatchIterator, build_datasets, chat_template, encode_prompt, eval_batches, report_to_markdown
 from sft_jax.objectives.rewards import exact_match
 from sft_jax.data.formats import decode
-from sft_jax.model import GPT2, GPT2Config, param_shapes, token_nll
+from sft_jax.models.family import ModelConfig, family_of
 from sft_jax.objectives.base import Data, Loss, Objective
 
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 GENERATE_BATCH = 64  # prompts per generate call (a fixed shape, so it compiles once per prompt length)
 
 
-def summed_nll(model: GPT2, params, batch: dict, loss_chunk: int) -> jax.Array:
-    """sum over positions of weight * NLL, in float32."""
+def summed_nll(model, params, batch: dict, loss_chunk: int) -> jax.Array:
+    """sum over positions of weight * NLL, in float32; ``model`` is a family's module."""
     hidden = model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
-    nll = token_nll(params["params"]["wte"], hidden, batch["targets"], model.config, chunk=loss_chunk)  # (B,T)
+    nll = family_of(model.config).token_nll(params, hidden, batch["targets"], model.config, chunk=loss_chunk)  # (B,T)
     return jnp.sum(nll * batch["weights"].astype(jnp.float32))
 
 
-def init_params(model_cfg: GPT2Config, key):
-    """HF's initialisation of GPT-2 from ``key`` (unboxed)."""
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    return nn.unbox(GPT2(model_cfg).init(key, dummy, dummy, dummy + 1))
+def init_params(model_cfg: ModelConfig, key):
+    """The family's (HF's) initialisation from ``key`` (unboxed)."""
+    return family_of(model_cfg).init_params(model_cfg, key)
 
 
 class SFTLoss(Loss):
@@ -47,8 +45,8 @@ class SFTLoss(Loss):
 
     batch_axes = {k: ("batch", "length") for k in BATCH_KEYS}
 
-    def __init__(self, model_cfg: GPT2Config, loss_chunk: int = 0):
-        self.model, self.loss_chunk = GPT2(model_cfg), loss_chunk
+    def __init__(self, model_cfg: ModelConfig, loss_chunk: int = 0):
+        self.model, self.loss_chunk = family_of(model_cfg).module(model_cfg), loss_chunk
 
     def loss(self, params, frozen, batch):
         return summed_nll(self.model, params, batch, self.loss_chunk), {}
@@ -66,13 +64,13 @@ class SFTLoss(Loss):
 
 
 class SFTObjective(Objective, SFTLoss):
-    def __init__(self, config, model_cfg: GPT2Config, tokenizer, hf_dir=None):
+    def __init__(self, config, model_cfg: ModelConfig, tokenizer, hf_dir=None):
         Objective.__init__(self, config, model_cfg, tokenizer, hf_dir)
         SFTLoss.__init__(self, model_cfg, config.train.loss_chunk)
 
     # --- parameters -------------------------------------------------------------------------
     def abstract_params(self):
-        return param_shapes(self.model_cfg)
+        return family_of(self.model_cfg).param_shapes(self.model_cfg)
 
     def init_params(self, key):
         return init_params(self.model_cfg, key)
@@ -80,15 +78,16 @@ class SFTObjective(Objective, SFTLoss):
     def initial_params(self, shardings):
         if self.hf_dir is None:
             return None
-        from sft_jax import hf
+        from sft_jax.models import hf_io
 
-        return hf.load_hf(self.hf_dir, shardings=shardings, dtype=self.model_cfg.dtype)[1]
+        return hf_io.load_hf(self.hf_dir, shardings=shardings, dtype=self.model_cfg.dtype)[1]
 
     # --- data ---------------------------------------------------------------------------------
     def build_data(self) -> Data:
         c, d = self.config, self.config.data
-        train_ds, eval_ds, report = build_datasets(d, self.tokenizer, n_positions=self.model_cfg.n_positions,
-                                                   vocab_size=self.model_cfg.vocab_size, seed=c.train.seed,
+        m = self.model_cfg
+        train_ds, eval_ds, report = build_datasets(d, self.tokenizer, n_positions=m.max_position_embeddings,
+                                                   vocab_size=m.vocab_size, seed=c.train.seed,
                                                    global_batch_size=c.train.global_batch_size)
         iterator = BatchIterator(train_ds, global_batch_size=c.train.global_batch_size, seed=c.train.seed,
                                  mode=d.batching, max_length=d.max_length, buckets=d.buckets,
@@ -123,7 +122,7 @@ class SFTObjective(Objective, SFTLoss):
         t = self.config.train
         prompts, references, skipped = generation_examples(
             self.tokenizer, self.config.data, loop.eval_data.examples or [],
-            max(t.eval_samples, t.exact_match_examples), n_positions=self.model_cfg.n_positions,
+            max(t.eval_samples, t.exact_match_examples), n_positions=self.model_cfg.max_position_embeddings,
             max_new_tokens=t.max_new_tokens)
         n = len(prompts)
         if n == 0:
@@ -164,7 +163,7 @@ class SFTObjective(Objective, SFTLoss):
         export_dir = out / "hf"
         params = self.decoding_params(loop)
         if jax.process_index() == 0:
-            from sft_jax.hf import export_hf
+            from sft_jax.models.hf_io import export_hf
 
             export_hf(params, self.model_cfg.replace(dtype="float32", remat="none"), export_dir,
                       tokenizer=self.tokenizer, chat_template=chat_template(self.config.data), verify=True,
@@ -201,18 +200,18 @@ def _last_response(example) -> str:
 # The shared step of ``sft_jax.core.step`` with the SFT loss; see there for accumulation and
 # the non-finite guard.
 
-def state_shardings(model_cfg: GPT2Config, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, TrainState]:
+def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, TrainState]:
     """(abstract state with shardings, shardings) for ``model_cfg`` on ``mesh``; allocates nothing."""
-    return core.state_shardings(param_shapes(model_cfg), tx, mesh)
+    return core.state_shardings(family_of(model_cfg).param_shapes(model_cfg), tx, mesh)
 
 
-def init_state(model_cfg: GPT2Config, tx, mesh, shardings: TrainState, *, seed: int = 0, params=None) -> TrainState:
+def init_state(model_cfg: ModelConfig, tx, mesh, shardings: TrainState, *, seed: int = 0, params=None) -> TrainState:
     """A train state created directly in its shards: parameters from ``seed`` (HF's init)
     unless ``params`` (already sharded, e.g. from ``load_hf``) are given."""
     return core.init_state(lambda key: init_params(model_cfg, key), tx, shardings, seed=seed, params=params)
 
 
-def accumulated_grads(model: GPT2, params, batch: dict, n_micro: int, loss_chunk: int = 0, micro_sharding=None):
+def accumulated_grads(model, params, batch: dict, n_micro: int, loss_chunk: int = 0, micro_sharding=None):
     """(loss, grads) of the global batch: scan over ``n_micro`` micro-batches, each one's
     summed NLL divided by the supervised-token count of the *whole* batch, summed."""
     micro = None if micro_sharding is None else {k: micro_sharding for k in BATCH_KEYS}
@@ -220,7 +219,7 @@ def accumulated_grads(model: GPT2, params, batch: dict, n_micro: int, loss_chunk
     return loss, grads
 
 
-def make_train_step(model_cfg: GPT2Config, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     mesh, shardings: TrainState, n_micro: int = 1, loss_chunk: int = 0,
                     max_nonfinite_steps: int = 10, clip_norm: float = 0.0) -> Callable:
     """``step(state, batch) -> (state, metrics)``, jitted with the state donated.
@@ -231,6 +230,6 @@ def make_train_step(model_cfg: GPT2Config, tx: optax.GradientTransformation, sch
                                 n_micro=n_micro, max_nonfinite_steps=max_nonfinite_steps, clip_norm=clip_norm)
 
 
-def make_eval_step(model_cfg: GPT2Config, *, mesh, shardings: TrainState, loss_chunk: int = 0) -> Callable:
+def make_eval_step(model_cfg: ModelConfig, *, mesh, shardings: TrainState, loss_chunk: int = 0) -> Callable:
     """``eval_step(params, batch) -> (summed NLL, supervised tokens)`` as device scalars."""
     return core.make_eval_step(SFTLoss(model_cfg, loss_chunk), mesh=mesh, param_shardings=shardings.params)

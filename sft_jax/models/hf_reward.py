@@ -1,10 +1,12 @@
-"""The reward model's Hugging Face face: export as GPT2ForSequenceClassification, self-verified, and import.
+"""The reward model's Hugging Face face for every family: export as the family's
+``*ForSequenceClassification`` class, self-verified, and import.
 
-A reward model is the GPT-2 trunk plus a bias-free scalar head (``{"score": {"kernel": (D, 1)}}``, see
-sft_jax.objectives.preference_losses). HF keeps that head as ``score.weight`` (1, D), a Linear's (out, in)
-layout, so it is the kernel transposed. transformers reads the score at the rightmost token that is not
-``pad_token_id``; with pad = eos that is the last response token before its closing eos, where the JAX side
-reads it too. Everything else (trunk tensors, config, tokenizer, atomic replace) is sft_jax.hf's export.
+A reward model is a family's trunk plus a bias-free scalar head (``{"score": {"kernel": (D, 1)}}``, see
+sft_jax.models.layers.common.scores_at). HF keeps that head under the family's ``score_key`` (GPT-2: ``score.weight``, (1, D)),
+a Linear's (out, in) layout, so it is the kernel transposed. transformers reads the score at the rightmost
+token that is not ``pad_token_id``; with pad = eos that is the last response token before its closing eos,
+where the JAX side reads it too (``heads.reward_read_position``). Everything else (trunk tensors, config,
+tokenizer, atomic replace) is sft_jax.models.hf_io's export.
 """
 
 from __future__ import annotations
@@ -18,19 +20,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax import hf
-from sft_jax.model import GPT2, GPT2Config
-from sft_jax.objectives.preference_losses import scores_at
+from sft_jax.models import hf_io as hf
+from sft_jax.models.family import ModelConfig, family_of, get_family
+from sft_jax.models.heads import reward_read_position
+from sft_jax.models.layers.common import scores_at
 
-SCORE_KEY = "score.weight"
-ARCHITECTURE = "GPT2ForSequenceClassification"
 VERIFY_LENGTHS = (16, 11, 5, 1)  # tokens per verification row before its closing eos; rows right-padded with eos
 
 
-def verify_rows(cfg: GPT2Config) -> tuple[np.ndarray, np.ndarray]:
+def is_reward_config(config: dict) -> bool:
+    """True for an HF ``config.json`` of a supported family's reward-model class."""
+    try:
+        family = get_family(config.get("model_type"))
+    except ValueError:
+        return False
+    return family.reward_class in (config.get("architectures") or [])
+
+
+def verify_rows(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Fixed rows of different lengths, each content + eos right-padded with eos, and the index of each row's
     last content token (where the score is read)."""
-    T = min(max(VERIFY_LENGTHS) + 2, cfg.n_positions)
+    T = min(max(VERIFY_LENGTHS) + 2, cfg.max_position_embeddings)
     tokens = np.full((len(VERIFY_LENGTHS), T), cfg.eos_token_id, np.int64)
     index = np.zeros(len(VERIFY_LENGTHS), np.int64)
     for b, n in enumerate(VERIFY_LENGTHS):
@@ -38,33 +48,34 @@ def verify_rows(cfg: GPT2Config) -> tuple[np.ndarray, np.ndarray]:
         content = (np.arange(n) * 7919 + 13 * (b + 1)) % cfg.vocab_size
         content[content == cfg.eos_token_id] = (cfg.eos_token_id + 1) % cfg.vocab_size
         tokens[b, :n] = content
-        index[b] = n - 1
+        index[b] = reward_read_position(0, n + 1)  # n content tokens and their eos
     return tokens, index
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _scores(cfg: GPT2Config, params, head, tokens, index):
+def _scores(cfg: ModelConfig, params, head, tokens, index):
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     segments = (jnp.arange(T)[None] <= index[:, None] + 1).astype(jnp.int32)  # content + its eos; padding 0
-    hidden = GPT2(cfg).apply(params, tokens, positions, segments, return_hidden=True)
+    hidden = family_of(cfg).module(cfg).apply(params, tokens, positions, segments, return_hidden=True)
     return scores_at(head, hidden, index[:, None])[:, 0]
 
 
-def jax_scores(params, head: dict, cfg: GPT2Config, tokens, index) -> np.ndarray:
+def jax_scores(params, head: dict, cfg: ModelConfig, tokens, index) -> np.ndarray:
     """Float32 scores of rows (B, T) read at positions `index` (B,), full-precision matmuls."""
     with jax.default_matmul_precision("highest"):
         return np.asarray(_scores(cfg.replace(dtype="float32"), params, head, jnp.asarray(tokens, jnp.int32),
                                   jnp.asarray(index, jnp.int32)))
 
 
-def export_reward_hf(params, head: dict, cfg: GPT2Config, out_dir, *, tokenizer=None,
+def export_reward_hf(params, head: dict, cfg: ModelConfig, out_dir, *, tokenizer=None,
                      chat_template: str | None = None, verify: bool = True, overwrite: bool = False):
-    """Write a float32 GPT2ForSequenceClassification dir (num_labels 1, pad = eos), verify it, move it into
-    place; returns sft_jax.hf.ExportReport. On failure nothing is left at ``out_dir``."""
+    """Write a float32 dir of the family's reward class (num_labels 1, pad = eos), verify it, move it into
+    place; returns sft_jax.models.hf_io.ExportReport. On failure nothing is left at ``out_dir``."""
+    family = family_of(cfg)
     kernel = np.asarray(jax.device_get(head["score"]["kernel"]), np.float32)
-    if kernel.shape != (cfg.n_embd, 1):
-        raise hf.HFFormatError(f"reward head kernel has shape {kernel.shape}, expected {(cfg.n_embd, 1)}")
+    if kernel.shape != (cfg.hidden_size, 1):
+        raise hf.HFFormatError(f"reward head kernel has shape {kernel.shape}, expected {(cfg.hidden_size, 1)}")
     out, staging = hf.staging_dir(out_dir, overwrite)
     try:
         # The trunk goes through the LM export (and its logit checks); then the head and the config.
@@ -74,10 +85,10 @@ def export_reward_hf(params, head: dict, cfg: GPT2Config, out_dir, *, tokenizer=
         from safetensors.numpy import load_file
 
         tensors = load_file(str(tmp / "model.safetensors"))
-        tensors[SCORE_KEY] = np.ascontiguousarray(kernel.T)  # (1, D)
+        tensors[family.score_key] = np.ascontiguousarray(kernel.T)  # (1, D)
         hf.write_safetensors(tensors, tmp / "model.safetensors")
         config = json.loads((tmp / "config.json").read_text())
-        config.update(architectures=[ARCHITECTURE], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+        config.update(architectures=[family.reward_class], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
                       pad_token_id=cfg.eos_token_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         report.out_dir = str(out)
@@ -89,7 +100,7 @@ def export_reward_hf(params, head: dict, cfg: GPT2Config, out_dir, *, tokenizer=
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _verify(params, head: dict, cfg: GPT2Config, tmp: Path, report) -> None:
+def _verify(params, head: dict, cfg: ModelConfig, tmp: Path, report) -> None:
     """JAX reload gives bit-identical scores; transformers' scores are within hf.HF_ATOL of JAX's."""
     tokens, index = verify_rows(cfg)
     want = jax_scores(params, head, cfg, tokens, index)
@@ -102,11 +113,12 @@ def _verify(params, head: dict, cfg: GPT2Config, tmp: Path, report) -> None:
     report.checks.append("jax reload: float32 reward scores bit-identical")
     try:
         import torch
-        from transformers import GPT2ForSequenceClassification
+        import transformers
     except ImportError:
         report.checks.append("transformers reward scores: skipped (torch not importable)")
         return
-    model = GPT2ForSequenceClassification.from_pretrained(str(tmp), dtype=torch.float32).eval()
+    reward_class = family_of(cfg).reward_class
+    model = getattr(transformers, reward_class).from_pretrained(str(tmp), dtype=torch.float32).eval()
     with torch.no_grad():  # no attention mask: right padding with eos, as a user scores a batch
         hf_scores = model(torch.from_numpy(tokens)).logits[:, 0].numpy()
     diff = float(np.max(np.abs(hf_scores - want)))
@@ -114,32 +126,34 @@ def _verify(params, head: dict, cfg: GPT2Config, tmp: Path, report) -> None:
     if not diff <= hf.HF_ATOL:
         raise hf.HFFormatError(f"reward export verification failed: transformers scores differ from JAX by "
                                f"{diff:.3g} > {hf.HF_ATOL:g}")
-    report.checks.append(f"transformers GPT2ForSequenceClassification scores within {diff:.3g} of JAX on "
+    report.checks.append(f"transformers {reward_class} scores within {diff:.3g} of JAX on "
                          f"right-padded rows of lengths {list(VERIFY_LENGTHS)} (tol {hf.HF_ATOL:g})")
 
 
-def load_reward_hf(path_or_name, *, shardings=None, **compute_overrides) -> tuple[GPT2Config, dict, dict]:
-    """(GPT2Config, trunk params, head) from a GPT2ForSequenceClassification dir with one label and pad = eos."""
+def load_reward_hf(path_or_name, *, shardings=None, **compute_overrides) -> tuple[ModelConfig, dict, dict]:
+    """(model config, trunk params, head) from a dir of a family's reward class with one label and pad = eos."""
     directory = hf.resolve_dir(str(path_or_name))
     config_file = directory / "config.json"
+    config = hf.read_hf_config(directory)
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise hf.HFFormatError(f"{config_file}: cannot read an HF config ({e})") from e
-    if ARCHITECTURE not in (config.get("architectures") or []):
-        raise hf.HFFormatError(f"{config_file}: architectures={config.get('architectures')}, expected [{ARCHITECTURE!r}]")
+        family = get_family(config.get("model_type"))
+    except ValueError as e:
+        raise hf.HFFormatError(f"{config_file}: {e}") from e
+    if family.reward_class not in (config.get("architectures") or []):
+        raise hf.HFFormatError(f"{config_file}: architectures={config.get('architectures')}, "
+                               f"expected [{family.reward_class!r}]")
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
     if labels != 1:
         raise hf.HFFormatError(f"{config_file}: {labels} labels; a reward model has one (num_labels 1)")
-    cfg, params = hf.load_hf(directory, shardings=shardings, extra_keys=(SCORE_KEY,), **compute_overrides)
+    cfg, params = hf.load_hf(directory, shardings=shardings, extra_keys=(family.score_key,), **compute_overrides)
     if config.get("pad_token_id") != cfg.eos_token_id:
         raise hf.HFFormatError(f"{config_file}: pad_token_id={config.get('pad_token_id')} is not the eos token "
                                f"{cfg.eos_token_id}; scores would be read at another position than sft_jax reads them")
-    source = hf._Checkpoint(directory)
-    if SCORE_KEY not in source.where:
-        raise hf.HFFormatError(f"{directory}: missing tensor {SCORE_KEY!r} (the reward head)")
-    f, raw = source.where[SCORE_KEY]
-    if f.shape(raw) != (1, cfg.n_embd):
-        raise hf.HFFormatError(f"{f.path}: tensor {raw!r} has shape {f.shape(raw)}, expected {(1, cfg.n_embd)}")
+    source = hf._Checkpoint(directory, family.key_map.prefix)
+    if family.score_key not in source.where:
+        raise hf.HFFormatError(f"{directory}: missing tensor {family.score_key!r} (the reward head)")
+    f, raw = source.where[family.score_key]
+    if f.shape(raw) != (1, cfg.hidden_size):
+        raise hf.HFFormatError(f"{f.path}: tensor {raw!r} has shape {f.shape(raw)}, expected {(1, cfg.hidden_size)}")
     kernel = f.read(raw, (slice(None), slice(None))).T  # (D, 1)
     return cfg, params, {"score": {"kernel": jnp.asarray(np.ascontiguousarray(kernel))}}

@@ -1,9 +1,11 @@
-"""Hugging Face GPT-2 <-> sft_jax parameters: import (optionally sharded) and verified export.
+"""Hugging Face <-> sft_jax parameters for every family: import (optionally sharded) and verified export.
 
-The key mapping lives in ``LAYOUT`` below, beside the quirks it handles. Import reads only the
+A family states its checkpoint layout as a ``KeyMap`` beside its weights (GPT-2's in
+``sft_jax.models.gpt2.hf``); this module reads and writes any of them. Import reads only the
 slices each device needs from safetensors (memory-mapped), so a full-size tensor is never whole
-on one device. Export writes a directory that ``transformers`` loads offline, verified before it
-is moved into place.
+on one device. Export writes a directory that ``transformers`` loads offline, verified (logits
+of the reloaded files, then transformers' own) before it is moved into place. ``config.json``'s
+``model_type`` picks the family (``sft_jax.models.family``).
 """
 
 from __future__ import annotations
@@ -18,62 +20,51 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from sft_jax.model import GPT2, GPT2Config
+from sft_jax.models.family import Family, ModelConfig, family_of, get_family
 
 
 class HFFormatError(ValueError):
-    """A source that is not a readable GPT-2 checkpoint, or an export that failed its checks."""
+    """A source that is not a readable checkpoint of a supported family, or an export that failed its checks."""
 
 
 # --- the mapping ---------------------------------------------------------------
-# HF GPT2LMHeadModel quirks, all handled here:
-#  * Conv1D stores weights as (in, out), the same orientation as our kernels: reshape, never transpose.
-#  * c_attn is one (D, 3D) matrix with q|k|v side by side; we view it as (D, 3, H, K).
-#  * lm_head.weight is tied to wte (often absent from the file); it is never read or written.
-#  * attn.bias / attn.masked_bias are causal-mask buffers in old checkpoints, not weights: ignored.
-#  * GPT2Model checkpoints lack the "transformer." key prefix.
-#  * Our wte has padded_vocab_size rows: padding rows are zero on import and trimmed on export.
-#  * Per-layer tensors h.{i}.* are stacked on a leading L axis (scanned layers).
-# Shapes are written in axis letters (D embed, H heads, K head dim, F = 4D, V vocab, P positions);
-# "3D" means 3 * D. Each HF axis maps onto one or more consecutive axes of ours.
-#   HF key (after "transformer.")   our path                  HF shape    our shape (per layer)
-GLOBAL_LAYOUT = [
-    ("wte.weight",                  "wte",                    "V,D",      "V,D"),
-    ("wpe.weight",                  "wpe",                    "P,D",      "P,D"),
-    ("ln_f.weight",                 "ln_f/scale",             "D",        "D"),
-    ("ln_f.bias",                   "ln_f/bias",              "D",        "D"),
-]
-LAYER_LAYOUT = [  # HF key h.{i}.<suffix>, ours h/<path> with a leading L axis
-    ("ln_1.weight",                 "ln_1/scale",             "D",        "D"),
-    ("ln_1.bias",                   "ln_1/bias",              "D",        "D"),
-    ("attn.c_attn.weight",          "attn/c_attn_kernel",     "D,3D",     "D,3,H,K"),
-    ("attn.c_attn.bias",            "attn/c_attn_bias",       "3D",       "3,H,K"),
-    ("attn.c_proj.weight",          "attn/c_proj_kernel",     "D,D",      "H,K,D"),
-    ("attn.c_proj.bias",            "attn/c_proj_bias",       "D",        "D"),
-    ("ln_2.weight",                 "ln_2/scale",             "D",        "D"),
-    ("ln_2.bias",                   "ln_2/bias",              "D",        "D"),
-    ("mlp.c_fc.weight",             "mlp/c_fc_kernel",        "D,F",      "D,F"),
-    ("mlp.c_fc.bias",               "mlp/c_fc_bias",          "F",        "F"),
-    ("mlp.c_proj.weight",           "mlp/c_proj_kernel",      "F,D",      "F,D"),
-    ("mlp.c_proj.bias",             "mlp/c_proj_bias",        "D",        "D"),
-]
-IGNORED_KEYS = re.compile(r"^(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$")
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """How a family's parameters sit in an HF checkpoint.
+
+    Each row of ``global_layout`` and ``layer_layout`` is (HF key, our path, HF shape, our shape);
+    shapes are comma-separated terms of axis letters that ``sizes(cfg)`` gives, each optionally
+    with an integer factor ("D", "3D", "HK"), and each HF axis maps onto one or more
+    consecutive axes of ours (a reshape, never a copy). Layer rows name layer i's tensor
+    ``layer_key.format(i=i) + key`` and our leaf ``stack/path`` with a leading L axis."""
+
+    prefix: str  # stripped from HF keys when present on read, written before every key on export
+    global_layout: tuple[tuple[str, str, str, str], ...]
+    layer_layout: tuple[tuple[str, str, str, str], ...]
+    layer_key: str  # HF key prefix of layer i's tensors, e.g. "h.{i}."
+    stack: str  # our subtree holding the scanned layers
+    sizes: Callable[[Any], dict[str, int]]  # axis letter -> size, for a config
+    ignored: re.Pattern = re.compile(r"$^")  # HF keys that are not weights (buffers, a tied head): skipped
+    vocab_axes: tuple[tuple[str, int], ...] = ()  # (our path, axis) padded to padded_vocab_size rows
+    transposed: frozenset = frozenset()  # our paths whose HF tensor is stored (out, in): read as its transpose
 
 
-def _dims(spec: str, cfg: GPT2Config) -> tuple[int, ...]:
-    size = {"D": cfg.n_embd, "H": cfg.n_head, "K": cfg.head_dim, "F": 4 * cfg.n_embd,
-            "V": cfg.vocab_size, "P": cfg.n_positions}
+def _dims(spec: str, size: dict[str, int]) -> tuple[int, ...]:
     out = []
     for term in spec.split(","):
-        factor, letter = (int(term[:-1]), term[-1]) if len(term) > 1 else (1, term)
-        out.append(factor * size[letter] if letter in size else int(term))
+        digits = len(term) - len(term.lstrip("0123456789"))
+        n = int(term[:digits]) if digits else 1
+        for letter in term[digits:]:
+            n *= size[letter]
+        out.append(n)
     return tuple(out)
 
 
@@ -84,14 +75,21 @@ class _Tensor:
     path: tuple[str, ...]  # under params['params']
     hf_keys: tuple[str, ...]  # one per layer for stacked leaves, else one
     hf_shape: tuple[int, ...]
-    shape: tuple[int, ...]  # our per-layer shape (wte: real vocab rows, padding added on read)
+    shape: tuple[int, ...]  # our per-layer shape (a vocab axis at its real size, padding added on read)
     stacked: bool
+    vocab_axis: int | None = None  # our axis padded to padded_vocab_size
+    transpose: bool = False  # the HF tensor is our layout's transpose
+
+    @property
+    def hf_view(self) -> tuple[int, ...]:
+        """The HF tensor's shape as read: transposed if stored (out, in)."""
+        return self.hf_shape[::-1] if self.transpose else self.hf_shape
 
     @property
     def groups(self) -> list[list[int]]:
-        """For each HF axis, the axes of ours it splits into."""
+        """For each axis of ``hf_view``, the axes of ours it splits into."""
         groups, j = [], 0
-        for n in self.hf_shape:
+        for n in self.hf_view:
             group, prod = [], 1
             while prod < n or (not group):
                 group.append(j)
@@ -101,16 +99,25 @@ class _Tensor:
         return groups
 
 
-def _layout(cfg: GPT2Config) -> list[_Tensor]:
-    out = [_Tensor(tuple(p.split("/")), (k,), _dims(hs, cfg), _dims(s, cfg), False) for k, p, hs, s in GLOBAL_LAYOUT]
-    out += [_Tensor(("h",) + tuple(p.split("/")), tuple(f"h.{i}.{k}" for i in range(cfg.n_layer)),
-                    _dims(hs, cfg), _dims(s, cfg), True) for k, p, hs, s in LAYER_LAYOUT]
+def _layout(cfg: ModelConfig, keys: KeyMap) -> list[_Tensor]:
+    size = keys.sizes(cfg)
+    vocab_axes = dict(keys.vocab_axes)
+    out = []
+    for k, p, hs, s in keys.global_layout:
+        out.append(_Tensor(tuple(p.split("/")), (k,), _dims(hs, size), _dims(s, size), False,
+                           vocab_axes.get(p), p in keys.transposed))
+    for k, p, hs, s in keys.layer_layout:
+        hf_keys = tuple(keys.layer_key.format(i=i) + k for i in range(cfg.num_hidden_layers))
+        out.append(_Tensor((keys.stack,) + tuple(p.split("/")), hf_keys, _dims(hs, size), _dims(s, size), True,
+                           vocab_axes.get(p), p in keys.transposed))
     return out
 
 
-def _global_shape(t: _Tensor, cfg: GPT2Config) -> tuple[int, ...]:
-    shape = ((cfg.padded_vocab_size,) + t.shape[1:]) if t.path == ("wte",) else t.shape
-    return ((cfg.n_layer,) + shape) if t.stacked else shape
+def _global_shape(t: _Tensor, cfg: ModelConfig) -> tuple[int, ...]:
+    shape = t.shape
+    if t.vocab_axis is not None:
+        shape = shape[:t.vocab_axis] + (cfg.padded_vocab_size,) + shape[t.vocab_axis + 1:]
+    return ((cfg.num_hidden_layers,) + shape) if t.stacked else shape
 
 
 # --- reading tensors -----------------------------------------------------------------
@@ -182,9 +189,9 @@ class _TorchFile:
 
 
 class _Checkpoint:
-    """All weight files of an HF model dir, with keys normalised (no "transformer." prefix)."""
+    """All weight files of an HF model dir, with keys normalised (``prefix`` removed where present)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, prefix: str = ""):
         index_file = directory / "model.safetensors.index.json"
         if index_file.is_file():
             try:
@@ -203,9 +210,9 @@ class _Checkpoint:
         for f in files.values():
             raw_keys = f.entries if isinstance(f, _SafetensorsFile) else f.arrays
             for raw in raw_keys:
-                self.where[raw.removeprefix("transformer.")] = (f, raw)
+                self.where[raw.removeprefix(prefix)] = (f, raw)
 
-    def check(self, layout: list[_Tensor], extra_keys=()) -> None:
+    def check(self, layout: list[_Tensor], family: Family, extra_keys=()) -> None:
         """Every tensor present with its HF shape and nothing unknown (besides ``extra_keys``); else one clear error."""
         expected = {}
         for t in layout:
@@ -218,10 +225,10 @@ class _Checkpoint:
             if f.shape(raw) != shape:
                 raise HFFormatError(f"{f.path}: tensor {raw!r} has shape {f.shape(raw)}, expected {shape}")
         unknown = sorted(k for k in self.where
-                         if k not in expected and k not in extra_keys and not IGNORED_KEYS.match(k))
+                         if k not in expected and k not in extra_keys and not family.key_map.ignored.match(k))
         if unknown:
             raise HFFormatError(f"{self._files()}: unexpected tensors {unknown[:5]}{'...' if len(unknown) > 5 else ''}; "
-                                f"not a plain GPT-2 LM checkpoint")
+                                f"not a plain {family.name} LM checkpoint")
 
     def _files(self) -> str:
         return ", ".join(sorted({str(f.path) for f, _ in self.where.values()})) or "weights"
@@ -235,12 +242,14 @@ class _Checkpoint:
         return self._read_one(t, t.hf_keys[0], index)
 
     def _read_one(self, t: _Tensor, key: str, index: tuple[slice, ...]) -> np.ndarray:
-        if t.path == ("wte",):  # rows past the real vocab are padding: zeros
-            rows, cols = index
-            real = slice(min(rows.start, t.shape[0]), min(rows.stop, t.shape[0]), 1)
-            block = self._read_block(t, key, (real, cols))
-            pad = np.zeros((rows.stop - rows.start - block.shape[0], block.shape[1]), np.float32)
-            return np.concatenate([block, pad])
+        a = t.vocab_axis
+        if a is not None:  # entries past the real vocab are padding: zeros
+            want, n = index[a], t.shape[a]
+            real = slice(min(want.start, n), min(want.stop, n), 1)
+            block = self._read_block(t, key, index[:a] + (real,) + index[a + 1:])
+            pad_shape = list(block.shape)
+            pad_shape[a] = want.stop - want.start - block.shape[a]
+            return np.concatenate([block, np.zeros(pad_shape, np.float32)], axis=a)
         return self._read_block(t, key, index)
 
     def _read_block(self, t: _Tensor, key: str, index: tuple[slice, ...]) -> np.ndarray:
@@ -257,9 +266,11 @@ class _Checkpoint:
             else:
                 hf_index.append(slice(None))
         try:
-            block = f.read(raw, tuple(hf_index))
+            block = f.read(raw, tuple(hf_index[::-1]) if t.transpose else tuple(hf_index))
         except Exception as e:
             raise HFFormatError(f"{f.path}: cannot read tensor {raw!r} ({type(e).__name__}: {e})") from e
+        if t.transpose:
+            block = block.T
         block_shape = [s.stop - s.start if r == slice(None) else n for s, r, n in zip(index, rest, t.shape)]
         return block.reshape(block_shape)[tuple(rest)]
 
@@ -290,19 +301,27 @@ def resolve_dir(path_or_name: str) -> Path:
     return local
 
 
-def read_config(directory: Path, **compute_overrides) -> GPT2Config:
+def read_hf_config(directory: Path) -> dict:
+    """The dir's ``config.json`` as a dict."""
     config_file = directory / "config.json"
     try:
-        hf_config = json.loads(config_file.read_text())
+        return json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
         raise HFFormatError(f"{config_file}: cannot read an HF config ({e})") from e
+
+
+def read_config(directory: Path, **compute_overrides) -> ModelConfig:
+    """The model config of an HF dir, of the family its ``model_type`` names."""
+    config_file = directory / "config.json"
+    hf_config = read_hf_config(directory)
     try:
-        cfg = GPT2Config.from_hf_config(hf_config, **compute_overrides)
+        family = get_family(hf_config.get("model_type"))
+    except ValueError as e:
+        raise HFFormatError(f"{config_file}: {e}") from e
+    try:
+        return family.config_cls.from_hf_config(hf_config, **compute_overrides)
     except (ValueError, KeyError, TypeError) as e:
-        raise HFFormatError(f"{config_file}: not a supported GPT-2 config ({type(e).__name__}: {e})") from e
-    if hf_config.get("tie_word_embeddings") is False:
-        raise HFFormatError(f"{config_file}: tie_word_embeddings=false (an untied lm_head) is not supported")
-    return cfg
+        raise HFFormatError(f"{config_file}: not a supported {family.name} config ({type(e).__name__}: {e})") from e
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -315,8 +334,8 @@ def _sharding_leaf(x):
     return getattr(x, "sharding", x)
 
 
-def load_hf(path_or_name, *, shardings=None, extra_keys=(), **compute_overrides) -> tuple[GPT2Config, dict]:
-    """(GPT2Config, params) from an HF GPT-2 dir or hub name.
+def load_hf(path_or_name, *, shardings=None, extra_keys=(), **compute_overrides) -> tuple[ModelConfig, dict]:
+    """(model config, params) from an HF dir or hub name of any supported family.
 
     ``shardings`` is a pytree of ``jax.sharding.Sharding`` (or abstract arrays carrying one)
     matching the params; each device then reads only its own slice. ``compute_overrides`` set
@@ -325,9 +344,10 @@ def load_hf(path_or_name, *, shardings=None, extra_keys=(), **compute_overrides)
     """
     directory = resolve_dir(str(path_or_name))
     cfg = read_config(directory, **compute_overrides)
-    source = _Checkpoint(directory)
-    layout = _layout(cfg)
-    source.check(layout, extra_keys)
+    family = family_of(cfg)
+    source = _Checkpoint(directory, family.key_map.prefix)
+    layout = _layout(cfg, family.key_map)
+    source.check(layout, family, extra_keys)
     flat_shardings = None
     if shardings is not None:
         flat_shardings = {}
@@ -362,23 +382,29 @@ def load_tokenizer(path_or_name):
 
 # --- export ----------------------------------------------------------------------
 
-def to_hf_state_dict(params, cfg: GPT2Config, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Host numpy arrays under GPT2LMHeadModel's keys (lm_head tied, so left out)."""
+def to_hf_state_dict(params, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Host numpy arrays under the keys of the family's HF causal-LM class (a tied head left out)."""
+    return _state_dict(params, cfg, family_of(cfg).key_map, dtype)
+
+
+def _state_dict(params, cfg: ModelConfig, keys: KeyMap, dtype: str) -> dict[str, np.ndarray]:
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
     inner = params["params"] if "params" in params else params
     out = {}
-    for t in _layout(cfg):
+    for t in _layout(cfg, keys):
         node = inner
         for p in t.path:
             node = node[p]
         value = np.asarray(jax.device_get(node), dtype=np.float32)
-        if t.path == ("wte",):
-            value = value[:cfg.vocab_size]
-        if value.shape != _global_shape(t, cfg) and t.path != ("wte",):
+        if value.shape != _global_shape(t, cfg):
             raise HFFormatError(f"param {'/'.join(t.path)} has shape {value.shape}, expected {_global_shape(t, cfg)}")
+        if t.vocab_axis is not None:  # padding entries are not exported
+            a = t.vocab_axis + t.stacked
+            value = value[(slice(None),) * a + (slice(0, cfg.vocab_size),)]
         layers = list(value) if t.stacked else [value]
         for key, v in zip(t.hf_keys, layers):
-            out["transformer." + key] = np.ascontiguousarray(v.reshape(t.hf_shape)).astype(np_dtype)
+            v = v.reshape(t.hf_view)
+            out[keys.prefix + key] = np.ascontiguousarray(v.T if t.transpose else v).astype(np_dtype)
     return out
 
 
@@ -401,17 +427,17 @@ HF_ATOL = 1e-4  # transformers (torch float32) vs JAX float32 logits
 BF16_REL_TOL = 2.0 ** -4  # bf16-rounded vs float32 logits, relative to the largest |logit|
 
 
-def _verify_tokens(cfg: GPT2Config) -> np.ndarray:
+def _verify_tokens(cfg: ModelConfig) -> np.ndarray:
     B, T = VERIFY_PROMPTS
-    T = min(T, cfg.n_positions)
+    T = min(T, cfg.max_position_embeddings)
     return (np.arange(B * T).reshape(B, T) * 7919 + 13) % cfg.vocab_size
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits(cfg: GPT2Config, params, tokens):
+def _logits(cfg: ModelConfig, params, tokens):
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    return GPT2(cfg).apply(params, tokens, positions, jnp.ones_like(tokens))
+    return family_of(cfg).module(cfg).apply(params, tokens, positions, jnp.ones_like(tokens))
 
 
 def _host_params(params) -> dict:
@@ -439,10 +465,10 @@ def move_into_place(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
-def export_hf(params, cfg: GPT2Config, out_dir, *, tokenizer=None, chat_template: str | None = None,
+def export_hf(params, cfg: ModelConfig, out_dir, *, tokenizer=None, chat_template: str | None = None,
               dtype: str = "float32", verify: bool = True, overwrite: bool = False) -> ExportReport:
-    """Write an HF GPT-2 dir (config, safetensors, generation config, tokenizer), verify it, then
-    move it into place. On any failure nothing is left at ``out_dir``."""
+    """Write an HF causal-LM dir of the config's family (config, safetensors, generation config,
+    tokenizer), verify it, then move it into place. On any failure nothing is left at ``out_dir``."""
     if dtype not in ("float32", "bfloat16"):
         raise HFFormatError(f"export dtype {dtype!r}: choose float32 or bfloat16")
     if chat_template is not None and tokenizer is None:
@@ -472,7 +498,7 @@ def export_hf(params, cfg: GPT2Config, out_dir, *, tokenizer=None, chat_template
         raise
 
 
-def _verify(host: dict, cfg32: GPT2Config, tmp: Path, dtype: str, tokenizer, report: ExportReport) -> None:
+def _verify(host: dict, cfg32: ModelConfig, tmp: Path, dtype: str, tokenizer, report: ExportReport) -> None:
     """Reload what was written and compare logits: JAX reload, then transformers if importable.
 
     JAX's logits are computed with full float32 matmuls: on GPUs the default precision for
