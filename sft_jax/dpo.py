@@ -24,7 +24,7 @@ def run_command(argv, *, prog: str, doc: str, objective: str, default_config: st
     parser.add_argument("--config", default=default_config, help=f"YAML file or packaged config name "
                                                                  f"(default: {default_config})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. dpo.beta=0.2")
-    args = cli.parse(parser, argv)
+    args = cli.parse(parser, argv, config_help=True)
 
     from sft_jax.core import loop as core_loop
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_jax.ppo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="ppo_demo", help="YAML file or packaged config name (default: ppo_demo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. ppo.advantage=grpo")
-    args = cli.parse(parser, argv)
+    args = cli.parse(parser, argv, config_help=True)
 
     from sft_jax import trainer
     from sft_jax.config import load_config

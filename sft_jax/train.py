@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_jax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file or packaged config name (default: demo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
-    args = cli.parse(parser, argv)
+    args = cli.parse(parser, argv, config_help=True)
 
     from sft_jax import trainer
 
