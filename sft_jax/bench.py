@@ -7,7 +7,7 @@ Both sides run the same computation on the same weights and batch: fp32 master w
 first 30% of each row is prompt: label -100 for torch, weight 0 for JAX), global-norm
 clipping at 1.0, the trainer's AdamW (``sft_jax.core.optimizer``; decay 0.1 on matmul weights) on
 its linear-warmup cosine schedule. The JAX side times the trainer's own step
-(``sft_jax.train_step.make_train_step``: scanned layers, the chunked float32 ``token_nll``,
+(``sft_jax.objectives.sft.make_train_step``: scanned layers, the chunked float32 ``token_nll``,
 the non-finite guard, a donated state) on a one-device mesh, so the number is what
 ``python -m sft_jax.train`` runs; torch is eager ``GPT2LMHeadModel`` with SDPA attention
 and fused AdamW on CUDA. The torch model is built from the JAX initial parameters, so the

@@ -486,3 +486,11 @@ def _join(where: str, name: str) -> str:
 
 def _mesh_str(shape) -> str:
     return "{" + ", ".join(f"{a}: {s}" for a, s in zip(MESH_AXES, shape)) + "}"
+
+
+if __name__ == "__main__":  # python -m sft_jax.config --markdown: the reference page, docs/configuration.md
+    import sys
+
+    from sft_jax import configref
+
+    sys.exit(configref.main())
