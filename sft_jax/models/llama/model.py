@@ -98,7 +98,7 @@ class LlamaConfig:
     num_hidden_layers: int = 16  # L
     num_attention_heads: int = 32  # H
     num_key_value_heads: int = 8  # G; each kv head serves H / G query heads
-    head_dim: Optional[int] = None  # K; None: hidden_size // num_attention_heads (filled in)
+    head_dim: Optional[int] = None  # K; None: filled in as hidden_size // num_attention_heads (HF's rule)
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072  # the longest sequence the model was trained for
     # Rotary embeddings. Fields a rope type does not use are reset to these defaults.
@@ -116,7 +116,7 @@ class LlamaConfig:
     initializer_range: float = 0.02  # HF's init std
     bos_token_id: Optional[int] = 128000
     eos_token_id: Optional[int] = 128001
-    extra_eos_token_ids: tuple = ()  # HF configs may list several eos ids; the first is eos_token_id
+    extra_eos_token_ids: tuple[int, ...] = ()  # HF configs may list several eos ids; the first is eos_token_id
     pad_token_id: Optional[int] = None
     # How to compute (not part of the checkpoint's identity):
     dtype: str = "float32"  # compute dtype: float32 for parity, bfloat16 for training
@@ -192,11 +192,6 @@ class LlamaConfig:
     def n_positions(self) -> int:
         """The longest sequence, under GPT-2's name (the sampler budgets prompts with it)."""
         return self.max_position_embeddings
-
-    @property
-    def attention_window(self) -> Optional[int]:
-        """The sliding window in force, or None (full causal attention)."""
-        return self.sliding_window
 
     @property
     def rope_scaling(self) -> Optional[dict]:
@@ -335,7 +330,7 @@ class LlamaConfig:
             d.update(use_sliding_window=self.use_sliding_window, sliding_window=self.sliding_window,
                      max_window_layers=0 if self.use_sliding_window else self.num_hidden_layers)
         else:
-            d.update(sliding_window=self.attention_window)
+            d.update(sliding_window=self.sliding_window)
         return d
 
     def to_dict(self) -> dict:
@@ -543,8 +538,8 @@ class Llama(nn.Module):
         cfg = self.config
         dt = cfg.compute_dtype
         S = tokens.shape[1] if cache is None else cache["segment_ids"].shape[1]
-        if cfg.attention_window is not None and S > cfg.attention_window:
-            raise ValueError(f"{S} keys exceed sliding_window={cfg.attention_window}; only windows that cover "
+        if cfg.sliding_window is not None and S > cfg.sliding_window:
+            raise ValueError(f"{S} keys exceed sliding_window={cfg.sliding_window}; only windows that cover "
                              f"the whole sequence (full attention) are implemented")
         x = _constrain(_embed(self.embed_tokens, tokens, "vocab").astype(dt), ("batch", "length", "embed"))  # (B,T,D)
         rope = rotary_tables(positions, cfg)
