@@ -9,6 +9,8 @@
 - ``load_config``: the typed config with the "no --config" rule (see ``NEEDS_CONFIG``).
 - ``training_command``: the one body of ``train``, ``reward``, ``dpo`` and ``ppo``; each names
   its objective and default config.
+- ``parse(..., config_help=True)``: a command that reads the config names its sections in
+  ``--help`` and takes ``--help-config [SECTION]`` (``add_config_help``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,52 @@ USER_ERROR_EXIT = 2
 NEEDS_CONFIG = ("model.init_from", "data.train", "data.eval")
 
 
-def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+def parse(parser: argparse.ArgumentParser, argv=None, *, config_help: bool = False) -> argparse.Namespace:
     """``parser.parse_intermixed_args``: positionals (overrides) on both sides of options.
-    argparse cannot intermix with subcommands (``convert``); those parse as usual."""
+    argparse cannot intermix with subcommands (``convert``); those parse as usual.
+    ``config_help``: the command reads the config (see ``add_config_help``)."""
+    if config_help:
+        add_config_help(parser)
     if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
         return parser.parse_args(argv)
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if config_help and args.help_config is not None:
+        sys.exit(print_config_help(args.help_config))
+    return args
+
+
+def add_config_help(parser: argparse.ArgumentParser) -> None:
+    """``--help-config [SECTION]``, and a ``--help`` epilog that names the config sections and
+    the reference page. Reads no config (and imports no jax) until ``--help-config`` is given."""
+    from sft_jax import configref
+
+    parser.add_argument("--help-config", nargs="?", const="", default=None, metavar="SECTION",
+                        help="print every config key (or those of SECTION) with its type, default and meaning, "
+                             "and exit")
+    parser.epilog = configref.epilog()
+    if parser.formatter_class is argparse.HelpFormatter:
+        parser.formatter_class = _UnbrokenOptionsFormatter
+
+
+class _UnbrokenOptionsFormatter(argparse.HelpFormatter):
+    """argparse's wrapping, without breaking a line inside ``--help-config``."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
+def print_config_help(section: str) -> int:
+    """Print the keys of ``section`` ("" = all, or a dotted key); an unknown one is a user error."""
+    from sft_jax import configref
+
+    try:
+        print(configref.text(section))
+    except KeyError:
+        return user_error(f"unknown config section {section!r}; sections: {', '.join(configref.section_names())}")
+    return 0
 
 
 def user_error(message) -> int:
@@ -110,7 +152,7 @@ def training_command(argv, *, prog: str, doc: str, objective: str, default_confi
     parser.add_argument("--config", default=default_config,
                         help=f"YAML file or packaged config name (default: {default_config or 'demo'})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
-    args = parse(parser, argv)
+    args = parse(parser, argv, config_help=True)
 
     def start():
         from sft_jax.core import loop

@@ -47,12 +47,12 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     init_from: str = "scratch"  # HF directory, hub name (gpt2, gpt2-medium, ...), or 'scratch'
-    preset: str = "demo"  # architecture and size for init_from=scratch: a preset of any family (models.family)
+    preset: str = "demo"  # architecture and size for init_from=scratch: any family's preset (docs/models.md)
     tokenizer: Optional[str] = None  # HF dir/hub name, or 'demo'; null = init_from's own ('demo' for scratch)
     n_positions: int = 1024  # context length for init_from=scratch (HF models bring their own)
     dtype: str = "bfloat16"  # compute dtype (weights stay float32): float32 | bfloat16 | float16
     remat: str = "none"  # rematerialisation: none | full | save_dots | offload
-    attention: str = "auto"  # auto | xla (reference) | cudnn_bias | cudnn_packed | pallas | splash (models.layers.attention)
+    attention: str = "auto"  # auto (by backend and dtype) | xla (reference) | cudnn_bias | cudnn_packed | pallas | splash
     scan_layers: bool = True  # scan the layer stack (one compiled block) instead of unrolling
 
 
@@ -488,3 +488,11 @@ def _join(where: str, name: str) -> str:
 
 def _mesh_str(shape) -> str:
     return "{" + ", ".join(f"{a}: {s}" for a, s in zip(MESH_AXES, shape)) + "}"
+
+
+if __name__ == "__main__":  # python -m sft_jax.config --markdown: the reference page, docs/configuration.md
+    import sys
+
+    from sft_jax import configref
+
+    sys.exit(configref.main())

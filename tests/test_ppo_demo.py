@@ -56,7 +56,7 @@ def test_grpo_climbs_a_reward_from_the_sft_model(sft_demo, tmp_path):
     lr 1e-3. Measured (2-core CPU, 39 s): the rollouts' mean reward 0.66, 0.69, 0.87, 1.12, 1.33,
     2.01; answer length 3.8 -> 6.0 tokens. Asserted: the last rollout's reward >= 2x the first's
     and the answers longer. (The exact-match reward does not rise on this demo within 5
-    minutes: README, RLHF section.)"""
+    minutes: docs/rl.md.)"""
     assert sft_demo.done.returncode == 0, sft_demo.done.stderr[-3000:]
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo").symlink_to(sft_demo.out)

@@ -5,7 +5,7 @@ The demo code runs as shipped (sft_jax.demos.preference: pairs from the SFT mode
 mistakes, training on the core, then its figures); only the sizes are smaller: 800 training
 prompts instead of 4,000, 200 held-out pairs instead of 500, exact match on 100 prompts instead
 of 200, 40 optimizer steps instead of 100 (DPO) or 150 (reward). The bars are the issue's, lowered
-for the shorter schedule (the full demos' figures are in the README, timed by hand):
+for the shorter schedule (the full demos' figures are in docs/preference.md, timed by hand):
 
     DPO:    exact match >= SFT - 0.03 (full: SFT - 0.01); held-out preference accuracy >= 0.8 (full: 0.9)
     reward: held-out pairwise accuracy >= 0.6 (full demo: reported, 0.76 measured)

@@ -1,6 +1,6 @@
-"""README figures that no behavioural test pins: documented defaults and constants.
+"""Documented figures that no behavioural test pins: defaults and constants stated in docs/.
 
-Each assertion quotes the README sentence it holds; change the code and the README together."""
+Each assertion quotes the sentence it holds and names its page; change the code and the page together."""
 
 import os
 import threading
@@ -15,14 +15,16 @@ from sft_jax.runtime.runlock import Lease
 
 
 def test_documented_defaults():
-    # "If a process dies, the others exit non-zero after distributed.heartbeat_timeout seconds (default 100)"
+    # docs/clusters.md: "If a process dies, the others exit non-zero after distributed.heartbeat_timeout
+    # seconds (default 100)"
     assert DistributedConfig().heartbeat_timeout == 100
-    # "A persistent XLA compilation cache is on by default (train.compilation_cache, default ~/.cache/sft_jax/xla"
+    # docs/training.md: "A persistent XLA compilation cache is on by default (train.compilation_cache,
+    # default ~/.cache/sft_jax/xla"
     assert config_lib.TrainSection().compilation_cache == "~/.cache/sft_jax/xla"
 
 
 def test_data_cache_default_location(monkeypatch):
-    # "data.cache_dir, default $SFT_JAX_DATA_CACHE or ~/.cache/sft_jax/data"
+    # docs/configuration.md, data.cache_dir: "$SFT_JAX_DATA_CACHE or ~/.cache/sft_jax/data"
     monkeypatch.delenv("SFT_JAX_DATA_CACHE", raising=False)
     assert os.path.expanduser(cache_root(DataConfig())) == os.path.expanduser("~/.cache/sft_jax/data")
     monkeypatch.setenv("SFT_JAX_DATA_CACHE", "/somewhere/else")
@@ -30,8 +32,8 @@ def test_data_cache_default_location(monkeypatch):
 
 
 def test_gs_lease_is_renewed_every_40_s_and_expires_after_120(tmp_path):
-    # "the holder renews it every 40 s, and a newcomer takes it over only once it has
-    # expired (120 s after the holder's death)"
+    # docs/training.md: "the holder renews it every 40 s, and a newcomer takes it over only once
+    # it has expired (120 s after the holder's death)"
     waits = []
 
     class Recording(threading.Event):

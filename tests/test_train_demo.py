@@ -54,7 +54,7 @@ def test_bf16_tracks_float32(tmp_path, monkeypatch):
 def test_demo_as_shipped_reaches_exact_match_0_8(sft_demo):
     """``python -m sft_jax.train`` with nothing but an output directory, on the plain single
     CPU device a user has (the session's ``sft_demo`` fixture). The wall time is reported, not
-    asserted (README figure)."""
+    asserted (docs/benchmarks.md)."""
     out, done, wall = sft_demo.out, sft_demo.done, sft_demo.wall
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     evals = metrics(out, "eval")

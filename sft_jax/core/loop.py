@@ -1,8 +1,8 @@
 """The training run of any objective, top to bottom: validate, build, loop, evaluate,
 checkpoint, export.
 
-``run(config, objective_cls)`` is what ``python -m sft_jax.train`` (through
-``sft_jax.trainer``) and every later command call. Its order matters:
+``run(config, objective_cls)`` is what ``python -m sft_jax.train``, ``reward``, ``dpo`` and
+``ppo`` call (through ``sft_jax.cli.training_command``). Its order matters:
 
 1. Everything a user can get wrong is checked before the run directory is touched: the
    config (already typed), the mesh against the devices, the batch against the mesh, the

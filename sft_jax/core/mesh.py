@@ -49,12 +49,14 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),  # activations: rows over every data-parallel device
     ("vocab", "tensor"),  # embedding rows and the LM head's logits
     ("heads", "tensor"),  # attention heads (q, k, v, output projection)
+    ("kv_heads", "tensor"),  # grouped-query K/V heads: split when the tensor size divides them, else replicated
     ("mlp", "tensor"),  # MLP width
     ("embed", "fsdp"),  # model width of every weight matrix: the ZeRO-3 split
     ("length", None),
     ("positions", None),
     ("qkv", None),
     ("head_dim", None),
+    ("norm", None),  # RMSNorm scales
     ("layers", None),  # the scanned layer axis stays whole: each step slices one layer
 )
 

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML file or packaged config name (default: demo)")
     parser.add_argument("--json", action="store_true", help="print JSON (full precision) instead of Markdown")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.max_length=512")
-    args = cli.parse(parser, argv)
+    args = cli.parse(parser, argv, config_help=True)
 
     from sft_jax.data import build_datasets, report_to_markdown
     from sft_jax.data.report import report_to_json
