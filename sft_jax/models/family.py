@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 DEFAULT_MODEL_TYPE = "gpt2"  # checkpoints written before the family was stored hold GPT-2
 
@@ -27,6 +27,7 @@ DEFAULT_MODEL_TYPE = "gpt2"  # checkpoints written before the family was stored 
 # more row; its module is imported on first use.
 REGISTRY: dict[str, tuple[str, tuple[str, ...]]] = {
     "gpt2": ("sft_jax.models.gpt2", ("gpt2",)),
+    "llama": ("sft_jax.models.llama", ("llama", "qwen2", "mistral")),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(t for _, types in REGISTRY.values() for t in types))
 
@@ -75,9 +76,9 @@ class Family:
     logits: Callable[..., Any]  # (params, hidden (B,T,D), cfg) -> (B,T,V) float32, padding -inf
     token_nll: Callable[..., Any]  # (params, hidden, targets (B,T), cfg, chunk=0) -> (B,T) float32
     init_cache: Callable[..., Any]  # (cfg, batch, max_len, dtype=None) -> an empty KV cache
-    key_map: Any  # sft_jax.models.hf_io.KeyMap: where each parameter sits in an HF checkpoint
-    causal_lm_class: str  # transformers class of the LM export ("GPT2LMHeadModel")
-    reward_class: str  # transformers class of the reward-model export ("GPT2ForSequenceClassification")
+    key_map: Callable[[Any], Any]  # cfg -> sft_jax.models.hf_io.KeyMap: where each parameter sits in HF files
+    causal_lm_classes: Mapping[str, str]  # model_type -> transformers class of the LM export
+    reward_classes: Mapping[str, str]  # model_type -> transformers class of the reward-model export
     score_key: str  # the reward head's tensor in that export, (1, D)
     arch_fields: tuple[str, ...]  # config fields that identify the architecture (a resume must match them)
     embedding_names: tuple[str, ...]  # parameter names of embedding tables (exempt from weight decay by default)
@@ -94,7 +95,7 @@ def _name_of(model_type: str) -> str:
 def _load(name: str) -> Family:
     module, types = REGISTRY[name]
     family = importlib.import_module(module).FAMILY
-    if family.name != name or tuple(family.model_types) != types:
+    if family.name != name or set(family.model_types) != set(types):
         raise AssertionError(f"{module}.FAMILY ({family.name}, {family.model_types}) does not match its "
                              f"registration ({name}, {types})")
     return family

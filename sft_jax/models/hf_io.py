@@ -41,23 +41,25 @@ class KeyMap:
     """How a family's parameters sit in an HF checkpoint.
 
     Each row of ``global_layout`` and ``layer_layout`` is (HF key, our path, HF shape, our shape);
-    shapes are comma-separated terms of axis letters that ``sizes(cfg)`` gives, each optionally
-    with an integer factor ("D", "3D", "HK"), and each HF axis maps onto one or more
-    consecutive axes of ours (a reshape, never a copy). Layer rows name layer i's tensor
+    shapes are tuples of sizes or comma-separated terms of axis letters that ``sizes(cfg)`` gives,
+    each optionally with an integer factor ("D", "3D", "HK"), and each HF axis (of the tensor's
+    transpose for ``transposed`` paths) maps onto one or more consecutive axes of ours. Layer rows name layer i's tensor
     ``layer_key.format(i=i) + key`` and our leaf ``stack/path`` with a leading L axis."""
 
     prefix: str  # stripped from HF keys when present on read, written before every key on export
-    global_layout: tuple[tuple[str, str, str, str], ...]
-    layer_layout: tuple[tuple[str, str, str, str], ...]
+    global_layout: tuple[tuple[str, str, Any, Any], ...]
+    layer_layout: tuple[tuple[str, str, Any, Any], ...]
     layer_key: str  # HF key prefix of layer i's tensors, e.g. "h.{i}."
     stack: str  # our subtree holding the scanned layers
-    sizes: Callable[[Any], dict[str, int]]  # axis letter -> size, for a config
-    ignored: re.Pattern = re.compile(r"$^")  # HF keys that are not weights (buffers, a tied head): skipped
+    sizes: Callable[[Any], dict[str, int]] = lambda cfg: {}  # axis letter -> size, for a config
+    ignored: re.Pattern = re.compile(r"$^")  # HF keys (searched) that are not weights (buffers, a tied head)
     vocab_axes: tuple[tuple[str, int], ...] = ()  # (our path, axis) padded to padded_vocab_size rows
     transposed: frozenset = frozenset()  # our paths whose HF tensor is stored (out, in): read as its transpose
 
 
-def _dims(spec: str, size: dict[str, int]) -> tuple[int, ...]:
+def _dims(spec: str | tuple[int, ...], size: dict[str, int]) -> tuple[int, ...]:
+    if isinstance(spec, tuple):  # given as numbers
+        return spec
     out = []
     for term in spec.split(","):
         digits = len(term) - len(term.lstrip("0123456789"))
@@ -212,7 +214,7 @@ class _Checkpoint:
             for raw in raw_keys:
                 self.where[raw.removeprefix(prefix)] = (f, raw)
 
-    def check(self, layout: list[_Tensor], family: Family, extra_keys=()) -> None:
+    def check(self, layout: list[_Tensor], family: Family, keys: KeyMap, extra_keys=()) -> None:
         """Every tensor present with its HF shape and nothing unknown (besides ``extra_keys``); else one clear error."""
         expected = {}
         for t in layout:
@@ -225,7 +227,7 @@ class _Checkpoint:
             if f.shape(raw) != shape:
                 raise HFFormatError(f"{f.path}: tensor {raw!r} has shape {f.shape(raw)}, expected {shape}")
         unknown = sorted(k for k in self.where
-                         if k not in expected and k not in extra_keys and not family.key_map.ignored.match(k))
+                         if k not in expected and k not in extra_keys and not keys.ignored.search(k))
         if unknown:
             raise HFFormatError(f"{self._files()}: unexpected tensors {unknown[:5]}{'...' if len(unknown) > 5 else ''}; "
                                 f"not a plain {family.name} LM checkpoint")
@@ -321,7 +323,8 @@ def read_config(directory: Path, **compute_overrides) -> ModelConfig:
     try:
         return family.config_cls.from_hf_config(hf_config, **compute_overrides)
     except (ValueError, KeyError, TypeError) as e:
-        raise HFFormatError(f"{config_file}: not a supported {family.name} config ({type(e).__name__}: {e})") from e
+        raise HFFormatError(f"{config_file}: not a supported {hf_config['model_type']!r} config "
+                            f"({type(e).__name__}: {e})") from e
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -345,9 +348,10 @@ def load_hf(path_or_name, *, shardings=None, extra_keys=(), **compute_overrides)
     directory = resolve_dir(str(path_or_name))
     cfg = read_config(directory, **compute_overrides)
     family = family_of(cfg)
-    source = _Checkpoint(directory, family.key_map.prefix)
-    layout = _layout(cfg, family.key_map)
-    source.check(layout, family, extra_keys)
+    keys = family.key_map(cfg)
+    source = _Checkpoint(directory, keys.prefix)
+    layout = _layout(cfg, keys)
+    source.check(layout, family, keys, extra_keys)
     flat_shardings = None
     if shardings is not None:
         flat_shardings = {}
@@ -384,7 +388,7 @@ def load_tokenizer(path_or_name):
 
 def to_hf_state_dict(params, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Host numpy arrays under the keys of the family's HF causal-LM class (a tied head left out)."""
-    return _state_dict(params, cfg, family_of(cfg).key_map, dtype)
+    return _state_dict(params, cfg, family_of(cfg).key_map(cfg), dtype)
 
 
 def _state_dict(params, cfg: ModelConfig, keys: KeyMap, dtype: str) -> dict[str, np.ndarray]:
@@ -524,11 +528,12 @@ def _verify(host: dict, cfg32: ModelConfig, tmp: Path, dtype: str, tokenizer, re
         report.checks.append(f"jax reload: bfloat16 logits within {diff:.3g} of float32 (tol {tol:.3g})")
     try:
         import torch
-        from transformers import AutoModelForCausalLM
+        import transformers
     except ImportError:
         report.checks.append("transformers logits: skipped (torch not importable)")
         return
-    model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+    causal_lm_class = family_of(cfg32).causal_lm_classes[cfg32.model_type]
+    model = getattr(transformers, causal_lm_class).from_pretrained(str(tmp), dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         hf_logits = model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()

@@ -34,7 +34,7 @@ def is_reward_config(config: dict) -> bool:
         family = get_family(config.get("model_type"))
     except ValueError:
         return False
-    return family.reward_class in (config.get("architectures") or [])
+    return family.reward_classes[config["model_type"]] in (config.get("architectures") or [])
 
 
 def verify_rows(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +88,7 @@ def export_reward_hf(params, head: dict, cfg: ModelConfig, out_dir, *, tokenizer
         tensors[family.score_key] = np.ascontiguousarray(kernel.T)  # (1, D)
         hf.write_safetensors(tensors, tmp / "model.safetensors")
         config = json.loads((tmp / "config.json").read_text())
-        config.update(architectures=[family.reward_class], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+        config.update(architectures=[family.reward_classes[cfg.model_type]], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
                       pad_token_id=cfg.eos_token_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         report.out_dir = str(out)
@@ -117,7 +117,7 @@ def _verify(params, head: dict, cfg: ModelConfig, tmp: Path, report) -> None:
     except ImportError:
         report.checks.append("transformers reward scores: skipped (torch not importable)")
         return
-    reward_class = family_of(cfg).reward_class
+    reward_class = family_of(cfg).reward_classes[cfg.model_type]
     model = getattr(transformers, reward_class).from_pretrained(str(tmp), dtype=torch.float32).eval()
     with torch.no_grad():  # no attention mask: right padding with eos, as a user scores a batch
         hf_scores = model(torch.from_numpy(tokens)).logits[:, 0].numpy()
@@ -139,9 +139,10 @@ def load_reward_hf(path_or_name, *, shardings=None, **compute_overrides) -> tupl
         family = get_family(config.get("model_type"))
     except ValueError as e:
         raise hf.HFFormatError(f"{config_file}: {e}") from e
-    if family.reward_class not in (config.get("architectures") or []):
+    reward_class = family.reward_classes[config["model_type"]]
+    if reward_class not in (config.get("architectures") or []):
         raise hf.HFFormatError(f"{config_file}: architectures={config.get('architectures')}, "
-                               f"expected [{family.reward_class!r}]")
+                               f"expected [{reward_class!r}]")
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
     if labels != 1:
         raise hf.HFFormatError(f"{config_file}: {labels} labels; a reward model has one (num_labels 1)")
@@ -149,7 +150,7 @@ def load_reward_hf(path_or_name, *, shardings=None, **compute_overrides) -> tupl
     if config.get("pad_token_id") != cfg.eos_token_id:
         raise hf.HFFormatError(f"{config_file}: pad_token_id={config.get('pad_token_id')} is not the eos token "
                                f"{cfg.eos_token_id}; scores would be read at another position than sft_jax reads them")
-    source = hf._Checkpoint(directory, family.key_map.prefix)
+    source = hf._Checkpoint(directory, family.key_map(cfg).prefix)
     if family.score_key not in source.where:
         raise hf.HFFormatError(f"{directory}: missing tensor {family.score_key!r} (the reward head)")
     f, raw = source.where[family.score_key]

@@ -105,5 +105,6 @@ class RewardObjective(PairData, Objective):
                              self.model_cfg.replace(dtype="float32", remat="none"), export_dir,
                              tokenizer=self.tokenizer, chat_template=chat_template(self.config.data), verify=True,
                              overwrite=True)
-        return [f"HF export:   {export_dir} ({family_of(self.model_cfg).reward_class})",
+        reward_class = family_of(self.model_cfg).reward_classes[self.model_cfg.model_type]
+        return [f"HF export:   {export_dir} ({reward_class})",
                 f"score pairs: python -m sft_jax.reward score --model {export_dir} --data FILE"]

@@ -21,11 +21,19 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
-from sft_jax.models.llama.model import LlamaConfig
+from sft_jax.models.hf_io import KeyMap
+from sft_jax.models.llama.model import MODEL_TYPES, LlamaConfig
+
+CAUSAL_LM_CLASSES = MODEL_TYPES
+# the reward model: the trunk plus a bias-free score head, score.weight (1, D)
+REWARD_CLASSES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                  "mistral": "MistralForSequenceClassification"}
+SCORE_KEY = "score.weight"
 
 # (HF key, our path, HF shape, our shape, transposed): transposed HF weights are (out, in)
 _Entry = tuple[str, tuple[str, ...], tuple[int, ...], tuple[int, ...], bool]
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_IGNORED_TIED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^lm_head\.weight$")
 
 
 def _layout(cfg: LlamaConfig) -> tuple[list[_Entry], list[_Entry]]:
@@ -55,6 +63,16 @@ def _layout(cfg: LlamaConfig) -> tuple[list[_Entry], list[_Entry]]:
     if cfg.attention_out_bias:
         layer.append(("self_attn.o_proj.bias", attn + ("o_proj_bias",), (D,), (D,), False))
     return top, layer
+
+
+def key_map(cfg: LlamaConfig) -> KeyMap:
+    """The layout for ``sft_jax.models.hf_io`` (slice-by-slice import, verified export)."""
+    top, layer = _layout(cfg)
+    rows = lambda entries: tuple((key, "/".join(path), hf_shape, shape) for key, path, hf_shape, shape, _ in entries)
+    transposed = frozenset("/".join(path) for _, path, _, _, t in top + layer if t)
+    return KeyMap(prefix="", global_layout=rows(top), layer_layout=rows(layer), layer_key="model.layers.{i}.",
+                  stack="layers", ignored=_IGNORED_TIED if cfg.tie_word_embeddings else _IGNORED,
+                  vocab_axes=(("embed_tokens", 0), ("lm_head", 0)), transposed=transposed)
 
 
 def _expected_keys(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:

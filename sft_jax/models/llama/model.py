@@ -182,11 +182,6 @@ class LlamaConfig:
         return jnp.dtype(self.dtype)
 
     @property
-    def n_positions(self) -> int:
-        """The longest sequence, under GPT-2's name (the sampler budgets prompts with it)."""
-        return self.max_position_embeddings
-
-    @property
     def rope_scaling(self) -> Optional[dict]:
         """HF's ``rope_scaling`` dict (None for plain rotary)."""
         if self.rope_type == "default":
@@ -213,9 +208,23 @@ class LlamaConfig:
         a lookup) plus attention 12 * L * H * K * T (QK^T and AV, fwd+bwd, causal mask not
         discounted), PaLM appendix B convention as GPT-2's. Forward only is a third of it."""
         n = self.num_params() - (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
-        attn_width = self.num_attention_heads * self.head_dim
-        flops = 6 * n + 12 * self.num_hidden_layers * attn_width * seq_len
+        flops = 6 * n + self.attention_flops_per_token(seq_len)
         return flops if training else flops / 3
+
+    def attention_flops_per_token(self, seq_len: int) -> int:
+        """The attention part of ``flops_per_token`` (training): 12 * L * H * K * T."""
+        return 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+
+    def activations_per_token(self, remat: str) -> int:
+        """Activation elements kept per token and layer for the backward pass under ``remat``
+        (attention scores aside), counted as GPT-2's: without remat the two norm inputs 2D, q/k/v
+        (H + 2G)K, attention output HK, o_proj output D, gate, up, silu(gate) and their product 4F,
+        down_proj output D; save_dots keeps the matmul outputs plus the norm inputs; full remat
+        the block's input D. Not yet compared with XLA's temp bytes."""
+        D, F, H, G, K = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
+                         self.num_key_value_heads, self.head_dim)
+        dots = (H + 2 * G) * K + D + 2 * F + D
+        return {"none": 2 * D + (H + 2 * G) * K + H * K + D + 4 * F + D, "save_dots": 2 * D + dots, "full": D}[remat]
 
     # --- presets and HF conversion -----------------------------------------
     @classmethod
