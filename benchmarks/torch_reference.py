@@ -1,6 +1,7 @@
-"""The PyTorch side of ``python -m sft_jax.bench``: HF transformers' ``GPT2LMHeadModel`` doing
-the same SFT step as sft_jax (same weights, batch, clipping, AdamW and schedule), eager or
-under ``torch.compile``. Loaded by ``sft_jax.bench.torch_reference``."""
+"""The PyTorch side of ``python -m sft_jax.bench``: HF transformers' causal LM of the model's family
+(``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...) doing the same SFT step as sft_jax (same weights,
+batch, clipping, AdamW and schedule), eager or under ``torch.compile``. Loaded by
+``sft_jax.bench.torch_reference``."""
 
 from __future__ import annotations
 
@@ -13,26 +14,34 @@ import numpy as np
 
 from sft_jax.bench import OPTIM, _result, _timed
 from sft_jax.core.optimizer import make_optimizer
-from sft_jax.models.gpt2 import GPT2Config
+from sft_jax.models.family import ModelConfig, family_of
 from sft_jax.models.hf_io import to_hf_state_dict
 
 
-def torch_model(cfg: GPT2Config, params: dict, device: str):
-    """HF ``GPT2LMHeadModel`` (SDPA attention) holding the same weights as ``params``."""
+def torch_model(cfg: ModelConfig, params: dict, device: str):
+    """The family's HF causal LM (SDPA attention) holding the same weights as ``params``."""
     import torch
     import transformers
 
-    hf_config = transformers.GPT2Config(**{**cfg.to_hf_config(), "use_cache": False}, attn_implementation="sdpa")
-    model = transformers.GPT2LMHeadModel(hf_config)
-    model.loss_type = "ForCausalLM"  # HF's name-based lookup misses this class and warns; same loss either way
+    hf_config = transformers.AutoConfig.for_model(**{**cfg.to_hf_config(), "use_cache": False},
+                                                  attn_implementation="sdpa")
+    model = getattr(transformers, family_of(cfg).causal_lm_classes[cfg.model_type])(hf_config)
+    model.loss_type = "ForCausalLM"  # HF's name-based lookup misses some classes and warns; same loss either way
     state = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(params, cfg).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to wte
+    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied lm_head is the embedding, not in the state
         raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
     return model.to(device)
 
 
-def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warmup: int, compile: bool = False) -> dict:
+def embedding_keys(cfg: ModelConfig) -> set[str]:
+    """HF names of the embedding tables (sft_jax's optimizer does not decay them by default)."""
+    family = family_of(cfg)
+    keys = family.key_map(cfg)
+    return {keys.prefix + key for key, path, _, _ in keys.global_layout if path in family.embedding_names}
+
+
+def run_torch(cfg: ModelConfig, params: dict, hf_batch: dict, *, steps: int, warmup: int, compile: bool = False) -> dict:
     """HF eager (or ``compile=True``: ``torch.compile`` of the same model) on ``hf_batch``;
     ``position_ids`` and a 4D ``attention_mask`` are passed through when present (packed rows)."""
     import torch
@@ -46,10 +55,12 @@ def run_torch(cfg: GPT2Config, params: dict, hf_batch: dict, *, steps: int, warm
         enable()
     optim = dataclasses.replace(OPTIM, warmup_steps=warmup)
 
-    def decays(name, p):  # sft_jax.core.optimizer's decay mask in HF names: matmul weights, not embeddings/biases/LN
-        return p.ndim == 2 and not name.endswith(("wte.weight", "wpe.weight"))
+    embeddings = embedding_keys(cfg)
 
-    named = list(model.named_parameters())  # the tied lm_head is listed once, as wte
+    def decays(name, p):  # sft_jax.core.optimizer's decay mask in HF names: matmul weights, not embeddings/biases/norms
+        return p.ndim == 2 and name not in embeddings
+
+    named = list(model.named_parameters())  # a tied lm_head is listed once, as the embedding
     groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": optim.weight_decay},
               {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps, fused=cuda)
