@@ -25,7 +25,7 @@ FAMILY_IMPORT = re.compile(r"(sft_jax\.models\.gpt2|from sft_jax\.models import 
 
 def _seam_files() -> list[Path]:
     files = [f for d in SEAM_DIRS for f in sorted((PACKAGE / d).rglob("*.py"))]
-    return files + [PACKAGE / f"{name}.py" for name in COMMANDS]
+    return files + [PACKAGE / f"{name}.py" for name in COMMANDS] + [PACKAGE / "data" / "__main__.py"]
 
 
 def _gpt2_parameter_names() -> set[str]:

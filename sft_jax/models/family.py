@@ -12,6 +12,13 @@ reads, and imported the first time one of them is asked for.
     cfg = config_for_preset("demo", vocab_size=512)
     hidden = family.module(cfg).apply(params, tokens, positions, segment_ids, return_hidden=True)
     nll = family.token_nll(params, hidden, targets, cfg, chunk)   # (B,T) float32
+
+Adding a family: a package ``sft_jax/models/NAME/`` whose ``__init__`` defines ``FAMILY``, with a
+config that has the attributes and methods of ``ModelConfig`` (plus ``preset``, ``from_hf_config``
+and ``from_dict`` class methods), a module built from ``sft_jax.models.layers`` with the call
+above, and a ``KeyMap`` (``sft_jax.models.hf_io``) for its HF checkpoints; then one row in
+``REGISTRY``. ``tests/test_llama_model.py`` shows the tests to copy (logits, packed rows and
+cached decoding against transformers, the key map both ways).
 """
 
 from __future__ import annotations

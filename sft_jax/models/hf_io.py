@@ -43,8 +43,9 @@ class KeyMap:
     Each row of ``global_layout`` and ``layer_layout`` is (HF key, our path, HF shape, our shape);
     shapes are tuples of sizes or comma-separated terms of axis letters that ``sizes(cfg)`` gives,
     each optionally with an integer factor ("D", "3D", "HK"), and each HF axis (of the tensor's
-    transpose for ``transposed`` paths) maps onto one or more consecutive axes of ours. Layer rows name layer i's tensor
-    ``layer_key.format(i=i) + key`` and our leaf ``stack/path`` with a leading L axis."""
+    transpose for ``transposed`` paths) maps onto one or more consecutive axes of ours. Layer rows
+    name layer i's tensor ``layer_key.format(i=i) + key`` and our leaf ``stack/path`` with a
+    leading L axis."""
 
     prefix: str  # stripped from HF keys when present on read, written before every key on export
     global_layout: tuple[tuple[str, str, Any, Any], ...]

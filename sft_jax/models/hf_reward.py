@@ -2,11 +2,11 @@
 ``*ForSequenceClassification`` class, self-verified, and import.
 
 A reward model is a family's trunk plus a bias-free scalar head (``{"score": {"kernel": (D, 1)}}``, see
-sft_jax.models.layers.common.scores_at). HF keeps that head under the family's ``score_key`` (GPT-2: ``score.weight``, (1, D)),
-a Linear's (out, in) layout, so it is the kernel transposed. transformers reads the score at the rightmost
-token that is not ``pad_token_id``; with pad = eos that is the last response token before its closing eos,
-where the JAX side reads it too (``heads.reward_read_position``). Everything else (trunk tensors, config,
-tokenizer, atomic replace) is sft_jax.models.hf_io's export.
+sft_jax.models.layers.common.scores_at). HF keeps that head under the family's ``score_key``
+(``score.weight``, (1, D)), a Linear's (out, in) layout, so it is the kernel transposed. transformers reads
+the score at the rightmost token that is not ``pad_token_id``; with pad = eos that is the last response token
+before its closing eos, where the JAX side reads it too (``heads.reward_read_position``). Everything else
+(trunk tensors, config, tokenizer, atomic replace) is sft_jax.models.hf_io's export.
 """
 
 from __future__ import annotations

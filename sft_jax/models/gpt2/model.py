@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from sft_jax.models.layers.attention import ATTENTION_IMPLS, attention_mask, dot_product_attention
-from sft_jax.models.layers.common import (REMAT_POLICIES, LayerNorm, chunked_nll, constrain, embed_lookup,
-                                          layer_stack, mask_padded_vocab, padded_vocab, param)
+from sft_jax.models.layers.attention import attention_mask, dot_product_attention
+from sft_jax.models.layers.common import (LayerNorm, check_compute_settings, chunked_nll, config_from_fields,
+                                          constrain, embed_lookup, layer_stack, mask_padded_vocab, padded_vocab,
+                                          param)
 from sft_jax.models.layers.kv_cache import advance, decode_inputs, empty_cache, write_layer
 
 Array = jax.Array
@@ -72,14 +73,7 @@ class GPT2Config:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}: choose one of {REMAT_POLICIES}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r}: choose one of {ATTENTION_IMPLS}")
-        if self.max_segments_per_row < 0:
-            raise ValueError(f"model.max_segments_per_row={self.max_segments_per_row}: expected >= 0")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype={self.dtype!r}: choose float32, bfloat16 or float16")
+        check_compute_settings(self)
 
     # --- derived numbers ---------------------------------------------------
     @property
@@ -220,11 +214,7 @@ class GPT2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPT2Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return config_from_fields(cls, d)
 
 
 # --- layers -----------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Pieces every family builds with: parameters with logical axis names, activation layout,
-embedding lookup, LayerNorm, the remat policies, the scanned layer stack, the loss head's
-vocabulary padding and chunked NLL, and a reward model's scalar score head.
+"""Pieces every family builds with: the checks of a config's compute settings, parameters with
+logical axis names, activation layout, embedding lookup, LayerNorm, the remat policies, the
+scanned layer stack, the loss head's vocabulary padding and chunked NLL, and a reward model's
+scalar score head.
 
 Parameters live in float32 and carry logical axis names (``vocab``, ``embed``, ``heads``, ...);
 the trainer maps them to mesh axes with one rules table (``sft_jax.core.mesh.LOGICAL_RULES``).
@@ -10,14 +11,40 @@ from __future__ import annotations
 
 from typing import Callable
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from sft_jax.models.layers.attention import ATTENTION_IMPLS
 
 Array = jax.Array
 
 VOCAB_MULTIPLE = 128  # pad the embedding rows so the vocab axis shards and hits tensor cores
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+
+
+def check_compute_settings(cfg) -> None:
+    """ValueError for a config's compute settings (dtype, remat, attention, max_segments_per_row)
+    that no family runs."""
+    if cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={cfg.remat!r}: choose one of {REMAT_POLICIES}")
+    if cfg.attention not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention={cfg.attention!r}: choose one of {ATTENTION_IMPLS}")
+    if cfg.max_segments_per_row < 0:
+        raise ValueError(f"model.max_segments_per_row={cfg.max_segments_per_row}: expected >= 0")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.dtype={cfg.dtype!r}: choose float32, bfloat16 or float16")
+
+
+def config_from_fields(cls, d: dict):
+    """``cls(**d)`` for a config dataclass, refusing keys it does not have (a checkpoint's stored config)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+    return cls(**d)
 
 
 def padded_vocab(vocab_size: int) -> int:
