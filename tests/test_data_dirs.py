@@ -116,8 +116,8 @@ def test_every_folder_form_gives_the_examples_of_the_one_file_source(tmp_path, f
 def test_eval_from_another_split_of_the_same_folder(forms):
     examples, _ = forms
     tok = small_tokenizer()
-    for train, held_out in ((examples["dict"], f"{examples['dict']}:test"), (examples["hub"], f"{examples['hub']}:test")):
-        cfg = DataConfig(train=train, eval=held_out, cache="off")
+    for folder in (examples["dict"], examples["hub"]):
+        cfg = DataConfig(train=folder, eval=f"{folder}:test", cache="off")
         _, eval_ds, report = build_datasets(cfg, tok, n_positions=1024, vocab_size=len(tok), seed=0)
         assert report.eval.read == 4 and list(eval_ds.examples) == [
             [{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},

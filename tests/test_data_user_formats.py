@@ -208,6 +208,9 @@ def test_names_of_another_tool_point_at_data_columns(tmp_path, tok):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match="preference pairs, read by python -m sft_jax.dpo"):
         build(tok, pairs)
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"question": "Hi", "good": "a", "bad": "b"}])
+    with pytest.raises(DataError, match=r"data.columns, e.g. \{prompt: question, chosen: good, rejected: bad\}"):
+        build_pairs(tok, renamed)
 
 
 def test_columns_config_is_checked():

@@ -1,4 +1,4 @@
-"""Data report: ``python -m sft_jax.data [--config FILE] [--objective auto|sft|ppo|dpo|reward] [key=value ...] [--json]``
+"""Data report: ``python -m sft_jax.data [--config FILE] [--objective NAME] [key=value ...] [--json]``
 
 Loads the same typed config as ``python -m sft_jax.train`` (``sft_jax.config.load_config``, the
 same overrides, where a bare ``key=value`` means ``data.key=value``, and the same "no --config"
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.max_length=512")
     args = cli.parse(parser, argv)
 
-    from sft_jax.data.run import PAIR_OBJECTIVES, reads_pairs, run_datasets
     from sft_jax.core.setup import model_and_tokenizer
+    from sft_jax.data.run import PAIR_OBJECTIVES, reads_pairs, run_datasets
 
     try:
         overrides = [o if "." in o.partition("=")[0] else f"data.{o}" for o in args.overrides]  # bare key: data

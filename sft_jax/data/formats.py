@@ -134,18 +134,18 @@ class Names:
 
 def detect_format(columns, where: str, sample: dict | None = None, mapping: dict | None = None) -> str:
     """Pick the format from a source's column names (as data.columns maps them to ours) and, for a list of
-    messages, the keys of the first message of `sample` (a row): {role, content} is chat, {from, value} sharegpt."""
+    messages, from the first message of `sample` (a row): chat if chat's names read its role ({role: user}),
+    else sharegpt if sharegpt's do ({from: human}), else by the column: conversations is sharegpt."""
     columns = set(columns)
     mapping = mapping or {}
     ours = {({theirs: field for field, theirs in mapping.items()}).get(c, c) for c in columns}
     lists = [c for c in ((mapping["messages"],) if "messages" in mapping else MESSAGE_LISTS) if c in columns]
     if lists:
-        first = _first_message(sample, lists[0])
-        if first is not None:
-            if mapping.get("role", "role") in first:
-                return "chat"
-            if mapping.get("role", "from") in first:
-                return "sharegpt"
+        first = _first_message(sample, lists[0]) or {}
+        for fmt in ("chat", "sharegpt"):
+            names = Names.of(fmt, mapping)
+            if isinstance(first.get(names["role"]), str) and first[names["role"]] in names.roles:
+                return fmt
         return "sharegpt" if lists[0] == "conversations" else "chat"
     if {"instruction", "output"} <= ours:
         return "alpaca"
@@ -169,17 +169,19 @@ def _first_message(sample, column: str):
     return None
 
 
-def columns_hint(columns, sample: dict | None) -> str:
-    """Which data.columns would name a source's columns as ours, guessed from what they hold."""
+def columns_hint(columns, sample: dict | None, fields: tuple = ("instruction", "output")) -> str:
+    """Which data.columns would name a source's columns as ours, guessed from what they hold: a list of
+    messages, or text columns in their order in the row for `fields`."""
     order = [c for c in sample if c in columns] if isinstance(sample, dict) else sorted(columns)
     lists = [c for c in order if _first_message(sample, c) is not None]
     if lists:
         return (f"; if '{lists[0]}' holds the messages, name it with data.columns: {{messages: {lists[0]}}} (and "
                 "role, content, user, assistant if its messages use other names)")
     texts = [c for c in order if not isinstance(sample, dict) or isinstance(sample.get(c), str)]
-    if len(texts) >= 2:
+    if len(texts) >= len(fields):
+        example = ", ".join(f"{ours}: {theirs}" for ours, theirs in zip(fields, texts))
         return (f"; if these columns hold the examples under other names, map them with data.columns, e.g. "
-                f"{{instruction: {texts[0]}, output: {texts[1]}}}")
+                f"{{{example}}}")
     return "; if these columns hold the examples under other names, map them with data.columns"
 
 
@@ -312,7 +314,7 @@ def sharegpt_messages(row: dict, names: Names) -> list[dict]:
             name = row[field][i][names["role"]]
             raise FieldError("not_alternating", f"{field}[{i}].{names['role']}",
                              f"turns must alternate user and assistant, from the user: turn {i + 1} is {name!r} "
-                             f"({turn['role']}) where a {expected} turn belongs")
+                             f"({turn['role']}), expected {expected}")
         out.append(turn)
         expected = "assistant" if expected == "user" else "user"
     return out

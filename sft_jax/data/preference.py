@@ -75,7 +75,8 @@ def detect_preference_format(columns, where: str, sample: dict | None = None, ma
     if not {"chosen", "rejected"} <= ours:
         raise DataError(f"{where}: cannot detect a preference format from columns {sorted(columns)}; expected "
                         "'prompt'+'chosen'+'rejected' (preference), 'conversations'+'chosen'+'rejected' "
-                        "(sharegpt) or 'chosen'+'rejected' (hh), or set data.format" + columns_hint(columns, sample))
+                        "(sharegpt) or 'chosen'+'rejected' (hh), or set data.format"
+                        + columns_hint(columns, sample, ("prompt", "chosen", "rejected")))
     if "prompt" in ours:
         return "preference"
     if "messages" in ours or set(MESSAGE_LISTS) & columns:
@@ -348,7 +349,7 @@ def _read_pairs(cfg, spec) -> _Split:
         fmt = cfg.format
         if fmt == "auto":
             keys = set().union(*(part.columns() for part in parts))
-            sample = next(part.sample() for part in parts if part.sample() is not None)
+            sample = next((part.sample() for part in parts if part.sample() is not None), None)
             fmt = detect_preference_format(keys, source.name, sample, columns)
         split.formats[source.name] = (fmt, columns)
         names = Names.of(fmt, columns)

@@ -192,7 +192,8 @@ def report_to_markdown(report: DataReport) -> str:
 
 
 def formats_cell(formats: dict) -> str:
-    """The format read from each source and the data.columns applied, e.g. "a.jsonl: sharegpt (messages=dialog)"."""
+    """The format read from each source and the data.columns applied, e.g.
+    "a.jsonl: sharegpt; b.jsonl: chat (data.columns messages=dialog)"."""
     cells = []
     for name, (fmt, columns) in formats.items():
         cell = fmt + (" (data.columns " + ", ".join(f"{k}={v}" for k, v in columns.items()) + ")" if columns else "")

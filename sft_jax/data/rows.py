@@ -362,8 +362,9 @@ def _stream_batches(files):
 
 
 def arrow_rows(batch) -> list[dict]:
-    """The rows of an Arrow record batch (or table) as python dicts. `datasets` stores a Sequence of a dict (the features of many hub
-    datasets' `conversations`) as a struct of lists; such a column becomes the list of dicts it stands for."""
+    """The rows of an Arrow record batch (or table) as python dicts. `datasets` stores a Sequence of a dict (the
+    features of many hub datasets' `conversations`) as a struct of lists; such a column becomes the list of dicts
+    it stands for."""
     import pyarrow as pa
 
     rows = batch.to_pylist()
