@@ -218,12 +218,17 @@ def main() -> None:
                         help="read the examples from the JSON-lines file or from a save_to_disk folder of them")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase == "prepare":
+        return prepare(args.workdir, args.examples, args.source)
     if args.phase:
         return phase(args)
     with tempfile.TemporaryDirectory() as tmp:
         args.workdir = args.workdir or tmp
         os.makedirs(args.workdir, exist_ok=True)
-        prepare(args.workdir, args.examples, args.source)
+        # In a child process: generating the Arrow folder grows a process to hundreds of MB, and a phase process
+        # forked from a parent that large inherits its size in ru_maxrss (see the module doc).
+        subprocess.run([sys.executable, __file__, "--phase", "prepare", "--examples", str(args.examples), "--workdir",
+                        args.workdir, "--source", args.source], check=True)
         print(f"examples: {args.examples} from {source_path(args)}, max_length: {args.max_length}, cpus: {os.cpu_count()}, "
               f"load average: {os.getloadavg()[0]:.1f}", flush=True)
         for name in args.phases.split(","):
