@@ -2,13 +2,12 @@
 preference pairs.
 
 The objectives (sft_jax/objectives) and `python -m sft_jax.data` both call `run_datasets`, with the same
-arguments, so the report printed before a run is the one the run writes to data_report.md, and the
-tokenized cache the report builds is the one the run then reuses.
+arguments, so the report printed before a run is the one the run writes to data_report.md, and (for examples)
+the tokenized cache built for the report is the one the run then maps.
 """
 
 from __future__ import annotations
 
-from sft_jax.data.config import DataError
 from sft_jax.data.rows import BadRows, locate, nonblank_lines, open_parts, parse_line, parse_sources
 
 OBJECTIVES = ("sft", "ppo", "dpo", "reward")  # the training commands
@@ -42,11 +41,10 @@ def reads_pairs(data_cfg) -> bool:
     if source.name == "demo":
         return False
     columns = source.columns if source.columns is not None else data_cfg.columns or {}
-    row = next((row for part in open_parts(locate(source.name), BadRows("skip")) if (row := _first_row(part))), None)
-    if row is None:
-        raise DataError(f"{source.name}: no rows to tell examples from preference pairs; "
-                        "pass --objective to python -m sft_jax.data")
-    return all(columns.get(field, field) in row for field in ("chosen", "rejected"))
+    # an empty file is counted, not raised, here: the build that follows reports it in its place
+    first_rows = (_first_row(part) for part in open_parts(locate(source.name), BadRows("skip")))
+    row = next((row for row in first_rows if row), None)
+    return row is not None and all(columns.get(field, field) in row for field in ("chosen", "rejected"))
 
 
 def _first_row(part) -> dict | None:
