@@ -1,10 +1,12 @@
 """Tokenize, cache and pack alpaca-sized synthetic examples; print times and peak resident memory.
 
     python benchmarks/data_throughput.py [--examples 50000] [--max-length 512] [--num-proc 0] [--workdir DIR]
-                                         [--phases memory,build,cached] [--epoch]
+                                         [--phases memory,build,cached] [--epoch] [--source jsonl|arrow]
 
 Writes the examples to DIR/alpaca.jsonl (kept and reused when DIR is given) and trains a byte-level BPE of
 8,192 tokens on the first 2,000 rows in-process (no network; the work per token is that of GPT-2's tokenizer).
+With --source arrow the phases read the same rows from DIR/alpaca_arrow, a folder written by `datasets`'
+save_to_disk (generated once per size, a batch at a time), instead of the JSON-lines file.
 Each phase runs in a fresh python process, so its peak RSS is its own:
 
     memory   build_datasets with data.cache=off (everything in memory, as before the cache)
@@ -50,19 +52,39 @@ def synthetic_alpaca(n: int, seed: int = 0):
                "input": words(rng.randint(5, 40)) if rng.random() < 0.4 else "", "output": words(rng.randint(10, 120))}
 
 
-def prepare(workdir: str, n: int) -> None:
-    """DIR/alpaca.jsonl with n rows and DIR/tokenizer, unless already there for this n."""
+def prepare(workdir: str, n: int, source: str = "jsonl") -> None:
+    """DIR/alpaca.jsonl with n rows and DIR/tokenizer (and for --source arrow DIR/alpaca_arrow), unless already
+    there for this n."""
     from sft_jax.models.tokenizer import train_bytelevel_bpe
 
     stamp = os.path.join(workdir, "examples.txt")
-    if os.path.exists(stamp) and open(stamp).read() == str(n):
-        return
-    with open(os.path.join(workdir, "alpaca.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in synthetic_alpaca(n))
-    tokenizer = train_bytelevel_bpe([json.dumps(r) for r in synthetic_alpaca(2000)], vocab_size=8192)
-    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-    with open(stamp, "w") as f:
-        f.write(str(n))
+    if not (os.path.exists(stamp) and open(stamp).read() == str(n)):
+        with open(os.path.join(workdir, "alpaca.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in synthetic_alpaca(n))
+        tokenizer = train_bytelevel_bpe([json.dumps(r) for r in synthetic_alpaca(2000)], vocab_size=8192)
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+        with open(stamp, "w") as f:
+            f.write(str(n))
+    arrow_stamp = os.path.join(workdir, "arrow_examples.txt")
+    if source == "arrow" and not (os.path.exists(arrow_stamp) and open(arrow_stamp).read() == str(n)):
+        import shutil
+
+        import datasets
+
+        # from_generator writes Arrow a batch at a time into its own cache folder; save_to_disk then writes the
+        # folder users have (data-0000N-of-0000M.arrow shards, state.json, dataset_info.json)
+        staging = os.path.join(workdir, "arrow_staging")
+        dataset = datasets.Dataset.from_generator(synthetic_alpaca, gen_kwargs={"n": n}, cache_dir=staging)
+        shutil.rmtree(os.path.join(workdir, "alpaca_arrow"), ignore_errors=True)
+        dataset.save_to_disk(os.path.join(workdir, "alpaca_arrow"))
+        del dataset
+        shutil.rmtree(staging)
+        with open(arrow_stamp, "w") as f:
+            f.write(str(n))
+
+
+def source_path(args) -> str:
+    return os.path.join(args.workdir, "alpaca.jsonl" if args.source == "jsonl" else "alpaca_arrow")
 
 
 def peak_mb(who) -> float:
@@ -150,7 +172,7 @@ def phase(args) -> None:
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(args.workdir, "tokenizer"))
     cache = {"memory": "off", "build": "rebuild", "cached": "auto"}[args.phase]
-    cfg = DataConfig(train=os.path.join(args.workdir, "alpaca.jsonl"), max_length=args.max_length, eval_fraction=0.0,
+    cfg = DataConfig(train=source_path(args), max_length=args.max_length, eval_fraction=0.0,
                      cache=cache, cache_dir=os.path.join(args.workdir, "cache"), num_proc=args.num_proc)
     start = time.perf_counter()
     train, _, report = build_datasets(cfg, tokenizer, n_positions=1024, vocab_size=len(tokenizer), seed=0,
@@ -192,19 +214,27 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep the data, tokenizer and cache here (default: temp)")
     parser.add_argument("--phases", default="memory,build,cached")
     parser.add_argument("--epoch", action="store_true", help="also assemble one epoch of batches")
+    parser.add_argument("--source", default="jsonl", choices=("jsonl", "arrow"),
+                        help="read the examples from the JSON-lines file or from a save_to_disk folder of them")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase == "prepare":
+        return prepare(args.workdir, args.examples, args.source)
     if args.phase:
         return phase(args)
     with tempfile.TemporaryDirectory() as tmp:
         args.workdir = args.workdir or tmp
         os.makedirs(args.workdir, exist_ok=True)
-        prepare(args.workdir, args.examples)
-        print(f"examples: {args.examples}, max_length: {args.max_length}, cpus: {os.cpu_count()}, "
+        # In a child process: generating the Arrow folder grows a process to hundreds of MB, and a phase process
+        # forked from a parent that large inherits its size in ru_maxrss (see the module doc).
+        subprocess.run([sys.executable, __file__, "--phase", "prepare", "--examples", str(args.examples), "--workdir",
+                        args.workdir, "--source", args.source], check=True)
+        print(f"examples: {args.examples} from {source_path(args)}, max_length: {args.max_length}, cpus: {os.cpu_count()}, "
               f"load average: {os.getloadavg()[0]:.1f}", flush=True)
         for name in args.phases.split(","):
             cmd = [sys.executable, __file__, "--phase", name, "--examples", str(args.examples), "--workdir",
-                   args.workdir, "--max-length", str(args.max_length), "--num-proc", str(args.num_proc)]
+                   args.workdir, "--max-length", str(args.max_length), "--num-proc", str(args.num_proc),
+                   "--source", args.source]
             start = time.perf_counter()
             out = subprocess.run(cmd + (["--epoch"] if args.epoch else []), check=True, stdout=subprocess.PIPE,
                                  text=True).stdout

@@ -149,7 +149,7 @@ def test_packed_row_equals_each_document_alone(name):
 
 @functools.lru_cache(maxsize=None)
 def _greedy(cfg: LlamaConfig, steps: int):
-    """Left-padded prefill in one call, then one-token steps (sft_jax.sampling's layout)."""
+    """Left-padded prefill in one call, then one-token steps (sft_jax.inference.sampling's layout)."""
     model = Llama(cfg)
 
     def run(params, tokens, lengths):

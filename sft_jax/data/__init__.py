@@ -4,9 +4,11 @@
     batches = BatchIterator(train, global_batch_size=32, seed=0, mode=cfg.batching, max_length=cfg.max_length)
     print(report_to_markdown(report))
 
-Modules: config (DataConfig, DataError), sources (reading, bad rows, build_datasets), formats (formats,
-chat template, segment tokenization), pack (documents, packing and bucket plans), iterator (BatchIterator,
-eval_batches), report. The built-in demo tasks are a source (``demo``) from sft_jax.demos.tasks.
+Modules: config (DataConfig, DataError), rows (source specs, where their rows are, reading them in chunks, bad
+rows), sources (build_datasets: streaming, validating, tokenizing), cache (the tokenized cache), formats (formats,
+column names, chat template, segment tokenization), preference (pairs), run (the data each training command
+builds), pack (documents, packing and bucket plans), iterator (BatchIterator, eval_batches), report. The built-in
+demo tasks are a source (``demo``) from sft_jax.demos.tasks.
 """
 
 from sft_jax.data.config import DataConfig, DataError

@@ -14,11 +14,14 @@ Layout, under data.cache_dir (default $SFT_JAX_DATA_CACHE or ~/.cache/sft_jax/da
         eval.*                    the same for the eval split, when there is one
     <fingerprint>.lock            flock'ed by the one process that builds
 
-The fingerprint hashes everything the arrays depend on: the data config (sources, weights, format, template
-text, length policy, max_length, batching, ...), the content of every local source file, the tokenizer
-(its full serialisation and eos), the seed and the report's batch size. A mismatch means another folder, so a
-stale cache is never reused; data.cache=rebuild builds anew even on a match. Hub datasets are fingerprinted
-by name only (their revision is not known before download): after a hub dataset changes, use rebuild.
+The fingerprint hashes everything the arrays depend on: the data config (sources, weights, format, columns,
+template text, length policy, max_length, batching, ...), every local file a source reads (its path, size and
+SHA-256: each file a glob matches, each shard of a dataset folder's split, each file of a save_to_disk folder,
+as sft_jax.data.rows.locate names them), the tokenizer (its full serialisation and eos), the seed and the
+report's batch size. A mismatch means another folder, so a stale cache is never reused (a changed shard
+rebuilds; touching nothing, or only a file's time, reuses it); data.cache=rebuild builds anew even on a match.
+Hub datasets are fingerprinted by name only (their revision is not known before download): after a hub
+dataset changes, use rebuild.
 
 Building: the first process to take the lock builds into <fingerprint>.tmp.<pid>.<random>/ and renames it
 into place (atomic on POSIX filesystems), so a killed build leaves only a tmp folder, never a usable half
@@ -39,14 +42,14 @@ import secrets
 import shutil
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 
 from sft_jax.data.config import DataError
+from sft_jax.data.rows import locate, parse_sources
 from sft_jax.runtime import faults
 
-VERSION = 1  # bump when the layout or the meaning of the arrays changes
+VERSION = 2  # bump when the layout or the meaning of the arrays or the report changes
 ARRAYS = ("tokens", "supervised", "offsets", "response_tokens")
 _NOT_HASHED = ("cache", "cache_dir", "num_proc", "prefetch")  # do not change the arrays
 
@@ -61,15 +64,14 @@ def cache_root(cfg) -> str:
 def fingerprint(cfg, tokenizer, *, seed: int, global_batch_size) -> tuple[str, dict]:
     """(hex digest, the JSON-able inputs it hashes)."""
     from sft_jax.data.formats import chat_template
-    from sft_jax.data.sources import parse_sources
 
     config = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
     config["template"] = None if cfg.template is None else chat_template(cfg)  # the text, not the path
     files = {}
     for spec in (cfg.train, cfg.eval):
         for source in parse_sources(spec) if spec is not None else []:
-            if os.path.isfile(source.name):
-                files[source.name] = file_digest(source.name)
+            for path in locate(source.name).files:
+                files[path] = {"bytes": os.path.getsize(path), "sha256": file_digest(path)}
     backend = tokenizer.backend_tokenizer.to_str()
     inputs = {
         "version": VERSION,
@@ -169,12 +171,18 @@ class SplitWriter:
 
     def add(self, chunk) -> None:
         """Append an EncodedChunk built with json_examples (its examples are JSON lines)."""
-        self._tokens.write(chunk.tokens)
-        self._supervised.write(chunk.supervised)
-        self._examples.write(chunk.examples)
-        self._lengths.append(chunk.lengths)
-        self._responses.append(chunk.responses)
-        self._example_sizes.append(chunk.example_sizes)
+        self.append(chunk.tokens, chunk.supervised, chunk.lengths, chunk.responses, chunk.examples,
+                    chunk.example_sizes)
+
+    def append(self, tokens, supervised, lengths, responses, examples: bytes, example_sizes) -> None:
+        """Append documents: their flat tokens and loss mask, per-document lengths and response tokens, and
+        their JSON lines (joined) with each line's size."""
+        self._tokens.write(tokens)
+        self._supervised.write(supervised)
+        self._examples.write(examples)
+        self._lengths.append(lengths)
+        self._responses.append(responses)
+        self._example_sizes.append(example_sizes)
 
     def finish(self):
         """Close the files and memory-map them as an SFTDataset."""
@@ -191,17 +199,13 @@ class SplitWriter:
 
     def select(self, dataset, indices, block: int = 16384):
         """Rewrite the split as the documents at `indices` (source weights repeat some), a block at a time."""
-        from sft_jax.data.sources import EncodedChunk
-
         out = SplitWriter(self.folder, self.split + ".selected", self.vocab_size)
         with open(dataset.examples.path, "rb") as examples:
             for lo in range(0, len(indices), block):
                 part = dataset.select(indices[lo : lo + block], examples=False)
                 lines = [dataset.examples.raw(i, examples) for i in indices[lo : lo + block].tolist()]
                 sizes = np.fromiter(map(len, lines), np.int64, len(lines))
-                out.add(EncodedChunk(tokens=part.tokens, supervised=part.supervised, lengths=part.lengths,
-                                     responses=part.response_tokens, examples=b"".join(lines), example_sizes=sizes,
-                                     dropped=Counter(), truncated=0, size=0, head=[]))
+                out.append(part.tokens, part.supervised, part.lengths, part.response_tokens, b"".join(lines), sizes)
         out.finish()
         for name in os.listdir(self.folder):
             if name.startswith(self.split + ".selected."):  # the old maps keep the replaced files' inodes

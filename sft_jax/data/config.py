@@ -10,17 +10,56 @@ class DataError(ValueError):
     """Bad data or data config; the message names the file, the line or row, and the field."""
 
 
+# Our field names that data.columns maps to a file's names: columns of a row, keys of a message, role names.
+COLUMN_FIELDS = {
+    "instruction": "alpaca: the instruction",
+    "input": "alpaca: the optional input appended to the instruction",
+    "output": "alpaca: the response",
+    "prompt": "prompt_completion and preference: the prompt (a string or a list of messages)",
+    "completion": "prompt_completion: the response (a string, or a list holding one assistant message)",
+    "messages": "chat and sharegpt: the list of messages (sharegpt: 'conversations', else 'messages')",
+    "system": "sharegpt: the optional system text beside the messages",
+    "role": "a message's role key (sharegpt: 'from')",
+    "content": "a message's text key (sharegpt: 'value')",
+    "user": "the user's role name (sharegpt: 'human' or 'user')",
+    "assistant": "the assistant's role name (sharegpt: 'gpt' or 'assistant')",
+    "system_role": "the system's role name ('system')",
+    "chosen": "preference: the preferred response",
+    "rejected": "preference: the other response",
+}
+
+
+def check_columns(columns, where: str) -> None:
+    """A data.columns mapping: our field names (COLUMN_FIELDS) to non-empty strings."""
+    if columns is None:
+        return
+    if not isinstance(columns, dict):
+        raise DataError(f"{where}={columns!r}: expected a mapping of our field names to the file's names")
+    unknown = sorted(set(columns) - set(COLUMN_FIELDS))
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {unknown}; valid fields: {list(COLUMN_FIELDS)}")
+    for ours, theirs in columns.items():
+        if not isinstance(theirs, str) or not theirs:
+            raise DataError(f"{where}.{ours}={theirs!r}: expected the file's name for it, a non-empty string")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What to train and evaluate on, how to render it, and how to cut and batch it."""
 
-    # "demo", a hub name "owner/name[:config[:split]]", a local .json/.jsonl/.parquet/.csv file, or a list of
-    # those; a weight multiplies how often a source is seen per epoch: "file.jsonl@2" or {"path":..., "weight": 2}.
+    # "demo", a local .json/.jsonl/.parquet/.csv file, a glob of them ("shards/*.parquet"), a save_to_disk
+    # folder ("dir", "dir:split"), a dataset folder or hub name ("dir" or "owner/name", then ":config:split"), or a
+    # list of those; a weight multiplies how often a source is seen per epoch: "file.jsonl@2" or {"path":...,
+    # "weight": 2}; a source's own column names: {"path":..., "columns": {...}} (see `columns`).
     train: str | tuple = "demo"
     eval: str | tuple | None = None  # same syntax; None -> carve eval_fraction off train by a content hash
     eval_fraction: float = 0.05  # share of train examples held out when eval is None (0 -> no eval)
-    format: str = "auto"  # auto | alpaca | prompt_completion | chat | demo (auto: from the column names);
-    # preference pairs (sft_jax.data.preference): preference (prompt/chosen/rejected) | hh (full-text pairs)
+    # auto (from the column names) | alpaca | prompt_completion | chat | sharegpt | demo; preference pairs
+    # (sft_jax.data.preference): preference (prompt/chosen/rejected) | hh (full-text pairs) | sharegpt
+    format: str = "auto"
+    # the file's names for our fields (COLUMN_FIELDS: columns, message keys role/content, role names user/assistant/
+    # system_role), e.g. {instruction: question, output: answer}; per source in {"path":..., "columns":...}; None: ours
+    columns: dict | None = None
     template: str | None = None  # None -> built-in plain-text template; else a Jinja string or a .jinja path
     max_length: int = 512  # tokens per document and per packed row; must be <= model n_positions
     batching: str = "packing"  # packing | buckets
@@ -42,7 +81,7 @@ class DataConfig:
 
     def __post_init__(self):
         choices = {
-            "format": ("auto", "alpaca", "prompt_completion", "chat", "demo", "preference", "hh"),
+            "format": ("auto", "alpaca", "prompt_completion", "chat", "sharegpt", "demo", "preference", "hh"),
             "batching": ("packing", "buckets"),
             "truncation": ("prompt_left", "drop"),
             "on_bad_example": ("error", "skip"),
@@ -63,6 +102,7 @@ class DataConfig:
             raise DataError(f"data.prefetch={self.prefetch}: expected >= 0")
         if not self.buckets or any(b < 2 for b in self.buckets):
             raise DataError(f"data.buckets={self.buckets}: expected a non-empty list of lengths >= 2")
+        check_columns(self.columns, "data.columns")
 
     @classmethod
     def from_dict(cls, d: dict) -> DataConfig:
@@ -97,7 +137,7 @@ def _has_type(value, hint) -> bool:
             return True
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return True
-        if origin in (str, bool, tuple) and isinstance(value, origin):
+        if origin in (str, bool, tuple, dict) and isinstance(value, origin):
             if origin is tuple and typing.get_args(option)[:1] == (int,):
                 return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             return True

@@ -4,9 +4,19 @@ Every format is first mapped to chat messages ({"role", "content"}, roles system
 
     alpaca             user = instruction, or instruction + "\\n\\n" + input when input is non-empty;
                        assistant = output
-    prompt_completion  user = prompt; assistant = completion
-    chat               the `messages` list as given (multi-turn; system messages allowed anywhere)
+    prompt_completion  strings: user = prompt; assistant = completion. Lists of messages (TRL's conversational
+                       prompt-completion): the `prompt` messages (earlier assistant turns allowed), then the one
+                       assistant message `completion` holds; only that completion is a target, as in TRL
+    chat               the `messages` (or `conversations`) list of {role, content} as given (multi-turn; system
+                       messages allowed anywhere)
+    sharegpt           the `conversations` (or `messages`) list of {from, value} (LLaMA-Factory, axolotl, FastChat):
+                       from human/user, gpt/assistant, system; an optional `system` column; after an optional
+                       first system turn, turns alternate user, assistant, user, ... from the user
     demo               the built-in demo tasks, alpaca-style
+
+A file whose names differ from these maps them with data.columns (our field -> the file's name, see Names):
+columns (instruction, output, messages, ...), the keys of a message (role, content) and role names (user,
+assistant, system_role). Errors name the file's own names.
 
 Built-in template (GPT-2 has none). Message contents are stripped of surrounding whitespace; messages are
 joined by a blank line; each assistant message ends with the eos token; the generation prompt is the
@@ -42,6 +52,7 @@ on real examples because an arbitrary template can put a boundary inside a pre-t
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -49,7 +60,11 @@ from sft_jax.data.config import DataConfig, DataError
 from sft_jax.models.tokenizer import read_template
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("alpaca", "prompt_completion", "chat", "demo")
+FORMATS = ("alpaca", "prompt_completion", "chat", "sharegpt", "demo")
+MESSAGE_LISTS = ("messages", "conversations")  # where chat and sharegpt rows keep their messages
+SHAREGPT_KEYS = {"role": "from", "content": "value"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLE_FIELDS = {"user": "user", "assistant": "assistant", "system_role": "system"}  # data.columns key -> role
 _HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 _SEPARATOR = "\n\n"
 
@@ -83,19 +98,91 @@ class FieldError(Exception):
 # ----------------------------------------------------------------------------------------------- formats
 
 
-def detect_format(columns, where: str) -> str:
-    """Pick the format from the column names present in a source."""
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """A source's names for our fields: data.columns over the format's own names.
+
+    fields: our field -> the file's column or message key; roles: the file's role name -> our role; lists: the
+    columns that may hold the messages, the first one a row has is read."""
+
+    fields: dict
+    roles: dict
+    lists: tuple
+
+    @classmethod
+    def of(cls, fmt: str, columns: dict | None = None) -> Names:
+        columns = dict(columns or {})
+        sharegpt = fmt == "sharegpt"
+        roles = dict(SHAREGPT_ROLES) if sharegpt else {role: role for role in ROLES}
+        for key, role in ROLE_FIELDS.items():
+            if key in columns:  # a role named in data.columns replaces the format's names for that role
+                roles = {name: ours for name, ours in roles.items() if ours != role}
+                roles[columns.pop(key)] = role
+        fields = {**(SHAREGPT_KEYS if sharegpt else {}), **columns}
+        if "messages" in columns:
+            lists = (columns["messages"],)
+        else:
+            lists = MESSAGE_LISTS[::-1] if sharegpt else MESSAGE_LISTS
+        return cls(fields, roles, lists)
+
+    def __getitem__(self, field: str) -> str:
+        return self.fields.get(field, field)
+
+    def message_list(self, row: dict) -> str:
+        return next((name for name in self.lists if name in row), self.lists[0])
+
+
+def detect_format(columns, where: str, sample: dict | None = None, mapping: dict | None = None) -> str:
+    """Pick the format from a source's column names (as data.columns maps them to ours) and, for a list of
+    messages, from the first message of `sample` (a row): chat if chat's names read its role ({role: user}),
+    else sharegpt if sharegpt's do ({from: human}), else by the column: conversations is sharegpt."""
     columns = set(columns)
-    if "messages" in columns:
-        return "chat"
-    if {"instruction", "output"} <= columns:
+    mapping = mapping or {}
+    ours = {({theirs: field for field, theirs in mapping.items()}).get(c, c) for c in columns}
+    lists = [c for c in ((mapping["messages"],) if "messages" in mapping else MESSAGE_LISTS) if c in columns]
+    if lists:
+        first = _first_message(sample, lists[0]) or {}
+        for fmt in ("chat", "sharegpt"):
+            names = Names.of(fmt, mapping)
+            if isinstance(first.get(names["role"]), str) and first[names["role"]] in names.roles:
+                return fmt
+        return "sharegpt" if lists[0] == "conversations" else "chat"
+    if {"instruction", "output"} <= ours:
         return "alpaca"
-    if {"prompt", "completion"} <= columns:
+    if {"prompt", "completion"} <= ours:
         return "prompt_completion"
+    hint = columns_hint(columns, sample)
+    if {"chosen", "rejected"} <= ours:
+        hint = ("; these are preference pairs, read by python -m sft_jax.dpo and python -m sft_jax.reward "
+                "(python -m sft_jax.data --objective dpo reports on them)")
     raise DataError(
-        f"{where}: cannot detect the format from columns {sorted(columns)}; expected 'messages' (chat), "
-        "'instruction'+'output' (alpaca) or 'prompt'+'completion' (prompt_completion), or set data.format"
+        f"{where}: cannot detect the format from columns {sorted(columns)}; expected 'messages' or 'conversations' "
+        "(chat, sharegpt), 'instruction'+'output' (alpaca) or 'prompt'+'completion' (prompt_completion), or set "
+        f"data.format{hint}"
     )
+
+
+def _first_message(sample, column: str):
+    messages = sample.get(column) if isinstance(sample, dict) else None
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        return messages[0]
+    return None
+
+
+def columns_hint(columns, sample: dict | None, fields: tuple = ("instruction", "output")) -> str:
+    """Which data.columns would name a source's columns as ours, guessed from what they hold: a list of
+    messages, or text columns in their order in the row for `fields`."""
+    order = [c for c in sample if c in columns] if isinstance(sample, dict) else sorted(columns)
+    lists = [c for c in order if _first_message(sample, c) is not None]
+    if lists:
+        return (f"; if '{lists[0]}' holds the messages, name it with data.columns: {{messages: {lists[0]}}} (and "
+                "role, content, user, assistant if its messages use other names)")
+    texts = [c for c in order if not isinstance(sample, dict) or isinstance(sample.get(c), str)]
+    if len(texts) >= len(fields):
+        example = ", ".join(f"{ours}: {theirs}" for ours, theirs in zip(fields, texts))
+        return (f"; if these columns hold the examples under other names, map them with data.columns, e.g. "
+                f"{{{example}}}")
+    return "; if these columns hold the examples under other names, map them with data.columns"
 
 
 def _text(row: dict, field: str, *, required: bool = True) -> str:
@@ -116,73 +203,146 @@ def _response(row: dict, field: str) -> str:
     return value
 
 
-def to_messages(row: dict, fmt: str) -> list[dict]:
-    """Validate one example of format `fmt` and return its chat messages; raises FieldError.
+def to_messages(row: dict, fmt: str, names: Names | None = None) -> list[dict]:
+    """Validate one example of format `fmt` (named as `names` says) and return its chat messages; raises FieldError.
 
     A missing top-level field names the row's keys and, when they fit another format, the
     `data.format` that reads them (a chat file under `data.format=alpaca`)."""
     try:
-        return _to_messages(row, fmt)
+        return _to_messages(row, fmt, names or _own_names(fmt))
     except FieldError as e:
         if e.reason != "missing_field" or "." in e.field or "[" in e.field:
             raise
         hint = f"; the row has keys {sorted(row)}"
         try:
-            other = detect_format(row, "row")
+            other = detect_format(row, "row", row)
         except DataError:
             other = None
         if other and other != fmt:
             hint += f", which data.format={other} reads"
+        elif not other:
+            hint += columns_hint(row, row)
         raise FieldError(e.reason, e.field, e.detail + hint) from None
 
 
-def _to_messages(row: dict, fmt: str) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def _own_names(fmt: str) -> Names:
+    return Names.of(fmt)
+
+
+def _to_messages(row: dict, fmt: str, names: Names) -> list[dict]:
     if not isinstance(row, dict):
         raise FieldError("wrong_type", "<row>", f"expected an object, got {type(row).__name__}")
     if fmt in ("alpaca", "demo"):
-        instruction, extra = _text(row, "instruction").strip(), _text(row, "input", required=False).strip()
+        instruction = _text(row, names["instruction"]).strip()
+        extra = _text(row, names["input"], required=False).strip()
         user = instruction + _SEPARATOR + extra if extra else instruction
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": _response(row, "output")}]
+        return [{"role": "user", "content": user},
+                {"role": "assistant", "content": _response(row, names["output"])}]
     if fmt == "prompt_completion":
+        if isinstance(row.get(names["prompt"]), list) or isinstance(row.get(names["completion"]), list):
+            return _conversational_prompt_completion(row, names)
         return [
-            {"role": "user", "content": _text(row, "prompt")},
-            {"role": "assistant", "content": _response(row, "completion")},
+            {"role": "user", "content": _text(row, names["prompt"])},
+            {"role": "assistant", "content": _response(row, names["completion"])},
         ]
     if fmt == "chat":
-        return _chat_messages(row)
+        return _chat_messages(row, names)
+    if fmt == "sharegpt":
+        messages = sharegpt_messages(row, names)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise FieldError("no_response", names.message_list(row), "no assistant turn to train on")
+        return messages
     raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
-def _chat_messages(row: dict, require_response: bool = True) -> list[dict]:
-    messages = row.get("messages")
-    if messages is None:
-        raise FieldError("missing_field", "messages", "missing")
-    if not isinstance(messages, list):
-        raise FieldError("wrong_type", "messages", f"expected a list, got {type(messages).__name__}")
+def message(value, names: Names) -> dict:
+    """One {role, content} message (in the file's names) as ours; an assistant's content must not be empty."""
+    if not isinstance(value, dict):
+        raise FieldError("wrong_type", "", f"expected an object, got {type(value).__name__}")
+    role_key, content_key = names["role"], names["content"]
+    if role_key not in value:
+        raise FieldError("missing_field", role_key, f"missing; the message has keys {sorted(value)}; name the "
+                         f"file's message keys with data.columns, e.g. {{role: ..., content: ...}}")
+    name = _text(value, role_key)
+    role = names.roles.get(name)
+    if role is None:
+        raise FieldError("unknown_role", role_key, f"unknown role {name!r}; expected one of {tuple(names.roles)} "
+                         f"(name other roles with data.columns, e.g. {{user: {name}}})")
+    content = _response(value, content_key) if role == "assistant" else _text(value, content_key)
+    return {"role": role, "content": content}
+
+
+def messages_at(value, field: str, names: Names) -> list[dict]:
+    """The list of messages in column `field`; errors name the message, e.g. dialog[2].speaker."""
+    if not isinstance(value, list):
+        raise FieldError("wrong_type", field, f"expected a list of messages, got {type(value).__name__}")
     out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise FieldError("wrong_type", where, f"expected an object, got {type(message).__name__}")
+    for i, item in enumerate(value):
         try:
-            role = _text(message, "role")
-            if role not in ROLES:
-                raise FieldError("unknown_role", "role", f"unknown role {role!r}; expected one of {ROLES}")
-            content = _response(message, "content") if role == "assistant" else _text(message, "content")
-        except FieldError as e:  # re-raise with the full path of the field, e.g. messages[2].role
-            raise FieldError(e.reason, f"{where}.{e.field}", e.detail) from None
-        out.append({"role": role, "content": content})
-    if require_response and not any(m["role"] == "assistant" for m in out):
-        raise FieldError("no_response", "messages", "no assistant message to train on")
+            out.append(message(item, names))
+        except FieldError as e:
+            raise FieldError(e.reason, f"{field}[{i}]" + (f".{e.field}" if e.field else ""), e.detail) from None
     return out
+
+
+def _chat_messages(row: dict, names: Names) -> list[dict]:
+    field = names.message_list(row)
+    if row.get(field) is None:
+        raise FieldError("missing_field", field, "missing")
+    messages = messages_at(row[field], field, names)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise FieldError("no_response", field, "no assistant message to train on")
+    return messages
+
+
+def sharegpt_messages(row: dict, names: Names) -> list[dict]:
+    """ShareGPT turns as messages: the `system` column's text (if any), then the turns, which after an optional
+    first system turn alternate user, assistant, user, ... from the user."""
+    field = names.message_list(row)
+    if row.get(field) is None:
+        raise FieldError("missing_field", field, "missing")
+    turns = messages_at(row[field], field, names)
+    system = _text(row, names["system"], required=False)
+    out = [{"role": "system", "content": system}] if system.strip() else []
+    expected = "user"
+    for i, turn in enumerate(turns):
+        if turn["role"] == "system" and i == 0:
+            out.append(turn)
+            continue
+        if turn["role"] != expected:
+            name = row[field][i][names["role"]]
+            raise FieldError("not_alternating", f"{field}[{i}].{names['role']}",
+                             f"turns must alternate user and assistant, from the user: turn {i + 1} is {name!r} "
+                             f"({turn['role']}), expected {expected}")
+        out.append(turn)
+        expected = "assistant" if expected == "user" else "user"
+    return out
+
+
+def _conversational_prompt_completion(row: dict, names: Names) -> list[dict]:
+    """TRL's conversational prompt-completion: `prompt` a list of messages, `completion` one assistant message."""
+    fields = names["prompt"], names["completion"]
+    for field in fields:
+        if row.get(field) is None:
+            raise FieldError("missing_field", field, "missing")
+        if not isinstance(row[field], list):
+            raise FieldError("wrong_type", field, f"expected a list of messages (the other of {list(fields)} is "
+                             f"one), got {type(row[field]).__name__}")
+    prompt = messages_at(row[fields[0]], fields[0], names)
+    completion = messages_at(row[fields[1]], fields[1], names)
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise FieldError("wrong_type", fields[1], "expected one assistant message, got "
+                         f"{[m['role'] for m in completion]}")
+    return prompt + completion
 
 
 def messages_of(example, fmt: str = "auto") -> list[dict]:
     """Messages from a messages list or an example dict of any format (auto-detected from its keys)."""
     if isinstance(example, list):
-        return _chat_messages({"messages": example}, require_response=False)
+        return messages_at(example, "messages", _own_names("chat"))
     if fmt == "auto":
-        fmt = detect_format(example.keys(), "example")
+        fmt = detect_format(example.keys(), "example", example)
     return to_messages(example, fmt)
 
 

@@ -1,17 +1,22 @@
 """Preference pairs through the data path: formats, rendering with loss masks, the length policy, the pair
 batch layout and the preference section of the data report.
 
-Formats (data.format, or detected from the columns when "auto"):
+Formats (data.format, or detected from the columns when "auto"; data.columns names other columns as ours):
 
     preference  TRL's prompt / chosen / rejected. Either all strings (prompt = one user message, each
-                response one assistant message), or chat message lists: `prompt` a list of messages and
-                `chosen` / `rejected` each one assistant message; without `prompt` ("implicit prompt"),
-                `chosen` and `rejected` are whole conversations whose common messages are the prompt.
+                response one assistant message), or chat message lists (TRL's conversational pairs): `prompt`
+                a list of messages and `chosen` / `rejected` each one assistant message; without `prompt`
+                ("implicit prompt"), `chosen` and `rejected` are whole conversations whose common messages are
+                the prompt.
+    sharegpt    LLaMA-Factory's pairs: `conversations` (or `messages`) ShareGPT turns ({from, value}, see
+                sft_jax.data.formats), alternating from the user and ending with a user turn, an optional
+                `system` column, and `chosen` / `rejected` each one assistant message object {from, value}.
     hh          Anthropic HH full-text pairs: `chosen` and `rejected` are whole transcripts
                 "\\n\\nHuman: ...\\n\\nAssistant: ...". They are split at the last "\\n\\nAssistant:" inside
                 their common prefix; the text before it is parsed into user/assistant turns at the
                 "\\n\\nHuman:" / "\\n\\nAssistant:" markers, the text after it is each response.
-    Auto: `prompt` present -> preference; else chat lists in `chosen` -> preference; else strings -> hh.
+    Auto: `prompt` present -> preference; else a `conversations` or `messages` column -> sharegpt; else chat
+    lists in `chosen` -> preference; else strings -> hh.
 
 Both halves are rendered with the SFT chat template into prompt + response + eos; only the final response
 and its eos are targets (the prompt, earlier assistant turns included, never is). Both halves of a pair share
@@ -35,30 +40,50 @@ from collections import Counter
 import numpy as np
 
 from sft_jax.data.config import DataError
-from sft_jax.data.formats import FieldError, Renderer, _chat_messages, chat_template, check_prompt_tokens, decode
+from sft_jax.data.formats import (
+    MESSAGE_LISTS,
+    FieldError,
+    Names,
+    Renderer,
+    chat_template,
+    check_prompt_tokens,
+    columns_hint,
+    decode,
+    message,
+    messages_at,
+    sharegpt_messages,
+)
 from sft_jax.data.iterator import BatchIterator, eval_batches
 from sft_jax.data.pack import SFTDataset, assemble, best_fit_rows, bucket_for, bucket_lengths, packing_rows
-from sft_jax.data.report import OPEN, CLOSE, length_stats
-from sft_jax.data.sources import BadRows, _carve, _Split, _weighted_indices, add_rows, load_source, parse_sources
+from sft_jax.data.report import OPEN, CLOSE, formats_cell, length_stats
+from sft_jax.data.rows import BadRows, Rows, locate, open_parts, parse_sources
+from sft_jax.data.sources import CHUNK, _weighted_indices, held_out, source_columns
 from sft_jax.models.heads import reward_read_position
 
-PREFERENCE_FORMATS = ("preference", "hh")
+PREFERENCE_FORMATS = ("preference", "sharegpt", "hh")
 HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
 
 
 # ----------------------------------------------------------------------------------------------- formats
 
 
-def detect_preference_format(rows: list, where: str) -> str:
-    """Pick preference or hh from the columns (and, without `prompt`, the type of the first `chosen`)."""
-    columns = {key for row in rows if isinstance(row, dict) for key in row}
-    if not {"chosen", "rejected"} & columns:
+def detect_preference_format(columns, where: str, sample: dict | None = None, mapping: dict | None = None) -> str:
+    """Pick sharegpt, preference or hh from a source's columns (named as data.columns maps them) and, without a
+    prompt, the type of `chosen` in its first row."""
+    mapping = mapping or {}
+    columns = set(columns)
+    ours = {({theirs: field for field, theirs in mapping.items()}).get(c, c) for c in columns}
+    if not {"chosen", "rejected"} <= ours:
         raise DataError(f"{where}: cannot detect a preference format from columns {sorted(columns)}; expected "
-                        "'prompt'+'chosen'+'rejected' (preference) or 'chosen'+'rejected' (hh), or set data.format")
-    if "prompt" in columns:
+                        "'prompt'+'chosen'+'rejected' (preference), 'conversations'+'chosen'+'rejected' "
+                        "(sharegpt) or 'chosen'+'rejected' (hh), or set data.format"
+                        + columns_hint(columns, sample, ("prompt", "chosen", "rejected")))
+    if "prompt" in ours:
         return "preference"
-    first = next((row["chosen"] for row in rows if isinstance(row, dict) and "chosen" in row), None)
-    return "preference" if isinstance(first, list) else "hh"
+    if "messages" in ours or set(MESSAGE_LISTS) & columns:
+        return "sharegpt"
+    chosen = sample.get(mapping.get("chosen", "chosen")) if isinstance(sample, dict) else None
+    return "preference" if isinstance(chosen, list) else "hh"
 
 
 def _field(row: dict, field: str):
@@ -73,61 +98,89 @@ def _nonempty(text: str, field: str) -> str:
     return text
 
 
-def _response_of(value, field: str, prompt_len: int = 0) -> str:
+def _response_of(value, field: str, names: Names, prompt_len: int = 0) -> str:
     """The assistant text of `chosen`/`rejected` (a string, or messages whose part after the prompt is one
     assistant message)."""
     if isinstance(value, str):
         return _nonempty(value, field)
     if not isinstance(value, list):
         raise FieldError("wrong_type", field, f"expected a string or a list of messages, got {type(value).__name__}")
-    messages = _messages(value, field)[prompt_len:]
+    messages = messages_at(value, field, names)[prompt_len:]
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         raise FieldError("wrong_type", field, "expected exactly one assistant message after the prompt, got "
                          f"{[m['role'] for m in messages]}")
     return _nonempty(messages[0]["content"], field)
 
 
-def _messages(value: list, field: str) -> list[dict]:
-    try:
-        return _chat_messages({"messages": value}, require_response=False)
-    except FieldError as e:  # e.field is "messages[i].content": name the real column
-        raise FieldError(e.reason, field + e.field.removeprefix("messages"), e.detail) from None
-
-
-def to_pair(row, fmt: str) -> dict:
-    """Validate one preference row; returns {"prompt": messages, "chosen": text, "rejected": text}."""
+def to_pair(row, fmt: str, names: Names | None = None) -> dict:
+    """Validate one preference row (named as `names` says); returns {"prompt": messages, "chosen": text,
+    "rejected": text}."""
     if not isinstance(row, dict):
         raise FieldError("wrong_type", "<row>", f"expected an object, got {type(row).__name__}")
+    names = names or Names.of(fmt)
     if fmt == "hh":
-        return hh_pair(_field(row, "chosen"), _field(row, "rejected"))
+        return hh_pair(_field(row, names["chosen"]), _field(row, names["rejected"]), names)
+    if fmt == "sharegpt":
+        return _sharegpt_pair(row, names)
     if fmt != "preference":
         raise DataError(f"unknown preference format {fmt!r}; expected one of {PREFERENCE_FORMATS}")
-    chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
-    prompt = row.get("prompt")
+    chosen_field, rejected_field = names["chosen"], names["rejected"]
+    chosen, rejected = _field(row, chosen_field), _field(row, rejected_field)
+    prompt = row.get(names["prompt"])
     if prompt is None:  # implicit prompt: the common messages of two conversations
         if not isinstance(chosen, list):
-            raise FieldError("missing_field", "prompt", "missing (a string chosen needs a prompt; full-text "
-                             "transcripts are data.format=hh)")
+            raise FieldError("missing_field", names["prompt"], "missing (a string chosen needs a prompt; "
+                             "full-text transcripts are data.format=hh)")
         if not isinstance(rejected, list):
-            raise FieldError("wrong_type", "rejected", f"expected a list of messages, got {type(rejected).__name__}")
-        c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+            raise FieldError("wrong_type", rejected_field,
+                             f"expected a list of messages, got {type(rejected).__name__}")
+        c, r = messages_at(chosen, chosen_field, names), messages_at(rejected, rejected_field, names)
         n = 0
         while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
             n += 1
-        return {"prompt": c[:n], "chosen": _response_of(chosen, "chosen", n),
-                "rejected": _response_of(rejected, "rejected", n)}
+        return {"prompt": c[:n], "chosen": _response_of(chosen, chosen_field, names, n),
+                "rejected": _response_of(rejected, rejected_field, names, n)}
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list):
-        messages = _messages(prompt, "prompt")
+        messages = messages_at(prompt, names["prompt"], names)
     else:
-        raise FieldError("wrong_type", "prompt", f"expected a string or a list of messages, got {type(prompt).__name__}")
-    return {"prompt": messages, "chosen": _response_of(chosen, "chosen"), "rejected": _response_of(rejected, "rejected")}
+        raise FieldError("wrong_type", names["prompt"],
+                         f"expected a string or a list of messages, got {type(prompt).__name__}")
+    return {"prompt": messages, "chosen": _response_of(chosen, chosen_field, names),
+            "rejected": _response_of(rejected, rejected_field, names)}
 
 
-def hh_pair(chosen, rejected) -> dict:
+def _sharegpt_pair(row: dict, names: Names) -> dict:
+    """LLaMA-Factory's pair: ShareGPT turns ending with the user's, and two answers as message objects."""
+    prompt = sharegpt_messages(row, names)
+    if not prompt or prompt[-1]["role"] != "user":
+        field = names.message_list(row)
+        raise FieldError("not_alternating", field, "a pair's conversation must end with a user turn, the one "
+                         f"{names['chosen']} and {names['rejected']} answer")
+    return {"prompt": prompt, "chosen": _answer(row, names["chosen"], names),
+            "rejected": _answer(row, names["rejected"], names)}
+
+
+def _answer(row: dict, field: str, names: Names) -> str:
+    """An answer as a message object {from: gpt, value: ...} (or a plain string)."""
+    value = _field(row, field)
+    if isinstance(value, str):
+        return _nonempty(value, field)
+    try:
+        answer = message(value, names)
+    except FieldError as e:
+        raise FieldError(e.reason, field + (f".{e.field}" if e.field else ""), e.detail) from None
+    if answer["role"] != "assistant":
+        raise FieldError("wrong_type", f"{field}.{names['role']}", f"expected an assistant message, got "
+                         f"{value[names['role']]!r} ({answer['role']})")
+    return answer["content"]
+
+
+def hh_pair(chosen, rejected, names: Names | None = None) -> dict:
     """Split Anthropic HH full-text transcripts into a shared prompt (as turns) and two responses."""
-    for field, value in (("chosen", chosen), ("rejected", rejected)):
+    names = names or Names.of("hh")
+    for field, value in ((names["chosen"], chosen), (names["rejected"], rejected)):
         if not isinstance(value, str):
             raise FieldError("wrong_type", field, f"expected a string, got {type(value).__name__}")
     common = 0
@@ -136,10 +189,11 @@ def hh_pair(chosen, rejected) -> dict:
         common += 1
     cut = chosen.rfind(HH_ASSISTANT, 0, common)  # the last marker lying wholly inside the common prefix
     if cut < 0:
-        raise FieldError("no_marker", "chosen", f"no {HH_ASSISTANT!r} inside the text chosen and rejected share")
+        raise FieldError("no_marker", names["chosen"],
+                         f"no {HH_ASSISTANT!r} inside the text chosen and rejected share")
     start = cut + len(HH_ASSISTANT)
-    return {"prompt": hh_turns(chosen[:cut]), "chosen": _nonempty(chosen[start:], "chosen"),
-            "rejected": _nonempty(rejected[start:], "rejected")}
+    return {"prompt": hh_turns(chosen[:cut]), "chosen": _nonempty(chosen[start:], names["chosen"]),
+            "rejected": _nonempty(rejected[start:], names["rejected"])}
 
 
 def hh_turns(text: str) -> list[dict]:
@@ -264,21 +318,90 @@ def build_preference_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: i
     return train_ds, eval_ds, PreferenceReport(train_report, eval_report)
 
 
+@dataclasses.dataclass
+class _Split:
+    """Validated pairs of one split, held in memory."""
+
+    conversations: list  # pairs, {"prompt", "chosen", "rejected"}
+    source_of: list  # index into the split's sources, per pair
+    sources: list  # SourceSpec per source
+    read: int  # rows read from the sources (for train: before the eval carve)
+    bad: BadRows
+    formats: dict = dataclasses.field(default_factory=dict)  # source name -> (format read, data.columns or None)
+
+
 def _read_pairs(cfg, spec) -> _Split:
+    """Every pair of the sources in `spec`; a bad row goes to the split's BadRows, named by its file and line."""
     if cfg.format not in ("auto",) + PREFERENCE_FORMATS:
         raise DataError(f"data.format={cfg.format!r} is not a preference format; use auto or one of "
                         f"{PREFERENCE_FORMATS}")
-    bad = BadRows(cfg.on_bad_example)
-    split = _Split([], [], parse_sources(spec), 0, bad)
+    split = _Split([], [], parse_sources(spec), 0, BadRows(cfg.on_bad_example))
     for k, source in enumerate(split.sources):
         if source.name == "demo":
             raise DataError("data.train=demo: the built-in demo has no preference pairs; give a file of pairs")
-        raw = load_source(source.name, bad)
-        fmt = cfg.format if cfg.format in PREFERENCE_FORMATS else None
-        if fmt is None and raw.rows:
-            fmt = detect_preference_format(raw.rows, raw.name)
-        add_rows(split, raw, k, lambda row: to_pair(row, fmt))
+        parts = [_held(part, split.bad) for part in open_parts(locate(source.name), split.bad)]
+        for part in parts:
+            split.read += len(part)
+            if not len(part):
+                split.bad.bad("empty_file", f"{part.name}: empty file, no examples")
+        if not any(map(len, parts)):
+            continue
+        columns = source_columns(source, cfg)
+        fmt = cfg.format
+        if fmt == "auto":
+            keys = set().union(*(part.columns() for part in parts))
+            sample = next((part.sample() for part in parts if part.sample() is not None), None)
+            fmt = detect_preference_format(keys, source.name, sample, columns)
+        split.formats[source.name] = (fmt, columns)
+        names = Names.of(fmt, columns)
+        for part in parts:
+            for row, where in zip(part.rows, part.wheres):
+                if row is None:
+                    continue  # a malformed line, counted when read
+                try:
+                    pair = to_pair(row, fmt, names)
+                except FieldError as e:
+                    split.bad.bad(e.reason, f"{where}: {e}")
+                    continue
+                split.conversations.append(pair)
+                split.source_of.append(k)
     return split
+
+
+def _carve(train: _Split, fraction: float) -> _Split:
+    """Move pairs whose content hash falls below `fraction` from train into a new eval split."""
+    held = [held_out(pair, fraction) for pair in train.conversations]
+    eval_split = _Split([], [], train.sources, 0, BadRows(train.bad.mode), dict(train.formats))
+    keep_c, keep_s = [], []
+    for pair, source, is_held in zip(train.conversations, train.source_of, held):
+        if is_held:
+            eval_split.conversations.append(pair)
+            eval_split.source_of.append(source)
+        else:
+            keep_c.append(pair)
+            keep_s.append(source)
+    train.conversations, train.source_of = keep_c, keep_s
+    eval_split.read = sum(held)  # train.read stays what was read from the sources
+    return eval_split
+
+
+class _HeldRows(Rows):
+    """A part's rows held in memory (pairs are), JSON lines parsed, with each row's name in an error message."""
+
+    def __init__(self, name: str, rows: list, wheres: list):
+        super().__init__(name, rows)
+        self.wheres = wheres
+
+
+def _held(part, bad: BadRows) -> _HeldRows:
+    rows, wheres = [], []
+    for chunk in part.chunks(CHUNK, None, 0.0, None):
+        for i, row, error in chunk.parsed():
+            if error is not None:
+                bad.bad("malformed_json", f"{chunk.where(i)}: {error}")
+            rows.append(row)
+            wheres.append(chunk.where(i))
+    return _HeldRows(part.name, rows, wheres)
 
 
 def _encode_pairs(split: _Split, cfg, renderer, seed: int, *, weighted: bool):
@@ -335,6 +458,7 @@ def _encode_pairs(split: _Split, cfg, renderer, seed: int, *, weighted: bool):
         rows=_rows_stat(dataset, cfg, seed),
         example=marked_pair(dataset, renderer.tokenizer),
         errors=list(split.bad.examples),
+        formats={name: list(read) for name, read in split.formats.items()},
     )
     return dataset, report
 
@@ -382,6 +506,7 @@ class PreferenceSplitReport:
     rows: dict  # rows per epoch, most pairs in one row, non-padding share of the rows' tokens
     example: str  # first pair decoded, targets wrapped in ⟦ ⟧
     errors: list[str]  # first messages of dropped bad rows
+    formats: dict = dataclasses.field(default_factory=dict)  # source -> [format read, data.columns applied or None]
 
 
 @dataclasses.dataclass
@@ -403,7 +528,9 @@ class PreferenceReport:
                 continue
             dropped = ", ".join(f"{k}: {v}" for k, v in split.dropped.items()) or "none"
             lines += [f"## {name}", "", "| | |", "|---|---|",
-                      f"| pairs read | {split.read} |", f"| kept | {split.kept} |",
+                      f"| pairs read | {split.read} |",
+                      *([f"| format | {formats_cell(split.formats)} |"] if split.formats else []),
+                      f"| kept | {split.kept} |",
                       f"| dropped | {sum(split.dropped.values())} ({dropped}) |",
                       f"| truncated (prompts cut) | {split.truncated} |", f"| pairs per epoch | {split.pairs} |",
                       f"| rows per epoch | {split.rows['rows']} (at most {split.rows['max_pairs_per_row']} pairs "

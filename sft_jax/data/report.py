@@ -34,6 +34,7 @@ class SplitReport:
     read_by_source: dict[str, int] = dataclasses.field(default_factory=dict)  # rows read per source
     to_eval: int = 0  # train only: examples carved from the rows read into eval (data.eval_fraction)
     max_segments_seen: int = 0  # packing: the most documents in one row (<= data.max_segments_per_row)
+    formats: dict = dataclasses.field(default_factory=dict)  # source -> [format read, data.columns applied or None]
 
 
 @dataclasses.dataclass
@@ -43,6 +44,12 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return report_to_dict(self)
+
+    def to_json(self) -> str:
+        return report_to_json(self)
+
+    def to_markdown(self) -> str:
+        return report_to_markdown(self)
 
 
 def report_to_dict(report: DataReport) -> dict:
@@ -114,6 +121,7 @@ def split_report(
     seed: int,
     shuffle: bool,
     max_segments: int = 0,
+    formats: dict | None = None,
 ) -> SplitReport:
     """Statistics of one split's final dataset."""
     responses = dataset.response_tokens
@@ -139,6 +147,7 @@ def split_report(
         max_segments_seen=max(map(len, packing_rows(dataset.lengths, max_length, seed, shuffle, max_segments)),
                               default=0)
         if mode == "packing" else 0,
+        formats={name: list(read) for name, read in (formats or {}).items()},
     )
 
 
@@ -160,6 +169,7 @@ def report_to_markdown(report: DataReport) -> str:
             "| | |",
             "|---|---|",
             f"| examples read | {read} |",
+            *([f"| format | {formats_cell(split.formats)} |"] if split.formats else []),
             *([f"| moved to eval (data.eval_fraction) | {split.to_eval} |"] if split.to_eval else []),
             f"| kept | {split.kept} |",
             f"| dropped | {sum(split.dropped.values())} ({dropped}) |",
@@ -179,6 +189,16 @@ def report_to_markdown(report: DataReport) -> str:
             lines += ["", "First dropped rows:", ""] + [f"- {e}" for e in split.errors]
         lines += ["", f"Example (supervised spans in {OPEN} {CLOSE}):", "", "```", split.example, "```", ""]
     return "\n".join(lines)
+
+
+def formats_cell(formats: dict) -> str:
+    """The format read from each source and the data.columns applied, e.g.
+    "a.jsonl: sharegpt; b.jsonl: chat (data.columns messages=dialog)"."""
+    cells = []
+    for name, (fmt, columns) in formats.items():
+        cell = fmt + (" (data.columns " + ", ".join(f"{k}={v}" for k, v in columns.items()) + ")" if columns else "")
+        cells.append(cell if len(formats) == 1 else f"{name}: {cell}")
+    return "; ".join(cells)
 
 
 def _length(x: float) -> str:

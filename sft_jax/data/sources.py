@@ -1,223 +1,24 @@
-"""Where examples come from: source specs, readers that know line numbers, and the bad-row policy.
+"""Building the datasets: every source streamed in chunks through validation, rendering and tokenization,
+the bad-row policy applied in reading order, eval carved off by content hash, source weights applied.
 
-Source syntax (DataConfig.train / DataConfig.eval):
-    "demo"                          the built-in demo tasks (sft_jax.demos.tasks)
-    "path/to/file.jsonl"            local .jsonl, .json (a JSON array, or JSON lines), .parquet or .csv
-    "owner/name[:config[:split]]"   a Hugging Face hub dataset (split defaults to "train")
-    "spec@2.5" or {"path": spec, "weight": 2.5}
-                                    weight w: per epoch the source contributes floor(w) copies of each
-                                    example plus a seeded round(frac(w) * n) subset, so 0.5 halves and 2 doubles
-    a list of the above             a mixture
-
-Local .json/.jsonl files are parsed here rather than by `datasets`' JSON loader so an error can name the
-1-based line (JSON-lines files are streamed in chunks, never held whole: see _build); .parquet and .csv go
-through `datasets.load_dataset` (csv with every column read as a string, empty cells as ""), hub datasets through `datasets.load_dataset(name, config, split=split)`.
+Where the rows come from, and how each row is named in an error, is sft_jax.data.rows; the formats are
+sft_jax.data.formats; the tokenized cache the build writes into is sft_jax.data.cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from collections import Counter
 
+from sft_jax.data import cache
 from sft_jax.data.config import DataError
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    name: str
-    weight: float = 1.0
-
-
-def parse_sources(spec) -> list[SourceSpec]:
-    """Parse DataConfig.train/eval into a list of weighted sources."""
-    entries = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    if not entries:
-        raise DataError("data: empty source list")
-    out = []
-    for entry in entries:
-        if isinstance(entry, dict):
-            unknown = set(entry) - {"path", "weight"}
-            if "path" not in entry or unknown:
-                raise DataError(f"data source {entry!r}: expected keys 'path' and optional 'weight'")
-            name, weight = entry["path"], entry.get("weight", 1.0)
-        elif isinstance(entry, str):
-            name, weight = entry, 1.0
-            head, sep, tail = entry.rpartition("@")
-            if sep and _is_number(tail):
-                name, weight = head, float(tail)
-        else:
-            raise DataError(f"data source {entry!r}: expected a string or a {{path, weight}} mapping")
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-            raise DataError(f"data source {name!r}: weight must be a positive number, got {weight!r}")
-        out.append(SourceSpec(str(name), float(weight)))
-    return out
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-class BadRows:
-    """The on_bad_example policy: raise one DataError, or count the row under its reason and go on."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-        self.dropped: Counter = Counter()  # reason -> rows dropped
-        self.examples: list[str] = []  # first few messages, shown in the report
-
-    def bad(self, reason: str, message: str) -> None:
-        if self.mode == "error":
-            raise DataError(message)
-        self.dropped[reason] += 1
-        if len(self.examples) < 5:
-            self.examples.append(message)
-
-
-@dataclasses.dataclass
-class RawSource:
-    """Rows of one source as python dicts, plus how to name row i in an error message."""
-
-    name: str
-    rows: list  # dicts, or None for a row that failed to parse (already counted by BadRows)
-    locations: list[str] | None  # per row, e.g. "train.jsonl line 7"; None -> "{name} row {i + 1}"
-    fmt: str | None = None  # set by the demo source; others are detected or configured
-
-    def where(self, i: int) -> str:
-        return self.locations[i] if self.locations is not None else f"{self.name} row {i + 1}"
-
-
-def load_source(name: str, bad: BadRows) -> RawSource:
-    """Read a local file or hub dataset (not "demo") into python rows."""
-    if name.endswith(LOCAL_SUFFIXES):
-        if not os.path.isfile(name):
-            raise DataError(f"{name}: no such file")
-        if os.path.getsize(name) == 0:
-            bad.bad("empty_file", f"{name}: empty file, no examples")
-            return RawSource(name, [], [])
-        if name.endswith(".jsonl"):
-            return _read_json_lines(name, bad)
-        if name.endswith(".json"):
-            return _read_json(name, bad)
-        return _read_tabular(name, bad)
-    if os.path.exists(name):
-        raise DataError(f"{name}: unsupported file type; expected one of {LOCAL_SUFFIXES}")
-    return _read_hub(name)
-
-
-def _read_json_lines(path: str, bad: BadRows) -> RawSource:
-    rows, locations = [], []
-    for line_no, raw in _json_lines(path):
-        where = f"{path} line {line_no}"
-        row, error = _parse_line(raw)
-        if error is not None:
-            bad.bad("malformed_json", f"{where}: {error}")
-        rows.append(row)
-        locations.append(where)
-    if not rows:
-        bad.bad("empty_file", f"{path}: empty file, no examples")
-    return RawSource(path, rows, locations)
-
-
-def _json_lines(path: str):
-    """(1-based line number, raw bytes) of each non-blank line: blank lines separate nothing, they are not rows."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if raw.strip():
-                yield line_no, raw
-
-
-def _parse_line(raw: bytes):
-    """(row, None) for a JSON line, or (None, what is wrong with it)."""
-    try:
-        return json.loads(raw.decode("utf-8")), None
-    except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON ({e.msg} at column {e.colno})"
-
-
-def _is_json_lines(name: str) -> bool:
-    """A non-empty local file of JSON lines (.jsonl, or a .json file that is not one array): read as a stream."""
-    if not (name.endswith((".jsonl", ".json")) and os.path.isfile(name) and os.path.getsize(name) > 0):
-        return False
-    if name.endswith(".jsonl"):
-        return True
-    with open(name, encoding="utf-8", errors="replace") as f:
-        while block := f.read(1 << 16):
-            if block.strip():
-                return not block.lstrip().startswith("[")
-    return True
-
-
-def _count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
-
-
-def _read_json(path: str, bad: BadRows) -> RawSource:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not text.lstrip().startswith("["):
-        return _read_json_lines(path, bad)  # `datasets` also accepts JSON lines in a .json file
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        # One array: a syntax error makes the whole file unreadable, so it is an error even in skip mode.
-        raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
-    if not rows:
-        bad.bad("empty_file", f"{path}: empty file, no examples")
-    return RawSource(path, rows, [f"{path} item {i + 1}" for i in range(len(rows))])
-
-
-def _read_tabular(path: str, bad: BadRows) -> RawSource:
-    import datasets
-
-    if path.endswith(".csv"):
-        import csv
-
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        # Strings everywhere: pandas would otherwise turn an answer like "42" into an int.
-        features = datasets.Features({column: datasets.Value("string") for column in header})
-        ds = datasets.load_dataset("csv", data_files=path, split="train", features=features, keep_default_na=False)
-    else:
-        ds = datasets.load_dataset("parquet", data_files=path, split="train")
-    rows = ds.to_list()
-    if not rows:
-        bad.bad("empty_file", f"{path}: empty file, no examples")
-    return RawSource(path, rows, None)
-
-
-def _read_hub(name: str) -> RawSource:
-    import datasets
-
-    repo, config, split = (name.split(":") + [None, None])[:3]
-    ds = datasets.load_dataset(repo, config or None, split=split or "train")
-    return RawSource(name, ds.to_list(), None)
+from sft_jax.data.rows import BadRows, Part, RowChunk, Rows, SourceSpec, locate, open_parts, parse_sources
 
 
 # ----------------------------------------------------------------------------------- building the datasets
-
-
-@dataclasses.dataclass
-class _Split:
-    """Validated examples of one split, held in memory (preference pairs; SFT examples are streamed)."""
-
-    conversations: list  # chat messages (or pairs) per example
-    source_of: list  # index into the split's sources, per example
-    sources: list  # SourceSpec per source
-    read: int  # rows read from the sources (for train: before the eval carve)
-    bad: BadRows
-    read_by_source: dict = dataclasses.field(default_factory=dict)  # source name -> rows read
-    to_eval: int = 0  # examples carved from this split into eval (data.eval_fraction)
 
 
 def build_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: int, seed: int, global_batch_size=None):
@@ -235,9 +36,7 @@ def build_datasets(cfg, tokenizer, *, n_positions: int, vocab_size: int, seed: i
             "token ids would index past the embedding table"
         )
     if cfg.cache != "off":
-        from sft_jax.data.cache import cached_datasets
-
-        return cached_datasets(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size, build=_build)
+        return cache.cached_datasets(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size, build=_build)
     return _build(cfg, tokenizer, seed=seed, global_batch_size=global_batch_size)
 
 
@@ -260,9 +59,7 @@ def _build(cfg, tokenizer, *, seed: int, global_batch_size=None, folder: str | N
     if folder is None:
         store = lambda split: _InMemory()  # noqa: E731
     else:
-        from sft_jax.data.cache import SplitWriter
-
-        store = lambda split: SplitWriter(folder, split, len(tokenizer))  # noqa: E731
+        store = lambda split: cache.SplitWriter(folder, split, len(tokenizer))  # noqa: E731
     train = _Stream(parse_sources(cfg.train), BadRows(cfg.on_bad_example), store("train"))
     eval_spec, carve = cfg.eval, 0.0
     if eval_spec is None and all(s.name == "demo" for s in train.sources):
@@ -295,6 +92,7 @@ class _Stream:
         self.runs: list[tuple[int, int]] = []  # (source index, documents kept) per chunk, in order
         self.dropped, self.truncated = Counter(), 0  # by the length policy
         self.head: list = []  # the first CHECKED examples, to check the template's tokenization on
+        self.formats: dict = {}  # source name -> (format read, data.columns applied or None)
 
     def add(self, chunk: EncodedChunk, k: int) -> None:
         self.valid += chunk.size
@@ -308,25 +106,19 @@ class _Stream:
 def _read(split: _Stream, cfg, demo_split: str, seed: int, encoder, *, held: _Stream | None = None, carve=0.0):
     """Stream every source of `split` through the encoder; examples held out by `carve` go to `held`."""
     from sft_jax.demos.tasks import make_demo_examples
-    from sft_jax.data.formats import detect_format
 
     for k, source in enumerate(split.sources):
-        if _is_json_lines(source.name):
-            n_rows, fmt = _scan(source.name, cfg, split.bad, encoder)
-            chunks = _line_chunks(source.name, fmt, carve)
+        if source.name == "demo":
+            n = cfg.demo_train_examples if demo_split == "train" else cfg.demo_eval_examples
+            parts, fmt = [Rows("demo", make_demo_examples(n, seed, demo_split))], "demo"
         else:
-            if source.name == "demo":
-                n = cfg.demo_train_examples if demo_split == "train" else cfg.demo_eval_examples
-                raw = RawSource("demo", make_demo_examples(n, seed, demo_split), None, fmt="demo")
-            else:
-                raw = load_source(source.name, split.bad)
-            fmt = cfg.format if cfg.format != "auto" else raw.fmt
-            if fmt is None:
-                keys = {key for row in raw.rows if isinstance(row, dict) for key in row}
-                fmt = detect_format(keys, raw.name) if raw.rows else "chat"
-            n_rows, chunks = len(raw.rows), _row_chunks(raw, fmt, carve)
+            parts, fmt = open_parts(locate(source.name), split.bad), None
+        columns = source_columns(source, cfg)
+        n_rows, fmt = _survey(parts, source, cfg, columns, fmt, split.bad, encoder)
+        split.formats[source.name] = (fmt, columns)
         split.read += n_rows
         split.read_by_source[source.name] = split.read_by_source.get(source.name, 0) + n_rows
+        chunks = itertools.chain.from_iterable(part.chunks(CHUNK, fmt, carve, columns) for part in parts)
         for done in encoder.map(chunks, n_rows):
             for reason, message in done.errors:
                 split.bad.bad(reason, message)
@@ -335,23 +127,40 @@ def _read(split: _Stream, cfg, demo_split: str, seed: int, encoder, *, held: _St
                 held.add(done.held, k)
     if held is not None:
         held.read = split.to_eval = held.valid
+        held.formats = dict(split.formats)
 
 
-def _scan(path: str, cfg, bad: BadRows, encoder) -> tuple[int, str]:
-    """First pass over a JSON-lines file: (rows, format). Counts its malformed lines (raises at the first one
-    in error mode) and collects its columns for the format, as reading it whole did."""
+def source_columns(source: SourceSpec, cfg) -> dict | None:
+    """The data.columns of a source: its own, else data.columns."""
+    return source.columns if source.columns is not None else cfg.columns
+
+
+def _survey(parts: list[Part], source: SourceSpec, cfg, columns, fmt, bad: BadRows, encoder) -> tuple[int, str]:
+    """(rows, format) of a source. JSON-lines files get a first pass that counts their malformed lines (raising
+    at the first one in error mode) and collects their columns and first row, as reading them whole did."""
     from sft_jax.data.formats import detect_format
 
-    n_rows, keys = 0, set()
-    for done in encoder.map(_line_chunks(path, None, 0.0), _count_lines(path)):
-        n_rows += done.rows
-        keys |= done.keys
-        for reason, message in done.errors:
-            bad.bad(reason, message)
-    if not n_rows:
-        bad.bad("empty_file", f"{path}: empty file, no examples")
-    fmt = cfg.format if cfg.format != "auto" else (detect_format(keys, path) if n_rows else "chat")
-    return n_rows, fmt
+    n_rows, keys, sample = 0, set(), None
+    for part in parts:
+        if part.json_lines:
+            rows = 0
+            for done in encoder.map(part.chunks(CHUNK, None, 0.0, None), len(part)):
+                rows += done.rows
+                keys |= done.keys
+                sample = sample if sample is not None else done.sample
+                for reason, message in done.errors:
+                    bad.bad(reason, message)
+        else:
+            rows = len(part)
+            if rows:
+                keys |= part.columns()
+                sample = sample if sample is not None else part.sample()
+        if not rows:
+            bad.bad("empty_file", f"{part.name}: empty file, no examples")
+        n_rows += rows
+    if cfg.format != "auto":
+        return n_rows, cfg.format
+    return n_rows, fmt or (detect_format(keys, source.name, sample, columns) if n_rows else "chat")
 
 
 def _finish(split: _Stream, cfg, renderer, seed: int, batch_size: int, *, weighted: bool):
@@ -394,6 +203,7 @@ def _finish(split: _Stream, cfg, renderer, seed: int, batch_size: int, *, weight
         seed=seed,
         shuffle=cfg.shuffle,
         max_segments=cfg.max_segments_per_row,
+        formats=split.formats,
     )
     return dataset, report
 
@@ -431,23 +241,6 @@ class _InMemory:
         self.chunks = []
 
 
-def _carve(train: _Split, fraction: float) -> _Split:
-    """Move examples whose content hash falls below `fraction` from train into a new eval split."""
-    held = [held_out(example, fraction) for example in train.conversations]
-    eval_split = _Split([], [], train.sources, 0, BadRows(train.bad.mode))
-    keep_c, keep_s = [], []
-    for messages, source, is_held in zip(train.conversations, train.source_of, held):
-        if is_held:
-            eval_split.conversations.append(messages)
-            eval_split.source_of.append(source)
-        else:
-            keep_c.append(messages)
-            keep_s.append(source)
-    train.conversations, train.source_of = keep_c, keep_s
-    eval_split.read = train.to_eval = sum(held)  # train.read stays what was read from the sources
-    return eval_split
-
-
 def held_out(example, fraction: float) -> bool:
     """data.eval_fraction: the example goes to eval when its content hash falls below `fraction`."""
     import zlib
@@ -456,68 +249,11 @@ def held_out(example, fraction: float) -> bool:
     return digest % 1_000_000 < fraction * 1_000_000
 
 
-def add_rows(split: _Split, raw: RawSource, k: int, convert) -> None:
-    """Validate the rows of source k with `convert` (row -> example, raising FieldError) into `split`; a bad
-    row goes to the split's BadRows, named by its file and line."""
-    from sft_jax.data.formats import FieldError
-
-    split.read += len(raw.rows)
-    name = split.sources[k].name
-    split.read_by_source[name] = split.read_by_source.get(name, 0) + len(raw.rows)
-    for i, row in enumerate(raw.rows):
-        if row is None:
-            continue  # unparseable line, already counted
-        raw.rows[i] = None  # release each raw row once converted: halves the peak for large files
-        try:
-            example = convert(row)
-        except FieldError as e:
-            split.bad.bad(e.reason, f"{raw.where(i)}: {e}")
-            continue
-        split.conversations.append(example)
-        split.source_of.append(k)
-
-
 # ---------------------------------------------------------------------------------- tokenizing in chunks
 
 CHUNK = 2048  # rows per chunk: bounds the python objects alive at once, in the workers and in transit
 PARALLEL_MIN = 32768  # rows in a source below which it is processed in this process (spawning costs more)
 CHECKED = 8  # first examples of a split on which check_prompt_tokens verifies the template's tokenization
-
-
-@dataclasses.dataclass
-class RowChunk:
-    """CHUNK consecutive rows of one source, as sent to process_chunk."""
-
-    name: str  # the source
-    rows: list  # raw JSON lines (bytes) when `line_nos` is set; else parsed rows (None: unparseable, counted)
-    fmt: str | None  # the source's format; None: only parse and collect columns (the JSON-lines scan)
-    carve: float = 0.0  # data.eval_fraction held out by content hash (0: none)
-    line_nos: list | None = None  # 1-based line of each raw row
-    locations: list | None = None  # name of each row, when the source has its own (RawSource.locations)
-    start: int = 0  # index of rows[0] in the source
-
-    def where(self, i: int) -> str:
-        if self.line_nos is not None:
-            return f"{self.name} line {self.line_nos[i]}"
-        return self.locations[i] if self.locations is not None else f"{self.name} row {self.start + i + 1}"
-
-
-def _line_chunks(path: str, fmt: str | None, carve: float):
-    rows, line_nos = [], []
-    for line_no, raw in _json_lines(path):
-        rows.append(raw)
-        line_nos.append(line_no)
-        if len(rows) == CHUNK:
-            yield RowChunk(path, rows, fmt, carve, line_nos=line_nos)
-            rows, line_nos = [], []
-    if rows:
-        yield RowChunk(path, rows, fmt, carve, line_nos=line_nos)
-
-
-def _row_chunks(raw: RawSource, fmt: str, carve: float):
-    for lo in range(0, len(raw.rows), CHUNK):
-        locations = None if raw.locations is None else raw.locations[lo : lo + CHUNK]
-        yield RowChunk(raw.name, raw.rows[lo : lo + CHUNK], fmt, carve, locations=locations, start=lo)
 
 
 @dataclasses.dataclass
@@ -541,6 +277,7 @@ class ChunkResult:
     rows: int  # rows in the chunk
     keys: set  # columns seen (the scan)
     errors: list  # (reason, message) per bad row, in row order
+    sample: dict | None = None  # the first row (the scan)
     train: EncodedChunk | None = None
     held: EncodedChunk | None = None  # the examples carved for eval
 
@@ -548,47 +285,44 @@ class ChunkResult:
 def process_chunk(chunk: RowChunk, cfg, renderer, json_examples: bool = False) -> ChunkResult:
     """Parse (JSON lines), validate, carve and encode one chunk; with chunk.fmt None only parse (the scan).
 
-    A malformed JSON line is reported by the scan only; the second pass skips it."""
-    from sft_jax.data.formats import FieldError, to_messages
+    A malformed JSON line is reported by the scan only; the second pass skips it. Rows in prompt_completion
+    format separate the prompt from the completion, so only their last assistant turn is a target."""
+    from sft_jax.data.formats import FieldError, Names, to_messages
 
     out = ChunkResult(len(chunk.rows), set(), [])
+    names = Names.of(chunk.fmt, chunk.columns) if chunk.fmt is not None else None
     train, held = [], []
-    for i, row in enumerate(chunk.rows):
-        if chunk.line_nos is not None:
-            row, error = _parse_line(row)
-            if error is not None:
-                if chunk.fmt is None:
-                    out.errors.append(("malformed_json", f"{chunk.where(i)}: {error}"))
-                continue
-        if row is None:
-            continue  # unparseable, counted when read
+    for i, row, error in chunk.parsed():
+        if error is not None:
+            if chunk.fmt is None:
+                out.errors.append(("malformed_json", f"{chunk.where(i)}: {error}"))
+            continue
         if chunk.fmt is None:
             if isinstance(row, dict):
                 out.keys.update(row)
+                out.sample = row if out.sample is None else out.sample
             continue
         try:
-            messages = to_messages(row, chunk.fmt)
+            messages = to_messages(row, chunk.fmt, names)
         except FieldError as e:
             out.errors.append((e.reason, f"{chunk.where(i)}: {e}"))
             continue
         (held if chunk.carve and held_out(messages, chunk.carve) else train).append(messages)
     if chunk.fmt is not None:
-        out.train = encode_chunk(train, cfg, renderer, json_examples)
-        out.held = encode_chunk(held, cfg, renderer, json_examples) if chunk.carve else None
+        last_turn_only = cfg.last_turn_only or chunk.fmt == "prompt_completion"
+        out.train = encode_chunk(train, cfg, renderer, json_examples, last_turn_only)
+        out.held = encode_chunk(held, cfg, renderer, json_examples, last_turn_only) if chunk.carve else None
     return out
 
 
-def encode_chunk(conversations: list, cfg, renderer, json_examples: bool = False) -> EncodedChunk:
+def encode_chunk(conversations: list, cfg, renderer, json_examples: bool = False,
+                 last_turn_only: bool = False) -> EncodedChunk:
     """Tokenize `conversations` and apply the length policy (truncation, drops) of `cfg`."""
-    import itertools
-
     import numpy as np
 
     from sft_jax.data.formats import encode_documents
 
-    docs = encode_documents(
-        conversations, renderer, train_on_prompt=cfg.train_on_prompt, last_turn_only=cfg.last_turn_only
-    )
+    docs = encode_documents(conversations, renderer, train_on_prompt=cfg.train_on_prompt, last_turn_only=last_turn_only)
     dropped, truncated = Counter(), 0
     kept, tokens, supervised, responses = [], [], [], []
     for i, (ids, sup, resp, start) in enumerate(

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.data.preference import PreferenceBatchIterator, build_preference_datasets, preference_eval_batches
+from sft_jax.data.preference import PreferenceBatchIterator, preference_eval_batches
+from sft_jax.data.run import run_datasets
 from sft_jax.objectives.base import Data
 
 PAIR_AXES = {
@@ -42,9 +43,7 @@ class PairData:
 
     def build_data(self) -> Data:
         c, d = self.config, self.config.data
-        m = self.model_cfg
-        train_ds, eval_ds, report = build_preference_datasets(d, self.tokenizer, n_positions=m.max_position_embeddings,
-                                                              vocab_size=m.vocab_size, seed=c.train.seed)
+        train_ds, eval_ds, report = run_datasets(c, self.tokenizer, self.model_cfg, pairs=True)
         iterator = PairIterator(train_ds, global_batch_size=c.train.global_batch_size, seed=c.train.seed,
                                 mode=d.batching, max_length=d.max_length, buckets=d.buckets,
                                 process_index=jax.process_index(), process_count=jax.process_count(),

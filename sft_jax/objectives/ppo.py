@@ -42,8 +42,9 @@ import numpy as np
 
 from sft_jax.core import mesh as shd
 from sft_jax.config import DEFAULT_REWARD_FN, ConfigError
-from sft_jax.data import build_datasets, encode_prompt, report_to_markdown
+from sft_jax.data import encode_prompt
 from sft_jax.data.formats import decode
+from sft_jax.data.run import run_datasets
 from sft_jax.models.family import family_of
 from sft_jax.models.heads import reward_read_position
 from sft_jax.models.layers.common import scores_at
@@ -297,16 +298,14 @@ class PPOObjective(sft.SFTObjective):
     # --- data ---------------------------------------------------------------------------------
     def build_data(self) -> Data:
         c = self.config
-        m = self.model_cfg
-        train_ds, eval_ds, report = build_datasets(c.data, self.tokenizer, n_positions=m.max_position_embeddings,
-                                                   vocab_size=m.vocab_size, seed=c.train.seed)
+        train_ds, eval_ds, report = run_datasets(c, self.tokenizer, self.model_cfg, pairs=False)
         self.train_examples = train_ds.examples
         if len(self.train_examples) < self.ppo.rollout_prompts:
             raise ConfigError(f"ppo.rollout_prompts={self.ppo.rollout_prompts} exceeds the "
                               f"{len(self.train_examples)} training prompts")
         iterator = RolloutIterator(len(self.train_examples), self.ppo.rollout_prompts, self.updates_per_rollout,
                                    c.train.seed, self.kl_ctl, self.moments)
-        return Data(iterator, eval_ds, report_to_markdown(report))
+        return Data(iterator, eval_ds, report.to_markdown())
 
     # --- the rollout hook -----------------------------------------------------------------------
     def rollout(self, loop, step, batch):

@@ -18,7 +18,8 @@ import optax
 
 from sft_jax.core import step as core
 from sft_jax.core.step import TrainState
-from sft_jax.data import BatchIterator, build_datasets, chat_template, encode_prompt, eval_batches, report_to_markdown
+from sft_jax.data import BatchIterator, chat_template, encode_prompt, eval_batches
+from sft_jax.data.run import run_datasets
 from sft_jax.objectives.rewards import exact_match
 from sft_jax.data.formats import decode
 from sft_jax.models.family import ModelConfig, family_of
@@ -85,17 +86,14 @@ class SFTObjective(Objective, SFTLoss):
     # --- data ---------------------------------------------------------------------------------
     def build_data(self) -> Data:
         c, d = self.config, self.config.data
-        m = self.model_cfg
-        train_ds, eval_ds, report = build_datasets(d, self.tokenizer, n_positions=m.max_position_embeddings,
-                                                   vocab_size=m.vocab_size, seed=c.train.seed,
-                                                   global_batch_size=c.train.global_batch_size)
+        train_ds, eval_ds, report = run_datasets(c, self.tokenizer, self.model_cfg, pairs=False)
         iterator = BatchIterator(train_ds, global_batch_size=c.train.global_batch_size, seed=c.train.seed,
                                  mode=d.batching, max_length=d.max_length, buckets=d.buckets,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
                                  shuffle=d.shuffle, prefetch=d.prefetch, max_segments=d.max_segments_per_row)
         # eval examples the data path dropped: no sample or exact match for them, but counted
         self.eval_dropped = sum(report.eval.dropped.values()) if report.eval else 0
-        return Data(iterator, eval_ds, report_to_markdown(report))
+        return Data(iterator, eval_ds, report.to_markdown())
 
     def decoding_params(self, loop):
         """The causal LM's parameters, readable whole by every process (generation, export);
