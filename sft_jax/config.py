@@ -45,6 +45,17 @@ class ConfigError(ValueError):
 # --- sections ------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """Low-rank adapters (docs/lora.md): the base is frozen in the compute dtype, only adapters train."""
+
+    rank: int = 0  # adapter rank r; 0 = off (full fine-tuning)
+    alpha: float = 16.0  # scale numerator: updates are scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    dropout: float = 0.0  # dropout on the adapters' input; only 0 is supported (adapters are merged)
+    targets: str = ""  # comma-separated module names (c_attn; q_proj,v_proj) or all-linear; empty = the family's default
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
     init_from: str = "scratch"  # HF directory, hub name (gpt2, gpt2-medium, ...), or 'scratch'
     preset: str = "demo"  # architecture and size for init_from=scratch: any family's preset (docs/models.md)
@@ -54,6 +65,8 @@ class ModelSection:
     remat: str = "none"  # rematerialisation: none | full | save_dots | offload
     attention: str = "auto"  # auto (by backend and dtype) | xla (reference) | cudnn_bias | cudnn_packed | pallas | splash
     scan_layers: bool = True  # scan the layer stack (one compiled block) instead of unrolling
+    adapter: Optional[str] = None  # a PEFT LoRA adapter directory to start from (sets model.lora from its config)
+    lora: LoraSection = LoraSection()  # low-rank adaptation instead of full fine-tuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +155,7 @@ class RunSection:
     # copies them up when the run ends or is preempted; checkpoints go straight to the bucket
     staging_dir: str = "~/.cache/sft_jax/staging"
     export: bool = True  # export the final model to output_dir/hf (self-verifying)
+    export_merged: bool = False  # with LoRA: also export the merged model to output_dir/hf (the adapter goes to adapter/)
     wandb_project: Optional[str] = None  # also log to this Weights & Biases project (pip install 'sft_jax[wandb]')
     wandb_name: Optional[str] = None  # the W&B run name; null = wandb's own
 
@@ -428,6 +442,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     _validate_ppo(cfg)
     _validate_preference(cfg)
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.model.lora
+    if lo.rank < 0 or (lo.rank == 0 and lo != LoraSection(rank=lo.rank)):
+        raise ConfigError(f"model.lora.rank={lo.rank}: set a rank >= 1 to use the other model.lora fields")
+    if lo.dropout != 0.0:
+        raise ConfigError(f"model.lora.dropout={lo.dropout}: only 0 is supported (the adapters are merged into "
+                          f"the kernels in the forward pass)")
+    if lo.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha={lo.alpha}: expected > 0")
 
 
 def _validate_ppo(cfg: Config) -> None:

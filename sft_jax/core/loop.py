@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+from sft_jax.adapters import objective as adapters
 from sft_jax.core import checkpoint as ckpt
 from sft_jax.runtime import distributed
 from sft_jax.runtime import faults, runlock
@@ -92,7 +93,7 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
                           f"the model's n_positions={model_cfg.max_position_embeddings}; it must be smaller")
     if source is not None:
         check_same_model(source, model_cfg)
-    objective = objective_cls(config, model_cfg, tokenizer, hf_dir)
+    objective = adapters.wrap(config, objective_cls(config, model_cfg, tokenizer, hf_dir))
     data = objective.build_data()
     iterator = data.iterator
     total_steps = config.train.steps or max(1, math.ceil(config.train.epochs * iterator.steps_per_epoch))

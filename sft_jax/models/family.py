@@ -89,6 +89,8 @@ class Family:
     score_key: str  # the reward head's tensor in that export, (1, D)
     arch_fields: tuple[str, ...]  # config fields that identify the architecture (a resume must match them)
     embedding_names: tuple[str, ...]  # parameter names of embedding tables (exempt from weight decay by default)
+    # HF module names LoRA adapts when model.lora.targets is empty (PEFT's defaults for the architecture)
+    lora_targets: tuple[str, ...] = ()
 
 
 def _name_of(model_type: str) -> str:

@@ -33,6 +33,7 @@ FAMILY = Family(
     score_key=hf.SCORE_KEY,
     arch_fields=("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"),
     embedding_names=("wte", "wpe"),
+    lora_targets=("c_attn",),
 )
 
 __all__ = ["FAMILY", "GPT2", "GPT2Config", "PRESETS", "init_cache", "init_params", "lm_logits", "param_shapes",

@@ -39,6 +39,7 @@ FAMILY = Family(
                  "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias",
                  "attention_out_bias"),
     embedding_names=("embed_tokens", "lm_head"),
+    lora_targets=("q_proj", "v_proj"),
 )
 
 __all__ = ["FAMILY", "PRESETS", "ROPE_TYPES", "Llama", "LlamaConfig", "init_cache", "init_params", "lm_logits",

@@ -1,0 +1,1 @@
+"""Parameter-efficient adapters (LoRA) shared by every family and objective."""

@@ -1,0 +1,183 @@
+"""LoRA adapters in PEFT's format: import, forward, training, export, against peft in torch."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_jax.adapters import lora
+from sft_jax.models import hf_io
+from sft_jax.models.family import family_of
+from tests import hf_fixtures
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+TOKENS = np.array([[5, 17, 42, 99, 3, 250, 7, 8, 1, 77, 12, 13], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 100, 200]])
+
+
+def peft_model(base, targets, r=4, alpha=8.0, rslora=False, seed=0):
+    """A peft LoRA model on ``base`` with random nonzero A and B (B is zero at init)."""
+    from peft import LoraConfig, get_peft_model
+
+    conf = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(base, conf)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def jax_logits(base_dir, adapter_dir, tokens=TOKENS):
+    cfg, params = hf_io.load_hf(base_dir, dtype="float32")
+    spec, adapters = lora.load_peft(adapter_dir, cfg)
+    merged = lora.merge(params, jax.tree.map(jnp.asarray, adapters), spec)
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    out = family_of(cfg).module(cfg).apply(merged, jnp.asarray(tokens), jnp.asarray(positions),
+                                          jnp.ones(tokens.shape, jnp.int32))
+    return np.asarray(out[0] if isinstance(out, tuple) else out, np.float32)[..., :cfg.vocab_size], spec
+
+
+def llama_base():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=64, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(conf, attn_implementation="eager").float().eval()
+
+
+@pytest.mark.parametrize("family,targets,rslora", [("gpt2", ["c_attn"], False), ("gpt2", "all-linear", True),
+                                                    ("llama", ["q_proj", "v_proj"], False)])
+def test_peft_adapter_imports_with_peft_logits(tmp_path, family, targets, rslora):
+    base = hf_fixtures.make_hf_model() if family == "gpt2" else llama_base()
+    base.save_pretrained(tmp_path / "base")
+    model = peft_model(base, targets, rslora=rslora)
+    model.save_pretrained(tmp_path / "adapter")
+    want = hf_fixtures.torch_logits(model, TOKENS)
+    got, spec = jax_logits(tmp_path / "base", tmp_path / "adapter")
+    with model.disable_adapter():
+        base_logits = hf_fixtures.torch_logits(model, TOKENS)
+    assert np.abs(base_logits - want).max() > 1e-2  # the adapter changes the model
+    assert spec.rank == 4 and spec.rslora == rslora
+    if targets == "all-linear":
+        assert spec.modules == ["c_attn", "c_fc", "c_proj"]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- training: the core's step on adapters against torch + peft + AdamW --------------------
+
+def _lora_step(cfg, spec, optim, steps, mesh_shape, base, adapters0):
+    from sft_jax.adapters.objective import LoraObjective
+    from sft_jax.core import mesh as shd
+    from sft_jax.core import step as core
+    from sft_jax.core.optimizer import make_optimizer
+    from sft_jax.objectives import sft
+
+    inner = sft.SFTLoss(cfg)
+    inner.config = inner.tokenizer = inner.hf_dir = None
+    inner.model_cfg = cfg
+    objective = LoraObjective(inner, spec)
+    tx, schedule = make_optimizer(optim, steps)
+    n = int(np.prod(mesh_shape))
+    mesh = shd.make_mesh(mesh_shape, jax.devices()[:n])
+    _, shardings = core.state_shardings(objective.abstract_params(), tx, mesh)
+    base_sh = shd.logical_shardings(mesh, family_of(cfg).param_shapes(cfg))
+    frozen = (jax.device_put(base, base_sh), None)
+    step = core.make_train_step(objective, tx, schedule, mesh=mesh, shardings=shardings, clip_norm=optim.clip_norm,
+                                frozen_shardings=(base_sh, None))
+    state = core.init_state(None, tx, shardings, params=jax.tree.map(jnp.array, adapters0))
+    return step, state, frozen, mesh, schedule
+
+
+def test_five_lora_steps_match_torch_peft_adamw():
+    """5 optimizer steps of LoRA SFT (float32) vs peft + torch.optim.AdamW + clip_grad_norm_ on the
+    same batches; the base is bit-equal after; step 0 is the base model's loss; a (2, 2, 2) mesh
+    gives the one-device losses."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from sft_jax.config import OptimSection
+    from sft_jax.core import mesh as shd
+    from sft_jax.models.gpt2 import GPT2Config
+    from sft_jax.objectives import sft
+    from train_fixtures import fixed_batches
+
+    cfg = GPT2Config.preset("tiny", vocab_size=256, n_positions=32, bos_token_id=0, eos_token_id=0, dtype="float32")
+    optim = OptimSection(lr=1e-2, warmup_steps=2, final_lr_fraction=0.1, weight_decay=0.1, clip_norm=0.5,
+                         b1=0.9, b2=0.95, eps=1e-8)
+    steps = 5
+    spec = lora.resolve(cfg, 4, 8.0, False, "c_attn")
+    base = family_of(cfg).init_params(cfg, jax.random.key(0))
+    adapters0 = lora.init_adapters(cfg, spec, jax.random.key(1))
+    base_copy = jax.tree.map(np.array, base)
+    batches = fixed_batches(steps, rows=4, length=16, vocab=cfg.vocab_size, seed=1)
+
+    def run(mesh_shape):
+        step, state, frozen, mesh, schedule = _lora_step(cfg, spec, optim, steps, mesh_shape, base, adapters0)
+        losses = []
+        for b in batches:
+            state, m = step(state, shd.global_batch(b, mesh, 4), frozen)
+            losses.append(float(m["loss"]))
+        return losses, state, frozen, schedule
+
+    jax_losses, state, frozen, schedule = run((1, 1, 1))
+    # the frozen base is untouched, and B = 0 makes step 0 the base model's loss exactly
+    for a, b in zip(jax.tree.leaves(jax.device_get(frozen[0])), jax.tree.leaves(base_copy)):
+        np.testing.assert_array_equal(a, b)
+    b0 = {k: jnp.asarray(v) for k, v in batches[0].items()}
+    base_loss = float(sft.summed_nll(family_of(cfg).module(cfg), base, b0, 0) / b0["weights"].sum())
+    assert jax_losses[0] == pytest.approx(base_loss, rel=1e-6)
+
+    hf_cfg = transformers.GPT2Config(**{k: v for k, v in cfg.to_hf_config().items()
+                                        if k not in ("architectures", "model_type", "torch_dtype")})
+    model = transformers.GPT2LMHeadModel(hf_cfg).float()
+    sd = {k: torch.from_numpy(v.copy()) for k, v in hf_io.to_hf_state_dict(base, cfg).items()}
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8.0, target_modules=["c_attn"], lora_dropout=0.0,
+                                             task_type="CAUSAL_LM"))
+    start = lora.peft_state_dict(cfg, spec, adapters0)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in start.items():
+            named[key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")].copy_(
+                torch.from_numpy(value))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(trained) == 2 * cfg.n_layer
+    opt = torch.optim.AdamW(trained, lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
+                            weight_decay=optim.weight_decay)
+    lr_values = [float(schedule(s)) for s in range(steps)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_values[s] / optim.lr if s < steps else 0.0)
+    torch_losses = []
+    for b in batches:
+        logits = model(input_ids=torch.from_numpy(b["tokens"]).long()).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                torch.from_numpy(b["targets"]).long().reshape(-1), reduction="none")
+        w = torch.from_numpy(b["weights"]).reshape(-1)
+        loss = (nll * w).sum() / w.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, optim.clip_norm)
+        opt.step()
+        sched.step()
+        torch_losses.append(loss.item())
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
+    assert jax_losses[-1] < jax_losses[0]
+    got = lora.peft_state_dict(cfg, spec, state.params)
+    from peft import get_peft_model_state_dict
+
+    want = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
+    assert set(got) == set(want)
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], atol=5e-5, rtol=0, err_msg=key)
+
+    mesh_losses, _, _, _ = run((2, 2, 2))
+    np.testing.assert_allclose(mesh_losses, jax_losses, rtol=1e-5)
