@@ -181,3 +181,113 @@ def test_five_lora_steps_match_torch_peft_adamw():
 
     mesh_losses, _, _, _ = run((2, 2, 2))
     np.testing.assert_allclose(mesh_losses, jax_losses, rtol=1e-5)
+
+
+# --- a LoRA SFT run through the command line: export, checkpoints, resume, bad input --------
+
+RUN_STEPS, EVERY = 4, 2
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One tiny LoRA SFT run on a tiny HF GPT-2 (adapter + merged export), and its config."""
+    from train_fixtures import train_cli, write_tiny_yaml
+
+    root = tmp_path_factory.mktemp("lora_run")
+    base = hf_fixtures.save_hf_model(hf_fixtures.make_hf_model(seed=0), root / "base")
+    hf_fixtures.train_tokenizer().save_pretrained(base)
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."}
+            for i in range(60)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def config(name, *extra):
+        return write_tiny_yaml(root / f"{name}.yaml", root / name, f"model.init_from={base}", f"data.train={data}",
+                               "data.format=alpaca", "data.eval_fraction=0", f"train.steps={RUN_STEPS}",
+                               f"checkpoint.every={EVERY}", "checkpoint.keep=10", "model.dtype=float32",
+                               "model.lora.rank=4", "model.lora.alpha=8", "optim.lr=1e-2", *extra)
+
+    done = train_cli(["--config", config("straight", "run.export=true", "run.export_merged=true")], devices=None)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verified in peft" in done.stdout, done.stdout
+    return root, base, config
+
+
+def _peft_on(base_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter_dir)).eval()
+
+
+def test_exported_adapter_loads_in_peft_and_merged_export_equals_merge_and_unload(lora_run):
+    from transformers import AutoModelForCausalLM
+
+    root, base, _ = lora_run
+    adapter = root / "straight" / "adapter"
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert (conf["r"], conf["lora_alpha"], conf["target_modules"], conf["use_rslora"], conf["fan_in_fan_out"],
+            conf["task_type"], conf["base_model_name_or_path"]) == (4, 8.0, ["c_attn"], False, True, "CAUSAL_LM",
+                                                                   str(base))
+    model = _peft_on(base, adapter)
+    tokens = TOKENS % 300
+    with_adapter = hf_fixtures.torch_logits(model, tokens)
+    with model.disable_adapter():
+        assert np.abs(hf_fixtures.torch_logits(model, tokens) - with_adapter).max() > 1e-4  # it trained
+    got, _ = jax_logits(base, adapter, tokens)
+    np.testing.assert_allclose(got, with_adapter, atol=1e-5, rtol=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(str(root / "straight" / "hf")).eval()
+    unloaded = model.merge_and_unload()
+    np.testing.assert_allclose(hf_fixtures.torch_logits(merged, tokens), hf_fixtures.torch_logits(unloaded, tokens),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _dir_bytes(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_checkpoint_holds_adapters_and_base_identity_only(lora_run):
+    from sft_jax.core import checkpoint as ckpt
+
+    root, base, _ = lora_run
+    ckpts = root / "straight" / "checkpoints"
+    restored = ckpt.restore(ckpts, step=RUN_STEPS, with_opt_state=True)
+    leaves = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(restored["params"])}
+    assert leaves and all("lora_a_kernel" in k or "lora_b_kernel" in k for k in leaves), leaves
+    assert restored["train_state"]["lora_base"]["path"] == str(base)
+    adapter_bytes = (root / "straight" / "adapter" / "adapter_model.safetensors").stat().st_size
+    base_bytes = (base / "model.safetensors").stat().st_size
+    step_bytes = _dir_bytes(ckpts / str(RUN_STEPS))
+    # adapters + 2 Adam moments + metadata (tokenizer, config): far below the base's weights
+    assert step_bytes < 3 * adapter_bytes + 200_000 < base_bytes, (step_bytes, adapter_bytes, base_bytes)
+
+
+def test_sigkill_and_rerun_of_a_lora_run_ends_bit_equal(lora_run):
+    from sft_jax.core import checkpoint as ckpt
+    from train_fixtures import assert_trees_equal, losses, train_cli
+
+    root, _, config = lora_run
+    cfg = config("killed")
+    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_FAULT": f"step:{EVERY}:after_save"}, devices=None)
+    assert first.returncode == -9, first.stdout + first.stderr
+    second = train_cli(["--config", cfg], devices=None)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming from step 2" in second.stderr
+    want = ckpt.restore(root / "straight" / "checkpoints", step=RUN_STEPS, with_opt_state=True)
+    got = ckpt.restore(root / "killed" / "checkpoints", step=RUN_STEPS, with_opt_state=True)
+    assert losses(root / "killed")[RUN_STEPS] == losses(root / "straight")[RUN_STEPS]
+    assert_trees_equal(jax.device_get((got["params"], got["opt_state"])),
+                       jax.device_get((want["params"], want["opt_state"])))
+
+
+def test_resume_on_another_base_is_refused_naming_both(lora_run, tmp_path):
+    from train_fixtures import train_cli
+
+    root, base, config = lora_run
+    other = hf_fixtures.save_hf_model(hf_fixtures.make_hf_model(seed=5), tmp_path / "other")
+    hf_fixtures.train_tokenizer().save_pretrained(other)
+    cfg = config("straight", f"model.init_from={other}", f"train.steps={RUN_STEPS + 1}")
+    out = train_cli(["--config", cfg], devices=None)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(base) in lines[0] and str(other) in lines[0], out.stderr

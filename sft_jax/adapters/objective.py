@@ -100,6 +100,30 @@ class LoraObjective(Objective):
     def optimizer(self, tx):
         return tx
 
+    # --- checkpoints: adapters only, plus which base they belong to ----------------------------
+    def base_identity(self) -> dict:
+        if getattr(self, "_identity", None) is None:
+            if self.hf_dir is None:
+                m = self.config.model
+                path, digest = f"scratch:{m.preset}", f"seed {self.config.train.seed}"
+            else:
+                path, digest = str(self.hf_dir), base_fingerprint(self.hf_dir)
+            self._identity = {"path": path, "sha256": digest}
+        return self._identity
+
+    def checkpoint_state(self) -> dict:
+        return {"lora_base": self.base_identity()}
+
+    def check_resume(self, source, train_state: dict) -> None:
+        saved, mine = train_state.get("lora_base"), self.base_identity()
+        if saved is None:
+            raise ConfigError(f"checkpoint {source} holds a full model, not LoRA adapters; set model.lora.rank=0 "
+                              f"or start a new run directory")
+        if saved.get("sha256") != mine["sha256"]:
+            raise ConfigError(f"checkpoint {source} holds adapters for base {saved.get('path')} "
+                              f"(sha256 {saved.get('sha256')}); this run's base is {mine['path']} "
+                              f"(sha256 {mine['sha256']})")
+
     # --- the rest is the inner objective's, on the merged model -----------------------------
     def build_data(self):
         return self.inner.build_data()

@@ -105,6 +105,7 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
     if source is not None:
         restored = ckpt.restore(source, params_target=abstract.params, opt_state_target=abstract.opt_state)
         train_state = restored["train_state"] or {}
+        objective.check_resume(source, train_state)  # e.g. LoRA: the same base model
         start_step = int(train_state.get("step", restored["step"]))
         state = core_step.state_from_restored(restored["params"], restored["opt_state"], train_state, shardings)
         iterator.restore(train_state.get("data", {"step": start_step}))  # DataError: buckets at another batch
@@ -294,7 +295,7 @@ class Loop:
         self.check_finite(counters, step)
         train_state = {"step": step, "data": self.iterator.state(), "seed": self.config.train.seed,
                        "nonfinite_total": int(counters["nonfinite_total"]),
-                       "nonfinite_run": int(counters["nonfinite_run"])}
+                       "nonfinite_run": int(counters["nonfinite_run"]), **self.objective.checkpoint_state()}
         ckpt.save(self.manager, step, params=self.state.params, opt_state=self.state.opt_state,
                   model_config=self.model_cfg, tokenizer=self.tokenizer, train_state=train_state, force=force)
         self.objective.on_save(self, step)

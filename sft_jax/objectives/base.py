@@ -81,6 +81,15 @@ class Objective(Loss):
         clip, AdamW, schedule). Default: as given (PPO scales the critic's updates)."""
         return tx
 
+    def checkpoint_state(self) -> dict:
+        """JSON-able entries every checkpoint's train state carries besides the loop's (what a
+        resume must find unchanged, e.g. the base model under LoRA adapters). Default: none."""
+        return {}
+
+    def check_resume(self, source, train_state: dict) -> None:
+        """Raise ``ConfigError`` if the checkpoint at ``source`` (its train state given) cannot
+        continue this run. Default: nothing to check."""
+
     # --- data -------------------------------------------------------------------------------
     def build_data(self) -> Data:
         raise NotImplementedError
