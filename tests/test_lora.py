@@ -291,3 +291,36 @@ def test_resume_on_another_base_is_refused_naming_both(lora_run, tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and str(base) in lines[0] and str(other) in lines[0], out.stderr
+
+
+def _one_error(capsys, argv, *needles):
+    from sft_jax import train
+
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_lora_input_is_one_error_line_and_writes_nothing(lora_run, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    root, base, config = lora_run
+    out = tmp_path / "run"
+    cfg = str(config("bad"))
+    run_dir = [f"run.output_dir={out}"]
+    _one_error(capsys, ["--config", cfg, *run_dir, "model.lora.targets=q_proj"], "q_proj", "c_attn, c_fc, c_proj")
+    _one_error(capsys, ["--config", cfg, *run_dir, "model.lora.rank=0", "model.lora.targets=c_fc"], "model.lora.rank")
+    _one_error(capsys, ["--config", cfg, *run_dir, "model.lora.rank=-1"], "model.lora.rank")
+    # an adapter made for a wider GPT-2: shapes do not fit
+    wide = get_peft_model(hf_fixtures.make_hf_model(n_embd=32), LoraConfig(r=2, target_modules=["c_attn"]))
+    wide.save_pretrained(tmp_path / "wide")
+    _one_error(capsys, ["--config", cfg, *run_dir, f"model.adapter={tmp_path / 'wide'}"], "needs")
+    # an adapter of another family
+    llama = get_peft_model(llama_base(), LoraConfig(r=2, target_modules=["q_proj"]))
+    llama.save_pretrained(tmp_path / "llama")
+    _one_error(capsys, ["--config", cfg, *run_dir, f"model.adapter={tmp_path / 'llama'}"], "does not fit", "gpt2")
+    assert not out.exists()
