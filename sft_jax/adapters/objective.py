@@ -56,9 +56,13 @@ class LoraObjective(Objective):
         self._merge = jax.jit(lambda base, adapters: lora.merge(base, adapters, spec))
 
     # --- what the step traces -------------------------------------------------------------
+    def inner_frozen(self, frozen):
+        """The inner objective's frozen parameters: the base itself when they are the starting model."""
+        base, inner = frozen
+        return base if self.inner.frozen_is_start else inner
+
     def loss(self, params, frozen, batch):
-        base, inner_frozen = frozen
-        return self.inner.loss(lora.merge(base, params, self.spec), inner_frozen, batch)
+        return self.inner.loss(lora.merge(frozen[0], params, self.spec), self.inner_frozen(frozen), batch)
 
     def normalizer(self, batch):
         return self.inner.normalizer(batch)
@@ -67,8 +71,7 @@ class LoraObjective(Objective):
         return self.inner.batch_metrics(batch)
 
     def eval_sums(self, params, frozen, batch):
-        base, inner_frozen = frozen
-        return self.inner.eval_sums(lora.merge(base, params, self.spec), inner_frozen, batch)
+        return self.inner.eval_sums(lora.merge(frozen[0], params, self.spec), self.inner_frozen(frozen), batch)
 
     # --- parameters -----------------------------------------------------------------------
     def abstract_params(self):
@@ -93,7 +96,7 @@ class LoraObjective(Objective):
                 base = jax.jit(lambda k: cast(self.inner.init_params(k)), out_shardings=sh)(key)
             else:
                 base = jax.jit(cast, out_shardings=sh, donate_argnums=0)(base)
-        inner = self.inner.frozen_params(mesh)
+        inner = None if self.inner.frozen_is_start else self.inner.frozen_params(mesh)
         inner_params, inner_sh = inner if inner is not None else (None, None)
         return (base, inner_params), (sh, inner_sh)
 
@@ -168,7 +171,7 @@ class MergedView:
 
     @property
     def frozen(self):
-        return self._loop.frozen[1]
+        return self._objective.inner_frozen(self._loop.frozen)
 
     def host_params(self):
         return self._objective.merged(self._loop)

@@ -52,6 +52,10 @@ class Loss:
 class Objective(Loss):
     """A way of training, built by the core once the model and tokenizer are known."""
 
+    # True when ``frozen_params`` is a copy of the starting model (DPO's reference): under LoRA
+    # adapters the frozen base stands in for it, so the weights are held once.
+    frozen_is_start = False
+
     def __init__(self, config, model_cfg, tokenizer, hf_dir=None):
         self.config, self.model_cfg, self.tokenizer, self.hf_dir = config, model_cfg, tokenizer, hf_dir
 

@@ -42,6 +42,7 @@ class DPOObjective(PairData, sft.SFTObjective):
     """SFT's parameters, starting point and export; DPO's batch, loss and evaluation."""
 
     metric_names = ("reward_accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logratio")
+    frozen_is_start = True  # the reference is the starting model
 
     def __init__(self, config, model_cfg, tokenizer, hf_dir=None):
         sft.SFTObjective.__init__(self, config, model_cfg, tokenizer, hf_dir)
