@@ -1,4 +1,4 @@
-"""Chat with a model: ``python -m sft_jax.chat --model PATH [--system TEXT] [sampling flags]``
+"""Chat with a model: ``python -m sft_jax.chat --model PATH [--adapter DIR] [--system TEXT] [sampling flags]``
 
 PATH is an HF dir, a hub name or a training checkpoint (root = newest step, or a step dir).
 Each user message joins the conversation, which is rendered with the tokenizer's chat template
@@ -136,12 +136,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_jax.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF dir, hub name, or orbax checkpoint (root or step dir)")
+    parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory applied on top of --model")
     parser.add_argument("--system", default=None, help="system message kept at the top of the conversation")
     add_sampling_args(parser, max_new_tokens=None)  # None: min(256, n_positions // 2)
     args = cli.parse(parser, argv)
     interactive = sys.stdin.isatty()
     try:
-        cfg, params, tokenizer, eos_id = load(args.model)
+        cfg, params, tokenizer, eos_id = load(args.model, args.adapter)
         max_new = args.max_new_tokens or min(256, cfg.max_position_embeddings // 2)
         chat = Chat(cfg, params, tokenizer, eos_id, system=args.system, max_new_tokens=max_new,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -1,6 +1,6 @@
 """Generate a completion from an HF dir, a hub name or an orbax checkpoint.
 
-  python -m sft_jax.generate --model PATH --prompt TEXT [--max-new-tokens N] [--temperature T]
+  python -m sft_jax.generate --model PATH [--adapter DIR] --prompt TEXT [--max-new-tokens N] [--temperature T]
                              [--top-k K] [--top-p P] [--seed S] [--raw]
 
 By default the prompt goes through the tokenizer's chat template (one user message, generation
@@ -50,9 +50,15 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | Non
     parser.add_argument("--seed", type=int, default=0)
 
 
-def load(model: str):
-    """(model config, params, tokenizer, eos_id) for ``--model``; ValueError without a tokenizer."""
+def load(model: str, adapter: str | None = None):
+    """(model config, params, tokenizer, eos_id) for ``--model``, with the PEFT LoRA ``adapter``
+    merged in if given; ValueError without a tokenizer or for an adapter that does not fit."""
     cfg, params, tokenizer = checkpoint.load_model(cli.resolve_path(model))
+    if adapter is not None:
+        from sft_jax.adapters import lora
+
+        spec, adapters = lora.load_peft(cli.resolve_path(adapter), cfg)
+        params = lora.merge(params, adapters, spec)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer; cannot encode a text prompt")
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
@@ -64,11 +70,12 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF dir, hub name, or orbax checkpoint (root or step dir)")
     parser.add_argument("--prompt", required=True)
+    parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory applied on top of --model")
     add_sampling_args(parser)
     parser.add_argument("--raw", action="store_true", help="skip the chat template")
     args = cli.parse(parser, argv)
     try:
-        cfg, params, tokenizer, eos_id = load(args.model)
+        cfg, params, tokenizer, eos_id = load(args.model, args.adapter)
         prompt = fit_prompt(encode_prompt(tokenizer, args.prompt, args.raw), args.max_new_tokens,
                             cfg.max_position_embeddings)
         (completion,) = sampling.generate(params, cfg, [prompt], max_new_tokens=args.max_new_tokens,

@@ -385,3 +385,20 @@ def test_dpo_with_adapters_reference_is_the_base_and_margins_match_peft(lora_run
     assert len(margins) == len(held_out)
     assert abs(float(np.mean(margins))) > 1e-4  # the adapters moved the policy off the reference
     assert final["eval_margin"] == pytest.approx(float(np.mean(margins)), rel=1e-4, abs=1e-6)
+
+
+def test_generate_with_adapter_equals_the_merged_export(lora_run, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from sft_jax import generate
+
+    root, base, _ = lora_run
+    args = ["--prompt", "Add 3 and 4.", "--max-new-tokens", "8", "--raw"]
+    assert generate.main(["--model", str(base), "--adapter", str(root / "straight" / "adapter"), *args]) == 0
+    with_adapter = capsys.readouterr().out
+    assert generate.main(["--model", str(root / "straight" / "hf"), *args]) == 0
+    assert with_adapter == capsys.readouterr().out
+    llama = get_peft_model(llama_base(), LoraConfig(r=2, target_modules=["q_proj"]))
+    llama.save_pretrained(tmp_path / "llama")
+    assert generate.main(["--model", str(base), "--adapter", str(tmp_path / "llama"), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "does not fit this gpt2 model" in err[0], err
