@@ -402,3 +402,17 @@ def test_generate_with_adapter_equals_the_merged_export(lora_run, tmp_path, caps
     assert generate.main(["--model", str(base), "--adapter", str(tmp_path / "llama"), *args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "does not fit this gpt2 model" in err[0], err
+
+
+def test_lora_on_reward_and_ppo_is_refused_until_heads_are_covered():
+    from sft_jax.adapters.objective import wrap
+    from sft_jax.config import ConfigError, load_config
+    from sft_jax.objectives.ppo import PPOObjective
+    from sft_jax.objectives.reward import RewardObjective
+
+    config = load_config(None, ["model.lora.rank=4"])
+    for cls in (RewardObjective, PPOObjective):
+        stub = cls.__new__(cls)
+        with pytest.raises(ConfigError, match="adapters do not cover"):
+            wrap(config, stub)
+    assert wrap(load_config(None, []), "unchanged") == "unchanged"  # rank 0: full fine-tuning as before

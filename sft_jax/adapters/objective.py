@@ -34,6 +34,9 @@ def wrap(config, objective):
     """``objective`` trained through LoRA adapters when the config asks for them."""
     if not enabled(config):
         return objective
+    if not objective.supports_lora:
+        raise ConfigError(f"model.lora and model.adapter apply to SFT and DPO; {type(objective).__name__} "
+                          f"trains a head besides the language model, which adapters do not cover yet")
     lo, cfg = config.model.lora, objective.model_cfg
     try:
         if config.model.adapter is not None:

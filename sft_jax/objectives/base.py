@@ -55,6 +55,9 @@ class Objective(Loss):
     # True when ``frozen_params`` is a copy of the starting model (DPO's reference): under LoRA
     # adapters the frozen base stands in for it, so the weights are held once.
     frozen_is_start = False
+    # whether ``model.lora`` can train this objective's parameters as adapters on a frozen base
+    # (objectives with parameters besides the causal LM's, a score or value head, cannot yet)
+    supports_lora = False
 
     def __init__(self, config, model_cfg, tokenizer, hf_dir=None):
         self.config, self.model_cfg, self.tokenizer, self.hf_dir = config, model_cfg, tokenizer, hf_dir

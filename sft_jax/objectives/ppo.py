@@ -170,6 +170,7 @@ class RolloutIterator:
 class PPOObjective(sft.SFTObjective):
     """PPO (``ppo.advantage=gae``) or GRPO (``ppo.advantage=grpo``); SFT's held-out exact
     match and export, on the actor."""
+    supports_lora = False  # the critic's value head is not an adapter
 
     def __init__(self, config, model_cfg, tokenizer, hf_dir=None):
         super().__init__(config, model_cfg, tokenizer, hf_dir)

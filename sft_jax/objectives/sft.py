@@ -65,6 +65,8 @@ class SFTLoss(Loss):
 
 
 class SFTObjective(Objective, SFTLoss):
+    supports_lora = True
+
     def __init__(self, config, model_cfg: ModelConfig, tokenizer, hf_dir=None):
         Objective.__init__(self, config, model_cfg, tokenizer, hf_dir)
         SFTLoss.__init__(self, model_cfg, config.train.loss_chunk)
