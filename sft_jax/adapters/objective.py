@@ -62,7 +62,7 @@ class LoraObjective(Objective):
     def inner_frozen(self, frozen):
         """The inner objective's frozen parameters: the base itself when they are the starting model."""
         base, inner = frozen
-        return base if self.inner.frozen_is_start else inner
+        return base if getattr(self.inner, "frozen_is_start", False) else inner
 
     def loss(self, params, frozen, batch):
         return self.inner.loss(lora.merge(frozen[0], params, self.spec), self.inner_frozen(frozen), batch)
@@ -99,7 +99,7 @@ class LoraObjective(Objective):
                 base = jax.jit(lambda k: cast(self.inner.init_params(k)), out_shardings=sh)(key)
             else:
                 base = jax.jit(cast, out_shardings=sh, donate_argnums=0)(base)
-        inner = None if self.inner.frozen_is_start else self.inner.frozen_params(mesh)
+        inner = None if getattr(self.inner, "frozen_is_start", False) else self.inner.frozen_params(mesh)
         inner_params, inner_sh = inner if inner is not None else (None, None)
         return (base, inner_params), (sh, inner_sh)
 
