@@ -416,3 +416,14 @@ def test_lora_on_reward_and_ppo_is_refused_until_heads_are_covered():
         with pytest.raises(ConfigError, match="adapters do not cover"):
             wrap(config, stub)
     assert wrap(load_config(None, []), "unchanged") == "unchanged"  # rank 0: full fine-tuning as before
+
+
+def test_lora_checkpoint_resumed_as_full_fine_tuning_is_refused(lora_run):
+    from train_fixtures import train_cli
+
+    root, _, config = lora_run
+    cfg = config("straight", "model.lora.rank=0", "model.lora.alpha=16", f"train.steps={RUN_STEPS + 1}")
+    out = train_cli(["--config", cfg], devices=None)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "holds LoRA adapters" in lines[0], out.stderr

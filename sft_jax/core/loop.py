@@ -42,7 +42,8 @@ from sft_jax.runtime import faults, runlock
 from sft_jax.core import mesh as shd
 from sft_jax.config import Config, ConfigError
 from sft_jax.core import step as core_step
-from sft_jax.core.setup import check_same_model, enable_compilation_cache, model_and_tokenizer, resume_source
+from sft_jax.core.setup import (check_same_model, checkpoint_model_config, enable_compilation_cache,
+                                model_and_tokenizer, resume_source)
 from sft_jax.runtime.paths import download_outputs, is_remote, run_dirs, upload_outputs
 from sft_jax.core import metrics as core_metrics
 from sft_jax.core.metrics import MetricsLogger, mfu
@@ -94,6 +95,12 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
     if source is not None:
         check_same_model(source, model_cfg)
     objective = adapters.wrap(config, objective_cls(config, model_cfg, tokenizer, hf_dir))
+    if source is not None:  # before the restore, whose shapes would not match another kind of run
+        saved = checkpoint_model_config(source, "train_state")
+        if "lora_base" in saved and not adapters.enabled(config):
+            raise ConfigError(f"checkpoint {source} holds LoRA adapters; set model.lora.rank (or start a new "
+                              f"run directory)")
+        objective.check_resume(source, saved)
     data = objective.build_data()
     iterator = data.iterator
     total_steps = config.train.steps or max(1, math.ceil(config.train.epochs * iterator.steps_per_epoch))
@@ -105,7 +112,6 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
     if source is not None:
         restored = ckpt.restore(source, params_target=abstract.params, opt_state_target=abstract.opt_state)
         train_state = restored["train_state"] or {}
-        objective.check_resume(source, train_state)  # e.g. LoRA: the same base model
         start_step = int(train_state.get("step", restored["step"]))
         state = core_step.state_from_restored(restored["params"], restored["opt_state"], train_state, shardings)
         iterator.restore(train_state.get("data", {"step": start_step}))  # DataError: buckets at another batch

@@ -94,10 +94,11 @@ def _load_tokenizer(name: str):
     return load_tokenizer(name)
 
 
-def checkpoint_model_config(root: Path) -> dict:
-    """The architecture stored with the newest checkpoint (read without touching weights)."""
+def checkpoint_model_config(root: Path, item: str = "model_config") -> dict:
+    """The architecture stored with the newest checkpoint (read without touching weights);
+    ``item="train_state"``: its train state (step, data position, what the objective added)."""
     step_dir = root / str(ckpt.latest_step(root))
-    for f in sorted((step_dir / "model_config").glob("*")):
+    for f in sorted((step_dir / item).glob("*")):
         if f.is_file():
             try:
                 return json.loads(f.read_text())
