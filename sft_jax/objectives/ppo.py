@@ -50,6 +50,7 @@ from sft_jax.objectives import sft
 from sft_jax.objectives.base import Data
 from sft_jax.objectives.preference_losses import scores_at
 from sft_jax.inference.sampling import _decode
+from sft_jax.runtime.paths import run_dirs
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "targets", "mask", "old_logp", "ref_logp", "advantages",
             "old_values", "returns", "beta", "reward", "score")
@@ -330,8 +331,9 @@ class PPOObjective(sft.SFTObjective):
             self.store_rollout(*self.cache[:2])
 
     def rollout_file(self) -> Path:
-        """This process's copy of the current rollout, in the run directory."""
-        return Path(self.config.run.output_dir) / ROLLOUT_DIR / f"process_{jax.process_index()}.npz"
+        """This process's copy of the current rollout, in the run's local directory (a gs:// run's
+        staging directory)."""
+        return run_dirs(self.config)[0] / ROLLOUT_DIR / f"process_{jax.process_index()}.npz"
 
     def rollout_key(self) -> str:
         """What a rollout's arrays depend on besides the parameters: a stored one made under other
