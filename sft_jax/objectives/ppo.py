@@ -50,6 +50,7 @@ from sft_jax.objectives import sft
 from sft_jax.objectives.base import Data
 from sft_jax.objectives.preference_losses import scores_at
 from sft_jax.inference.sampling import _decode
+from sft_jax.runtime import distributed
 from sft_jax.runtime.paths import run_dirs
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "targets", "mask", "old_logp", "ref_logp", "advantages",
@@ -359,12 +360,7 @@ class PPOObjective(sft.SFTObjective):
                 if (set(stored.files) == {"rollout", "made_by", *ROW_KEYS} and int(stored["rollout"]) == r
                         and stored["made_by"].item() == self.rollout_key().encode()):
                     arrays = {k: stored[k] for k in ROW_KEYS}
-        found = np.int32(arrays is not None)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            found = np.min(multihost_utils.process_allgather(found))
-        return arrays if found else None
+        return arrays if distributed.on_every_process(arrays is not None) else None
 
     def prompt_rows(self, examples, repeat: int):
         """Left-padded prompt tokens (R, prompt_length), lengths (R,), and the prompts' ids."""
