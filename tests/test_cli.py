@@ -126,16 +126,26 @@ def fresh_install(workdir):
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [l for l in done.stdout.splitlines() if l.startswith("MODULES ")]
-    return allowed, json.loads(line[len("MODULES "):])
+    return allowed, json.loads(line[len("MODULES "):]), done.stderr
 
 
 def test_generate_and_a_user_template_step_need_only_declared_dependencies(workdir, fresh_install):
-    allowed, imported = fresh_install
+    allowed, imported, _ = fresh_install
     owners = md.packages_distributions()
     outside = {m: owners[m] for m in imported
                if m in owners and m != "sft_jax" and not any(_norm(d) in allowed for d in owners[m])}
     assert not outside, f"imported from undeclared distributions: {outside}"
     assert "jinja2" in imported and checkpoint.latest_step(workdir / "runs/u/checkpoints") == 1
+
+
+def test_a_torch_free_start_says_nothing_about_torch_or_orbax_handlers(fresh_install):
+    """Without torch (not a declared dependency), ``generate`` and a training step print neither
+    transformers' "PyTorch was not found" notice (only its tokenizers are used) nor orbax's
+    warning about the array handler the checkpoints replace on purpose."""
+    allowed, imported, stderr = fresh_install
+    assert "torch" not in allowed and "torch" not in imported
+    assert "PyTorch was not found" not in stderr, stderr[:2000]
+    assert "overriding jax.Array" not in stderr and "Type handler registry" not in stderr, stderr[:2000]
 
 
 def _reference_reply(root, template: str, prompt: str, max_new: int) -> str:
