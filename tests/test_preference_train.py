@@ -25,6 +25,7 @@ from sft_jax.inference.scoring import score_file
 from train_fixtures import losses, metrics, tiny_config, train_cli, write_tiny_yaml
 
 STEPS, EVERY = 4, 2
+LABEL_SMOOTHING = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,14 @@ def pair_overrides(pairs, *extra):
 
 
 class RecordingDPO(dpo.DPOObjective):
-    """Keeps a host copy of the reference as built, and the policy and reference as they are at the end."""
+    """Keeps a host copy of the reference as built, the held-out batches as evaluated, and the policy
+    and reference as they are at the end."""
+
+    eval_batches: list = []
+
+    def eval_batch(self, batch):
+        RecordingDPO.eval_batches.append(batch)
+        return super().eval_batch(batch)
 
     def frozen_params(self, mesh):
         params, shardings = super().frozen_params(mesh)
@@ -54,11 +62,16 @@ class RecordingDPO(dpo.DPOObjective):
 
 
 def test_dpo_keeps_the_reference_frozen_and_a_mesh_gives_one_device_losses(tmp_path, pairs):
+    """Also: dpo.label_smoothing (0.1 here) reaches the loss: the held-out loss logged at the end is
+    ``preference_losses.dpo_loss`` with that smoothing, computed here from the final policy and the
+    reference on the batches the evaluation read."""
     runs = {}
     for name, devices, shape in [("one", jax.devices()[:1], "[1,1,1]"), ("mesh", jax.devices(), "[2,2,2]")]:
         cfg = tiny_config(tmp_path / name, *pair_overrides(pairs, f"train.steps={STEPS}", f"mesh.shape={shape}",
                                                            "train.micro_batch_size=4", "run.export=true",
-                                                           f"dpo.kl_prompts={8 if name == 'one' else 0}"))
+                                                           f"dpo.kl_prompts={8 if name == 'one' else 0}",
+                                                           f"dpo.label_smoothing={LABEL_SMOOTHING}"))
+        RecordingDPO.eval_batches = []
         result = core_loop.run(cfg, RecordingDPO, devices=devices)
         assert result.status == "done"
         runs[name] = losses(tmp_path / name)
@@ -77,9 +90,36 @@ def test_dpo_keeps_the_reference_frozen_and_a_mesh_gives_one_device_losses(tmp_p
             (final,) = metrics(tmp_path / name, "eval")
             assert set(final) >= {"eval_loss", "eval_reward_accuracy", "eval_sampled_kl"}
             assert final["eval_sampled_kl"] != 0.0 and np.isfinite(final["eval_sampled_kl"])
+            held_out = held_out_dpo_loss(cfg, RecordingDPO.last, RecordingDPO.eval_batches)
+            assert final["eval_loss"] == pytest.approx(held_out(LABEL_SMOOTHING), rel=1e-5)
+            assert abs(held_out(0.0) - final["eval_loss"]) > 100 * 1e-5 * final["eval_loss"]  # the check can tell
             assert "# Preference pairs" in (tmp_path / name / "data_report.md").read_text()
     np.testing.assert_allclose([runs["mesh"][s] for s in range(1, STEPS + 1)],
                                [runs["one"][s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
+def held_out_dpo_loss(cfg, last: dict, batches: list):
+    """A function of the label smoothing: the mean DPO loss with it over the held-out pairs of
+    ``batches`` (the first ``train.eval_max_batches``, as the evaluation reads them), for the policy
+    and reference in ``last`` (RecordingDPO's flattened trees)."""
+    from sft_jax.core.setup import model_and_tokenizer
+    from sft_jax.objectives.preference_losses import as_pairs, dpo_loss, sequence_logps
+
+    model_cfg = model_and_tokenizer(cfg)[0]
+    policy, reference = (traverse_util.unflatten_dict(last[k], sep="/") for k in ("params", "frozen"))
+    logps = jax.jit(lambda params, batch: sequence_logps(params, batch, model_cfg))
+    limit = cfg.train.eval_max_batches or len(batches)
+    pairs_logps = [(as_pairs(logps(policy, b)), as_pairs(logps(reference, b)), b["pair_mask"]) for b in batches[:limit]]
+
+    def loss(smoothing: float) -> float:
+        total = pairs = 0.0
+        for policy_logps, reference_logps, mask in pairs_logps:
+            summed, metrics = dpo_loss(policy_logps, reference_logps, mask, beta=cfg.dpo.beta,
+                                       label_smoothing=smoothing, normalizer=1.0)
+            total, pairs = total + float(summed), pairs + float(metrics["pairs"])
+        return total / pairs
+
+    return loss
 
 
 def test_reward_model_on_demo_pairs_mesh_parity_and_export_scores_the_same(tmp_path, pairs):
