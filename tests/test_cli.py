@@ -12,6 +12,7 @@ environment only through torch (the test extra): with jinja2 not declared, this 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import io
 import json
@@ -59,9 +60,11 @@ def workdir(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        assert train.main(["--config", "run.yaml"]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert train.main(["--config", "run.yaml"]) == 0
     finally:
         os.chdir(cwd)
+    (root / "train_stdout.txt").write_text(out.getvalue())
     assert checkpoint.latest_step(root / "runs/r/checkpoints") == 2 and (root / "runs/r/hf").is_dir()
     return root
 
@@ -196,6 +199,14 @@ def test_checkpoint_carries_the_template_the_run_trained_with(workdir, run, temp
     assert generate.main(["--model", str(ckpt), "--prompt", "Add 3 and 4.", "--max-new-tokens", "6"]) == 0
     want = _reference_reply(workdir, template, "Add 3 and 4.", 6)
     assert capsys.readouterr().out == want + "\n"
+
+
+def test_closing_lines_give_every_path_as_the_output_dir_was_given(workdir):
+    """run.output_dir=runs/r from the user's directory: the checkpoints, the report and the export
+    are printed in that one relative form, ready to paste into the next command there."""
+    lines = (workdir / "train_stdout.txt").read_text().strip().splitlines()[-4:]
+    assert lines == ["checkpoints: runs/r/checkpoints", "report:      runs/r/report.md", "HF export:   runs/r/hf",
+                     "chat with it: python -m sft_jax.chat --model runs/r/hf"]
 
 
 def test_no_config_rule(tmp_path, capsys):

@@ -399,7 +399,9 @@ class Loop:
             if batch_size_changes(self.iterator):
                 summary["global batch size"] = "; ".join(batch_size_changes(self.iterator))
             report = write_report(out, data_report_md=data_report_md, summary=summary)
-            lines = [f"checkpoints: {self.manager.directory}", f"report:      {report}", *export_lines]
+            # every path in the form run.output_dir was given (relative to the working directory
+            # when it is), so the lines can be pasted into the next command as they are
+            lines = [f"checkpoints: {run_dirs(self.config)[1]}", f"report:      {report}", *export_lines]
             print("\n".join(lines), flush=True)
         return results
 
