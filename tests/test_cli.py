@@ -12,6 +12,7 @@ environment only through torch (the test extra): with jinja2 not declared, this 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import io
 import json
@@ -60,9 +61,11 @@ def workdir(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        assert train.main(["--config", "run.yaml"]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert train.main(["--config", "run.yaml"]) == 0
     finally:
         os.chdir(cwd)
+    (root / "train_stdout.txt").write_text(out.getvalue())
     assert checkpoint.latest_step(root / "runs/r/checkpoints") == 2 and (root / "runs/r/hf").is_dir()
     return root
 
@@ -127,16 +130,26 @@ def fresh_install(workdir):
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [l for l in done.stdout.splitlines() if l.startswith("MODULES ")]
-    return allowed, json.loads(line[len("MODULES "):])
+    return allowed, json.loads(line[len("MODULES "):]), done.stderr
 
 
 def test_generate_and_a_user_template_step_need_only_declared_dependencies(workdir, fresh_install):
-    allowed, imported = fresh_install
+    allowed, imported, _ = fresh_install
     owners = md.packages_distributions()
     outside = {m: owners[m] for m in imported
                if m in owners and m != "sft_jax" and not any(_norm(d) in allowed for d in owners[m])}
     assert not outside, f"imported from undeclared distributions: {outside}"
     assert "jinja2" in imported and checkpoint.latest_step(workdir / "runs/u/checkpoints") == 1
+
+
+def test_a_torch_free_start_says_nothing_about_torch_or_orbax_handlers(fresh_install):
+    """Without torch (not a declared dependency), ``generate`` and a training step print neither
+    transformers' "PyTorch was not found" notice (only its tokenizers are used) nor orbax's
+    warning about the array handler the checkpoints replace on purpose."""
+    allowed, imported, stderr = fresh_install
+    assert "torch" not in allowed and "torch" not in imported
+    assert "PyTorch was not found" not in stderr, stderr[:2000]
+    assert "overriding jax.Array" not in stderr and "Type handler registry" not in stderr, stderr[:2000]
 
 
 def _reference_reply(root, template: str, prompt: str, max_new: int) -> str:
@@ -187,6 +200,14 @@ def test_checkpoint_carries_the_template_the_run_trained_with(workdir, run, temp
     assert generate.main(["--model", str(ckpt), "--prompt", "Add 3 and 4.", "--max-new-tokens", "6"]) == 0
     want = _reference_reply(workdir, template, "Add 3 and 4.", 6)
     assert capsys.readouterr().out == want + "\n"
+
+
+def test_closing_lines_give_every_path_as_the_output_dir_was_given(workdir):
+    """run.output_dir=runs/r from the user's directory: the checkpoints, the report and the export
+    are printed in that one relative form, ready to paste into the next command there."""
+    lines = (workdir / "train_stdout.txt").read_text().strip().splitlines()[-4:]
+    assert lines == ["checkpoints: runs/r/checkpoints", "report:      runs/r/report.md", "HF export:   runs/r/hf",
+                     "chat with it: python -m sft_jax.chat --model runs/r/hf"]
 
 
 def test_no_config_rule(tmp_path, capsys):

@@ -158,6 +158,63 @@ def test_disabled_logger_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# --- throughput windows ------------------------------------------------------------
+
+def test_each_window_is_timed_after_its_steps_ran_on_the_device(tmp_path, monkeypatch):
+    """Steps get extra device work that the host does not wait for: heavy in the windows ending
+    at steps 2 and 6 (log_every=2), light in the one ending at 4. Each heavy window's step_time_s
+    covers its steps' device work (timed alone afterwards), and the light window between them
+    reads less: timed at dispatch, a window reads the previous window's device time instead. The
+    first step (compilation) is logged on its own, first_step_s, and is in no window."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from sft_jax.core import loop as core_loop
+    from sft_jax.core import step as core_step
+    from sft_jax.objectives.sft import SFTObjective
+    from train_fixtures import metrics as logged, tiny_config
+
+    @jax.jit
+    def busy(seed, count):  # count 256 x 256 matmuls, after the step (it reads the step's loss)
+        x = jnp.full((256, 256), 1.0 / 256, jnp.float32) * (1.0 + 0.0 * seed)
+        return jnp.sum(jax.lax.fori_loop(0, count, lambda i, a: jnp.tanh(a @ a), x))
+
+    heavy, light = 1000, 4
+    work = {1: light, 2: heavy, 3: light, 4: light, 5: heavy, 6: heavy}  # by step
+    busy(jnp.float32(0), light).block_until_ready()  # compiled before the run
+    make = core_step.make_train_step
+
+    def slow_device(*args, **kwargs):
+        step, calls = make(*args, **kwargs), [0]
+
+        def run_step(state, batch, frozen=None):
+            state, out = step(state, batch, frozen)
+            calls[0] += 1
+            return state, {**out, "busy": busy(out["loss"], work[calls[0]])}
+
+        run_step.batch_shardings = step.batch_shardings
+        return run_step
+
+    monkeypatch.setattr(core_step, "make_train_step", slow_device)
+    cfg = tiny_config(tmp_path / "run", "train.steps=6", "train.log_every=2")
+    assert core_loop.run(cfg, SFTObjective, devices=jax.devices()[:1]).status == "done"
+    alone = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        busy(jnp.float32(0), heavy).block_until_ready()
+        alone.append(time.perf_counter() - t0)
+    heavy_s = min(alone)  # one heavy step's extra device time
+    records = {r["step"]: r for r in logged(tmp_path / "run")}
+    times = {s: round(r["step_time_s"], 3) for s, r in records.items()}
+    print(f"heavy work {heavy_s:.3f} s alone; first_step_s {records[2]['first_step_s']:.2f}; step_time_s {times}")
+    assert sorted(records) == [2, 4, 6] and records[2]["first_step_s"] > 0
+    assert all("first_step_s" not in records[s] for s in (4, 6))
+    assert min(times[2], times[6]) >= 0.5 * heavy_s, (times, heavy_s)
+    assert times[4] < 0.5 * min(times[2], times[6]), times
+
+
 # --- report ------------------------------------------------------------------------
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -323,6 +323,26 @@ def test_remote_output_dir_layout(tmp_path):
     assert (fresh / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+def test_remote_output_keeps_dpo_and_ppo_resume_files_in_the_local_run_directory(tmp_path):
+    """With a gs:// output_dir, DPO's stored reference log-probs and PPO's current rollout go to
+    the run's local directory (the staging directory, copied up at the end), as the logs do; a
+    plain path would fold "gs://" into a local folder named "gs:"."""
+    from sft_jax.config import load_config
+    from sft_jax.core.setup import model_and_tokenizer
+    from sft_jax.objectives.dpo import REFERENCE_DIR, DPOObjective
+    from sft_jax.objectives.ppo import ROLLOUT_DIR, PPOObjective
+    from sft_jax.runtime.paths import run_dirs
+
+    cfg = load_config(None, ["run.output_dir=gs://bucket/runs/rl", f"run.staging_dir={tmp_path / 'stage'}",
+                             "model.preset=tiny", "model.n_positions=64", "ppo.prompt_length=32",
+                             "ppo.max_new_tokens=8"])
+    local = run_dirs(cfg)[0]
+    assert local == tmp_path / "stage" / "bucket__runs__rl"
+    model_cfg, tokenizer, _ = model_and_tokenizer(cfg)
+    assert DPOObjective(cfg, model_cfg, tokenizer).reference_file().parent == local / REFERENCE_DIR
+    assert PPOObjective(cfg, model_cfg, tokenizer).rollout_file() == local / ROLLOUT_DIR / "process_0.npz"
+
+
 def test_missing_peer_is_a_clear_non_zero_exit(tmp_path):
     """Process 0 of 2 alone: it gives up after the initialization timeout, non-zero, and
     stderr names the coordinator address and the expected process count."""

@@ -256,12 +256,44 @@ def test_kill_9_and_rerun_ends_bit_equal(tmp_path, advantage, group_size, stop, 
         np.testing.assert_array_equal(a, b)
 
 
+def check_returns_follow_lam_gamma_and_beta(cfg, seen: dict, logged: dict) -> None:
+    """Every rollout's returns and advantages (``seen``: each step's batch of a PPO run with one
+    update per rollout) are GAE over the per-token rewards (score at the last token, -beta * KL at
+    every one) computed by ``rl_losses`` with the config's ppo.lam, ppo.gamma and ppo.kl_coef, and
+    the value loss ``logged`` at each update is ``rl_losses.value_loss`` of them (the critic is the
+    one that scored the rollout). The second rollout is sampled by the moved policy, so its KL to
+    the reference is not 0 and the sign of beta shows."""
+    from sft_jax.objectives import rl_losses as rl
+
+    p = cfg.ppo
+
+    def gae(batch, beta):
+        kl = rl.kl_estimate(batch["old_logp"], batch["ref_logp"], p.kl_estimator)
+        rewards = rl.token_rewards(batch["score"], kl, batch["mask"], beta)
+        advantages, returns = rl.gae(rewards, batch["old_values"], batch["mask"], p.gamma, p.lam)
+        return np.asarray(rl.whiten(advantages, batch["mask"])), np.asarray(returns)
+
+    for step in (0, 1):
+        batch = seen[step]
+        np.testing.assert_array_equal(batch["beta"], p.kl_coef)
+        advantages, returns = gae(batch, p.kl_coef)
+        np.testing.assert_allclose(batch["returns"], returns, rtol=1e-5, atol=1e-5, err_msg=f"rollout {step}")
+        np.testing.assert_allclose(batch["advantages"], advantages, rtol=1e-4, atol=1e-4, err_msg=f"rollout {step}")
+        summed, _ = rl.value_loss(batch["old_values"], batch["old_values"], returns, batch["mask"], p.value_clip)
+        assert logged[step + 1]["value_loss"] == pytest.approx(float(summed) / batch["mask"].sum(), rel=1e-4), step
+    # the checks can tell: the second rollout's KL moves its returns by far more than the tolerance
+    kl = np.abs((seen[1]["old_logp"] - seen[1]["ref_logp"]) * seen[1]["mask"]).sum()
+    flipped = gae(seen[1], -p.kl_coef)[1]
+    assert kl > 1e-3 and np.max(np.abs(flipped - seen[1]["returns"])) > 100 * 1e-5 * np.max(np.abs(flipped)), kl
+
+
 def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
     """PPO with ``ppo.reward_model`` (an HF GPT2ForSequenceClassification export), the critic
     started from it (``ppo.critic_init=reward``) and frozen (``ppo.critic_lr=0``), and reward
     normalisation. References: transformers' scores of each prompt + answer + EOS (pad = EOS,
     so it reads the last token that is not EOS); NumPy's mean and std of the rollout's rewards;
-    the reward model's own weights."""
+    the reward model's own weights. Two rollouts of one update each, with ppo.lam, ppo.gamma and
+    ppo.kl_coef away from their defaults: ``check_returns_follow_lam_gamma_and_beta``."""
     import torch
     from transformers import GPT2ForSequenceClassification
 
@@ -278,8 +310,10 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
     export_reward_hf(trunk, head, model_cfg, tmp_path / "rm", tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
     cfg, result, seen = ppo_run(tmp_path / "run", "gae", 1, 8, f"ppo.reward_model={tmp_path / 'rm'}",
-                                "ppo.critic_init=reward", "ppo.critic_lr=0", "ppo.reward_norm=true", "ppo.reward_fn=null")
-    assert result.status == "done"
+                                "ppo.critic_init=reward", "ppo.critic_lr=0", "ppo.reward_norm=true", "ppo.reward_fn=null",
+                                "ppo.epochs=1", "ppo.lam=0.5", "ppo.gamma=0.9", "ppo.kl_coef=2.0")
+    assert result.status == "done" and len(metrics(tmp_path / "run", "rollout")) == 2
+    check_returns_follow_lam_gamma_and_beta(cfg, seen, {r["step"]: r for r in metrics(tmp_path / "run")})
     batch, P, eos = seen[0], cfg.ppo.prompt_length, tokenizer.eos_token_id
     hf_model = GPT2ForSequenceClassification.from_pretrained(str(tmp_path / "rm"), dtype=torch.float32).eval()
     want = []
@@ -301,7 +335,7 @@ def test_reward_model_as_reward_and_as_the_critics_start(tmp_path):
     no_eos = ~np.any(batch["tokens"][:, P:] == eos, axis=1)
     np.testing.assert_allclose(batch["score"], (batch["reward"] - np.mean(want)) / (np.std(want) + 1e-6)
                                + cfg.ppo.eos_penalty * no_eos, rtol=1e-4, atol=1e-4)
-    (rollout,) = metrics(tmp_path / "run", "rollout")
+    rollout = metrics(tmp_path / "run", "rollout")[0]
     assert rollout["reward_mean"] == pytest.approx(np.mean(want), abs=1e-4)
     # critic_lr=0: after both updates the critic is still the reward model, bit for bit; the actor moved
     final = jax.device_get(ckpt.restore(tmp_path / "run" / "checkpoints", step=2)["params"])

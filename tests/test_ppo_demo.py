@@ -47,6 +47,9 @@ def test_beta_100_keeps_the_policy_at_the_sft_model(sft_demo, tmp_path):
     hf_dir = tmp_path / "runs" / "ppo_demo" / "hf"
     assert AutoConfig.from_pretrained(str(hf_dir)).architectures == ["GPT2LMHeadModel"]
     assert f"HF export:   {hf_dir.relative_to(tmp_path)}" in done.stdout
+    # every closing line in the form run.output_dir is given (here relative to the working directory)
+    assert f"checkpoints: {hf_dir.parent.relative_to(tmp_path) / 'checkpoints'}" in done.stdout
+    assert f"report:      {hf_dir.parent.relative_to(tmp_path) / 'report.md'}" in done.stdout
 
 
 def test_grpo_climbs_a_reward_from_the_sft_model(sft_demo, tmp_path):

@@ -17,6 +17,7 @@ caller's abstract targets name, or on one device without targets.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -54,8 +55,28 @@ def _serial_writes_on_cpu() -> None:
         return
     handler = ocp.type_handlers.get_type_handler(jax.Array)
     if isinstance(handler, ocp.type_handlers.ArrayHandler) and getattr(handler, "_use_replica_parallel", False):
-        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                                override=True)
+        # orbax warns through absl at every deliberate override; this one is expected, so that
+        # one line is dropped (and only while registering)
+        overriding = _DropLogRecords('Type handler registry type "', "overriding")
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(overriding)
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        finally:
+            absl_logger.removeFilter(overriding)
+
+
+class _DropLogRecords(logging.Filter):
+    """Drops the log records whose message starts with ``prefix`` and contains ``word``."""
+
+    def __init__(self, prefix: str, word: str):
+        super().__init__()
+        self.prefix, self.word = prefix, word
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.prefix) and self.word in message)
 
 
 def make_manager(directory, *, keep: int | None = None, async_save: bool = True,

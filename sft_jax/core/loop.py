@@ -13,7 +13,9 @@ checkpoint, export.
    The objective's frozen parameters, if any, are placed on the mesh beside it.
 3. The loop dispatches one jitted step per batch and never waits on the device except
    every ``log_every`` steps (metrics), at checkpoints and at evaluations. Before each
-   update it calls the objective's ``rollout`` hook (identity, except for PPO).
+   update it calls the objective's ``rollout`` hook (identity, except for PPO). Throughput
+   is timed per logging window after that wait (``StepClock``); the first step of a start,
+   which compiles, is timed on its own.
 4. SIGTERM (spot preemption) sets a flag; the loop saves the current step, waits for the
    write, and returns. Non-finite steps are skipped on device; too many in a row stop the
    run with ``NonFiniteError`` before anything newer than the last good checkpoint is saved.
@@ -184,6 +186,56 @@ def sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
+class StepClock:
+    """Wall time of the training steps in each logging window, read once the device has done them.
+
+    The loop dispatches steps ahead of the device, so a window closes only after the log's
+    host sync has returned: its time then covers its own steps' device time and none of the
+    next window's. The first step of a start (its compilation, the objective's first rollout
+    or reference pass, and the step itself) is waited for and timed on its own,
+    ``first_step_s``, outside every window. Evaluations and checkpoint writes during training
+    are left out of the window they fall into (the steps dispatched before them stay in it)."""
+
+    def __init__(self):
+        self.first_step_s: Optional[float] = None
+        self._first_step_logged = False
+        self._start = 0.0  # when the current window's steps could start running
+        self._start_step = 0
+        self._left_out = 0.0  # seconds of evaluation and saving inside the current window
+
+    def first_step_done(self, t_batch: float, outputs, step: int) -> None:
+        """The start's first step was dispatched; wait for it, and open the first window."""
+        jax.block_until_ready(outputs)
+        self._start = time.perf_counter()
+        self.first_step_s = self._start - t_batch
+        self._start_step = step
+
+    def close_window(self, step: int) -> tuple[float, int]:
+        """(seconds, steps) of the window ending at ``step``, called after the host sync; the
+        next window starts now."""
+        now = time.perf_counter()
+        seconds, steps = now - self._start - self._left_out, step - self._start_step
+        self._start, self._start_step, self._left_out = now, step, 0.0
+        return seconds, steps
+
+    def take_first_step_s(self) -> Optional[float]:
+        """``first_step_s`` for the first record that is logged, None after it."""
+        if self._first_step_logged:
+            return None
+        self._first_step_logged = True
+        return self.first_step_s
+
+    @contextlib.contextmanager
+    def left_out(self, state):
+        """Time the block and take it out of the current window."""
+        jax.block_until_ready(state)  # the steps dispatched before the block belong to the window
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._left_out += time.perf_counter() - t0
+
+
 class Loop:
     """The loop's state in one place: device state and frozen parameters, iterator,
     checkpoint manager, logger; the objective is asked only for what differs."""
@@ -212,7 +264,7 @@ class Loop:
         c = self.config
         G = c.train.global_batch_size
         pending: list[dict] = []
-        t_last, step_last = time.perf_counter(), step
+        clock = StepClock()
         if c.train.eval_at_start and step == 0:
             self.evaluate(0)
         while step < self.total_steps:
@@ -221,6 +273,7 @@ class Loop:
                 self.manager.wait_until_finished()
                 print(f"sft_jax: SIGTERM: saved step {step} to {self.manager.directory}; exiting", file=sys.stderr)
                 return RunResult(Path(), step, "preempted", self.last_loss)
+            t_batch = time.perf_counter()
             batch = next(self.iterator)
             # The rollout hook point (PPO: sample and score here, from the current params).
             batch = self.objective.rollout(self, step, batch)
@@ -230,28 +283,29 @@ class Loop:
             self.state, metrics = self.step_fn(self.state, device_batch, self.frozen)
             pending.append(metrics)
             step += 1
+            if clock.first_step_s is None:
+                clock.first_step_done(t_batch, (self.state, metrics), step)
             last = step == self.total_steps
             if step % c.train.log_every == 0 or last:
-                now = time.perf_counter()
-                self.log(step, pending, now - t_last, step - step_last, batch["tokens"].shape[1])
-                pending, t_last, step_last = [], now, step
+                self.log(step, pending, clock, batch["tokens"].shape[1])
+                pending = []
             saved = c.checkpoint.every and step % c.checkpoint.every == 0 and not last
             if saved:
-                self.save(step)
+                with clock.left_out(self.state):
+                    self.save(step)
             faults.after_step(step, bool(saved), self.manager.directory, self.manager.wait_until_finished)
             if c.train.eval_every and step % c.train.eval_every == 0 and not last:
-                self.evaluate(step)
+                with clock.left_out(self.state):
+                    self.evaluate(step)
         self.save(step, force=True)
         self.manager.wait_until_finished()
         return RunResult(Path(), step, "done", self.last_loss)
 
-    def log(self, step: int, pending: list[dict], seconds: float, n_steps: int, length: int) -> None:
+    def log(self, step: int, pending: list[dict], clock: StepClock, length: int) -> None:
         host = jax.device_get(pending)  # the only regular host sync
+        seconds, n_steps = clock.close_window(step)  # after the sync: the window's steps are done
         self.check_finite(host[-1], step)
         mean = lambda k: float(np.mean([m[k] for m in host]))
-        tokens = sum(float(m["tokens"]) for m in host)
-        supervised = sum(float(m["supervised_tokens"]) for m in host)
-        rows_tokens = n_steps * self.config.train.global_batch_size * length  # tokens computed, padding included
         finite_losses = [float(m["loss"]) for m in host if np.isfinite(m["loss"])]
         self.last_loss = float(host[-1]["loss"])
         record = {
@@ -262,19 +316,25 @@ class Loop:
             "clip_ratio": mean("clip_ratio"),
             "lr": float(host[-1]["lr"]),
             "nonfinite_total": int(host[-1]["nonfinite_total"]),
-            "step_time_s": seconds / n_steps,
-            "tokens_per_s": tokens / seconds,
-            "supervised_tokens_per_s": supervised / seconds,
             # per-step arrays (already on the host) for `python -m sft_jax.analyze`'s stability study
             "step_loss": [_finite_or_none(m["loss"]) for m in host],
             "step_grad_norm": [_finite_or_none(m["grad_norm"]) for m in host],
             "step_clipped": [bool(m["clip_ratio"] < 1.0) for m in host],
         }
         record.update({name: mean(name) for name in self.objective.metric_names})
-        util = mfu(rows_tokens / seconds, self.model_cfg.flops_per_token(length), self.mesh.size,
-                   self.mesh.devices.flat[0].device_kind)
-        if util is not None:
-            record["mfu"] = util
+        first_step_s = clock.take_first_step_s()
+        if first_step_s is not None:
+            record["first_step_s"] = first_step_s
+        if n_steps:  # throughput of the window's timed steps (not the start's first step)
+            timed = host[len(host) - n_steps:]
+            record["step_time_s"] = seconds / n_steps
+            record["tokens_per_s"] = sum(float(m["tokens"]) for m in timed) / seconds
+            record["supervised_tokens_per_s"] = sum(float(m["supervised_tokens"]) for m in timed) / seconds
+            rows_tokens = n_steps * self.config.train.global_batch_size * length  # computed, padding included
+            util = mfu(rows_tokens / seconds, self.model_cfg.flops_per_token(length), self.mesh.size,
+                       self.mesh.devices.flat[0].device_kind)
+            if util is not None:
+                record["mfu"] = util
         memory = self.memory_stats()
         if memory is None:  # CPU backends keep no device allocator stats: report the process's peak
             import resource
@@ -347,7 +407,9 @@ class Loop:
             if batch_size_changes(self.iterator):
                 summary["global batch size"] = "; ".join(batch_size_changes(self.iterator))
             report = write_report(out, data_report_md=data_report_md, summary=summary)
-            lines = [f"checkpoints: {self.manager.directory}", f"report:      {report}", *export_lines]
+            # every path in the form run.output_dir was given (relative to the working directory
+            # when it is), so the lines can be pasted into the next command as they are
+            lines = [f"checkpoints: {run_dirs(self.config)[1]}", f"report:      {report}", *export_lines]
             print("\n".join(lines), flush=True)
         return results
 

@@ -18,8 +18,14 @@ Metric keys the logger and ``sft_jax.core.report`` understand (anything else is 
 
   train: loss, lr, grad_norm, clip_ratio (fraction of the gradient kept by global-norm
          clipping, min(1, max_norm / grad_norm)), tokens_per_s, mfu, step_time_s,
-         bytes_in_use, peak_bytes_in_use
+         bytes_in_use, peak_bytes_in_use; first_step_s in the first record of each start
   eval:  eval_loss, eval_ppl, exact_match
+
+tokens_per_s, mfu and step_time_s are the steps of one logging window over its wall time,
+read after the host has waited for the device to finish them. The first step of a start
+(compilation, the objective's first rollout or reference pass, the step) is left out of
+every window and logged as first_step_s; a window made of that step alone has no rate.
+Evaluations and checkpoint writes during training are left out of the window's time.
 """
 
 from __future__ import annotations

@@ -41,10 +41,9 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _median_steady(values: list[float]) -> Optional[float]:
-    """Median without the first logged value, which includes compilation."""
-    steady = values[1:] or values
-    return statistics.median(steady) if steady else None
+def _median(values: list[float]) -> Optional[float]:
+    """Median over the logged windows (compilation is in none of them: ``first_step_s``)."""
+    return statistics.median(values) if values else None
 
 
 def summarize(records: list[dict]) -> dict:
@@ -62,7 +61,7 @@ def summarize(records: list[dict]) -> dict:
     if "eval_loss" in out and "eval_ppl" not in out:
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 700.0))
     for key in ("tokens_per_s", "mfu"):
-        value = _median_steady(_series(train, key)[1])
+        value = _median(_series(train, key)[1])
         if value is not None:
             out[key] = value
     if train:

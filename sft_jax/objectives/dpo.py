@@ -10,10 +10,12 @@ ipo, label smoothing, and the optional RPO term (``dpo.rpo_alpha``: the chosen r
 token NLL) as ``dpo.*`` says. The reference's log-probs are computed per batch,
 or with ``dpo.precompute_reference`` once for every training pair before the first step
 and stored in ``OUTPUT_DIR/reference_logps/`` keyed by each pair's token hash (a resume
-reads them back, so it stays exact). Evaluation: held-out pair loss and reward accuracy,
-and a sampled KL to the reference, E_{y ~ pi(.|x)}[log pi(y|x) - log ref(y|x)] over
-``dpo.kl_prompts`` held-out prompts at temperature 1 (one sample each, summed over the
-sampled tokens incl. EOS). Export: the policy as an HF causal LM (SFT's export).
+reads them back, so it stays exact; the processes decide together whether to read or compute
+them, and with a gs:// output they live in the run's local directory). Evaluation: held-out
+pair loss and reward accuracy, and a sampled KL to the reference,
+E_{y ~ pi(.|x)}[log pi(y|x) - log ref(y|x)] over ``dpo.kl_prompts`` held-out prompts at
+temperature 1 (one sample each, summed over the sampled tokens incl. EOS). Export: the policy
+as an HF causal LM (SFT's export).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from sft_jax.models.family import family_of
 from sft_jax.objectives import sft
 from sft_jax.objectives.pairs import PAIR_AXES, PairData, summed
 from sft_jax.objectives.preference_losses import as_pairs, dpo_loss, sequence_logps, sequence_tokens
+from sft_jax.runtime import distributed, faults
+from sft_jax.runtime.paths import run_dirs
 
 REFERENCE_DIR = "reference_logps"
 KL_SEED = 1234  # sampling seed of the KL estimate (fixed: evaluations are comparable and resumable)
@@ -102,17 +106,28 @@ class DPOObjective(PairData, sft.SFTObjective):
         table = self._reference_table[np.maximum(ids, 0)] * (ids >= 0)[..., None]  # (R, Kp, 2)
         return {**batch, "reference_logps": table.reshape(ids.shape[0], -1).astype(np.float32)}
 
+    def reference_file(self) -> Path:
+        """Where the reference log-probs are stored: in the run's local directory (a gs:// run's
+        staging directory, copied up with its logs at the end)."""
+        return run_dirs(self.config)[0] / REFERENCE_DIR / f"{reference_key(self.config)}.npz"
+
     def reference_table(self, loop) -> np.ndarray:
         """(pairs, 2) reference log-probs of every training pair: read from the run directory if
-        every pair's hash is there, else computed in one pass on the mesh and stored."""
+        every process finds every pair's hash there, else computed in one pass on the mesh (by
+        all processes together) and stored."""
         dataset = loop.iterator.dataset
         hashes = pair_hashes(dataset)
-        path = Path(self.config.run.output_dir) / REFERENCE_DIR / f"{reference_key(self.config)}.npz"
+        path = self.reference_file()
+        stored = None
         if path.is_file():
-            stored = np.load(path)
-            where = {h: i for i, h in enumerate(stored["hashes"].tolist())}
-            if all(h in where for h in hashes.tolist()):
-                return stored["logps"][[where[h] for h in hashes.tolist()]]
+            with np.load(path) as file:
+                where = {h: i for i, h in enumerate(file["hashes"].tolist())}
+                if all(h in where for h in hashes.tolist()):
+                    stored = file["logps"][[where[h] for h in hashes.tolist()]]
+        # the pass below is a collective: a process that cannot read the table (another host's
+        # disk, a table from other pairs) brings every process into it
+        if distributed.on_every_process(stored is not None):
+            return stored
         table = self.compute_reference(loop, dataset)
         if jax.process_index() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +151,7 @@ class DPOObjective(PairData, sft.SFTObjective):
             with shd.rules_context(loop.mesh):
                 logps = fn(loop.frozen, batch)
             out.append(_gather(logps))
+            faults.after_reference_batch(len(out))
         return np.concatenate(out)[:len(dataset)].astype(np.float32)
 
     # --- evaluation -----------------------------------------------------------------------------

@@ -52,6 +52,8 @@ from sft_jax.objectives import rl_losses as rl
 from sft_jax.objectives import sft
 from sft_jax.objectives.base import Data
 from sft_jax.inference.sampling import _decode
+from sft_jax.runtime import distributed
+from sft_jax.runtime.paths import run_dirs
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "targets", "mask", "old_logp", "ref_logp", "advantages",
             "old_values", "returns", "beta", "reward", "score")
@@ -338,8 +340,9 @@ class PPOObjective(sft.SFTObjective):
             self.store_rollout(*self.cache[:2])
 
     def rollout_file(self) -> Path:
-        """This process's copy of the current rollout, in the run directory."""
-        return Path(self.config.run.output_dir) / ROLLOUT_DIR / f"process_{jax.process_index()}.npz"
+        """This process's copy of the current rollout, in the run's local directory (a gs:// run's
+        staging directory)."""
+        return run_dirs(self.config)[0] / ROLLOUT_DIR / f"process_{jax.process_index()}.npz"
 
     def rollout_key(self) -> str:
         """What a rollout's arrays depend on besides the parameters: a stored one made under other
@@ -365,12 +368,7 @@ class PPOObjective(sft.SFTObjective):
                 if (set(stored.files) == {"rollout", "made_by", *ROW_KEYS} and int(stored["rollout"]) == r
                         and stored["made_by"].item() == self.rollout_key().encode()):
                     arrays = {k: stored[k] for k in ROW_KEYS}
-        found = np.int32(arrays is not None)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            found = np.min(multihost_utils.process_allgather(found))
-        return arrays if found else None
+        return arrays if distributed.on_every_process(arrays is not None) else None
 
     def prompt_rows(self, examples, repeat: int):
         """Left-padded prompt tokens (R, prompt_length), lengths (R,), and the prompts' ids."""

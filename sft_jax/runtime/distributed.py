@@ -255,3 +255,16 @@ def preemption_requested(step: int, local_flag: bool) -> bool:
         from jax.experimental import multihost_utils
         return multihost_utils.reached_preemption_sync_point(step)
     return local_flag
+
+
+def on_every_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process: the same answer everywhere (a collective, so
+    every process calls it at the same point). A decision to enter a collective, such as
+    "recompute what some process cannot read", must be taken with this and not from each
+    process's own view, or the processes that disagree wait for each other forever."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))

@@ -8,6 +8,9 @@ Unset (always, outside tests) it does nothing.
     SFT_JAX_FAULT=cache:kill           SIGKILL the data-cache builder after it wrote the arrays,
                                        before it renames them into place
     SFT_JAX_FAULT=cache:sleep:2.5      sleep 2.5 s before building the data cache (lock contention)
+    SFT_JAX_FAULT=precompute:3         SIGKILL DPO once 3 batches of its reference log-probs
+                                       (dpo.precompute_reference) are computed, before any is stored;
+                                       with several processes, each one that has it set
 """
 
 from __future__ import annotations
@@ -57,4 +60,11 @@ def before_cache_build() -> None:
 def after_cache_write() -> None:
     """The ``cache:kill`` fault: the arrays are written, nothing is renamed."""
     if _fault("cache") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_reference_batch(done: int) -> None:
+    """The ``precompute:N`` fault, called after each batch of DPO's reference pass."""
+    spec = _fault("precompute")
+    if spec is not None and done == int(spec):
         os.kill(os.getpid(), signal.SIGKILL)
