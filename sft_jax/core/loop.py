@@ -90,8 +90,16 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
     if config.train.max_new_tokens >= model_cfg.max_position_embeddings:  # scratch: already refused by the config
         raise ConfigError(f"train.max_new_tokens={config.train.max_new_tokens} leaves no room for a prompt in "
                           f"the model's n_positions={model_cfg.max_position_embeddings}; it must be smaller")
+    kv_note = shd.check_heads_split(mesh, model_cfg)
+    window = getattr(model_cfg, "sliding_window", None)  # HF's name; full attention when absent
+    if window is not None and window < config.data.max_length:
+        raise ConfigError(f"the model's sliding_window={window} is shorter than data.max_length="
+                          f"{config.data.max_length}; only windows that cover the row are supported "
+                          f"(set data.max_length <= {window})")
     if source is not None:
         check_same_model(source, model_cfg)
+    if main and kv_note:
+        print(f"sft_jax: {kv_note}", file=sys.stderr, flush=True)
     objective = objective_cls(config, model_cfg, tokenizer, hf_dir)
     data = objective.build_data()
     iterator = data.iterator
