@@ -134,17 +134,53 @@ def test_mesh_2x2x2_matches_one_device(kv_heads, batches):
 
 
 LLAMA_RUN = ["model.preset=llama_tiny", "model.n_positions=64", "train.steps=1"]
+HF_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=300, hidden_size=64,
+                intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1,
+                eos_token_id=2, tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("overrides, says", [
-    (["mesh.shape=[1,1,8]"], "4 attention heads do not split over mesh tensor=8"),
-], ids=["heads_vs_tensor"])
-def test_user_errors_are_one_line_exit_2(overrides, says, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bad_dirs(tmp_path_factory):
+    """HF directories (config.json and a tokenizer, no weights: every check comes before reading
+    them) that a run must refuse, by name."""
+    import json
+
+    from hf_fixtures import train_tokenizer
+
+    root = tmp_path_factory.mktemp("bad_hf")
+    configs = {
+        "bert": dict(HF_LLAMA, model_type="bert", architectures=["BertForMaskedLM"]),
+        "yarn": dict(HF_LLAMA, rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)),
+        "window": dict(HF_LLAMA, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=32),
+        # a GPT-2 reward model for a Llama policy
+        "gpt2_reward": dict(model_type="gpt2", architectures=["GPT2ForSequenceClassification"], vocab_size=300,
+                            n_embd=64, n_layer=1, n_head=4, n_positions=128, num_labels=1, pad_token_id=0),
+    }
+    tokenizer = train_tokenizer()
+    for name, conf in configs.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(conf))
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.parametrize("command, overrides, says", [
+    ("train", ["mesh.shape=[1,1,8]"], "4 attention heads do not split over mesh tensor=8"),
+    ("train", ["model.init_from={bad}/bert"], "'bert' is not supported; supported: gpt2, llama, mistral, qwen2"),
+    ("train", ["model.init_from={bad}/yarn"], "'yarn'"),
+    ("train", ["model.init_from={bad}/window"], "sliding_window=32 is shorter than data.max_length=64"),
+    ("ppo", ["ppo.reward_model={bad}/gpt2_reward", "ppo.prompt_length=24", "ppo.max_new_tokens=8"],
+     "a gpt2 model; the policy is llama"),
+], ids=["heads_vs_tensor", "model_type", "rope_scaling", "sliding_window", "ppo_reward_family"])
+def test_user_errors_are_one_line_exit_2(command, overrides, says, bad_dirs, tmp_path, capsys):
+    import importlib
+
     out = tmp_path / "run"
-    cfg = tiny_config(out, *LLAMA_RUN, *overrides)
+    cfg = tiny_config(out, *LLAMA_RUN, *(o.format(bad=bad_dirs) for o in overrides))
     yaml = tmp_path / "run.yaml"
     yaml.write_text(cfg.to_yaml())
-    assert train.main(["--config", str(yaml)]) == 2
+    assert importlib.import_module(f"sft_jax.{command}").main(["--config", str(yaml)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
     assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
