@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sft_jax import train
 from sft_jax.config import ConfigError, OptimSection
 from sft_jax.core import mesh as shd
 from sft_jax.core.optimizer import make_optimizer
