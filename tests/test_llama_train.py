@@ -183,3 +183,22 @@ def test_user_errors_are_one_line_exit_2(command, overrides, says, bad_dirs, tmp
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
     assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
+
+
+def test_generation_stops_at_any_end_of_turn_id():
+    """A config listing several EOS ids (HF's eos_token_id as a list): greedy generation stops at the
+    first of any of them, as transformers' generate does; without the extra ids it runs on."""
+    from sft_jax.inference.sampling import generate
+    from sft_jax.models.family import stop_token_ids
+
+    cfg = tiny(kv_heads=2)
+    params = initial(cfg)
+    prompt = [[5, 17, 42, 9, 100]]
+    (free,) = generate(params, cfg, prompt, max_new_tokens=8, eos_id=cfg.eos_token_id, stop_ids=stop_token_ids(cfg))
+    assert len(free) == 8 and cfg.eos_token_id not in free
+    stop = free[3]
+    listed = cfg.replace(extra_eos_token_ids=(stop,))
+    assert stop_token_ids(listed) == (cfg.eos_token_id, stop)
+    (cut,) = generate(params, listed, prompt, max_new_tokens=8, eos_id=cfg.eos_token_id,
+                      stop_ids=stop_token_ids(listed))
+    assert cut == free[:free.index(stop) + 1]
