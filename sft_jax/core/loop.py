@@ -41,6 +41,7 @@ from sft_jax.runtime import faults, runlock
 from sft_jax.core import mesh as shd
 from sft_jax.config import Config, ConfigError
 from sft_jax.core import step as core_step
+from sft_jax.data import resolve_template
 from sft_jax.core.setup import check_same_model, enable_compilation_cache, model_and_tokenizer, resume_source
 from sft_jax.runtime.paths import download_outputs, is_remote, run_dirs, upload_outputs
 from sft_jax.core import metrics as core_metrics
@@ -85,6 +86,8 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
     shd.check_batch_fits(mesh, config.micro_batch_size())
     source = resume_source(config)
     model_cfg, tokenizer, hf_dir = model_and_tokenizer(config)
+    # data.template=auto made concrete (the tokenizer's own template or the built-in) for the data and the export
+    config = dataclasses.replace(config, data=resolve_template(config.data, tokenizer))
     if main and config.run.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"run.wandb_project={config.run.wandb_project!r} needs wandb: pip install 'sft_jax[wandb]'")
     if config.train.max_new_tokens >= model_cfg.max_position_embeddings:  # scratch: already refused by the config
