@@ -26,6 +26,7 @@ import numpy as np
 
 from sft_jax import cli
 from sft_jax.generate import add_sampling_args, fit_prompt, load
+from sft_jax.models.family import stop_token_ids
 from sft_jax.inference.sampling import _next_token
 from sft_jax.models.family import ModelConfig, family_of
 
@@ -119,7 +120,7 @@ class Chat:
                                                temperature, top_p, cfg=self.cfg, greedy=self.temperature == 0.0,
                                                top_k=self.top_k)
             token = int(token[0])
-            if token == self.eos_id:
+            if token == self.eos_id or token in stop_token_ids(self.cfg):  # any end-of-turn id ends the reply
                 break
             new.append(token)
             text_so_far = self.tokenizer.decode(new, skip_special_tokens=True)

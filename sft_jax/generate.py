@@ -17,6 +17,7 @@ import sys
 from sft_jax import cli
 from sft_jax.core import checkpoint
 from sft_jax.inference import sampling
+from sft_jax.models.family import stop_token_ids
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:
@@ -80,10 +81,10 @@ def main(argv=None) -> int:
                             cfg.max_position_embeddings)
         (completion,) = sampling.generate(params, cfg, [prompt], max_new_tokens=args.max_new_tokens,
                                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                          eos_id=eos_id, seed=args.seed)
+                                          eos_id=eos_id, stop_ids=stop_token_ids(cfg), seed=args.seed)
     except (ValueError, OSError) as e:  # CheckpointError, HFFormatError, bad flags, missing files
         return cli.user_error(e)
-    if completion and completion[-1] == eos_id:
+    if completion and completion[-1] in (eos_id, *stop_token_ids(cfg)):
         completion = completion[:-1]
     print(tokenizer.decode(completion, skip_special_tokens=True))
     return 0

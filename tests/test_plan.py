@@ -55,3 +55,22 @@ def test_plan_cli_lists_layouts_that_fit(capsys):
 def test_plan_cli_bad_memory_is_one_line(capsys):
     assert plan.main(["--preset", "gpt2", "--devices", "8", "--memory", "lots"]) == 2
     assert "--memory 'lots'" in capsys.readouterr().err
+
+
+def test_llama_8b_plan_lists_layouts_whose_state_bytes_equal_xla(capsys):
+    """``plan --preset llama3.1-8b --devices 8 --memory 80GB``: the layouts listed fit, and the top
+    one's predicted parameter + Adam bytes equal XLA's argument_size_in_bytes for the compiled step
+    on abstract shapes (grouped-query attention, untied 128k vocabulary); short rows keep it cheap."""
+    from sft_jax.models.family import config_for_preset
+
+    assert plan.main(["--preset", "llama3.1-8b", "--devices", "8", "--memory", "80GB", "--seq", "256",
+                      "--global-batch", "8", "--verify", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "layouts fit" in out
+    import re
+
+    (predicted, compiled), = re.findall(r"arguments: predicted ([\d,]+) B, XLA argument_size_in_bytes ([\d,]+) B", out)
+    assert predicted == compiled and int(predicted.replace(",", "")) > 10 ** 9  # float32 parameters + Adam: 12 bytes a parameter, split 8 ways
+    cfg = config_for_preset("llama3.1-8b", dtype="bfloat16")
+    (_, state), *_ = mem.plan(cfg, jax.devices(), 8, 256, 80 * 10 ** 9)
+    assert state["adam"] == 2 * state["params"]

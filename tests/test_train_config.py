@@ -11,12 +11,18 @@ from sft_jax.core import mesh as shd
 from sft_jax import train
 from sft_jax.objectives import sft
 from sft_jax.config import ConfigError, from_dict, load_config
-from sft_jax.models.gpt2 import GPT2Config
+from sft_jax.analysis import memory as mem
+from sft_jax.models.family import config_for_preset
 from sft_jax.core.optimizer import make_optimizer
 from train_fixtures import read_yaml, shipped_configs, write_tiny_yaml
 
 HF_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",
-              "runs/demo/hf": "demo"}  # the SFT demo's export, where the preference demos start
+              "runs/demo/hf": "demo",  # the SFT demo's export, where the preference demos start
+              "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b", "meta-llama/Llama-3.2-1B": "llama3.2-1b",
+              "meta-llama/Llama-3.1-8B": "llama3.1-8b"}
+# the Llama-family configs: the device count and memory they are planned for
+PLANNED = {"qwen2_5_0_5b_chat": (1, 80 * 10 ** 9), "llama3_2_1b_alpaca": (8, 80 * 10 ** 9),
+           "llama3_1_8b_alpaca": (8, 80 * 10 ** 9)}
 
 
 def test_top_level_configs_are_the_packaged_ones():
@@ -37,10 +43,11 @@ def test_shipped_config_validates_and_shards_on_8_devices(path):
                                         "reward", "dpo", "ppo"}
     m = cfg.model
     if m.init_from == "scratch":
-        model_cfg = GPT2Config.preset(m.preset, vocab_size=512, n_positions=m.n_positions, dtype=m.dtype, remat=m.remat)
+        model_cfg = config_for_preset(m.preset, vocab_size=512, max_position_embeddings=m.n_positions, dtype=m.dtype,
+                                      remat=m.remat)
     else:
-        model_cfg = GPT2Config.preset(HF_PRESETS[m.init_from], dtype=m.dtype, remat=m.remat)
-    assert cfg.data.max_length <= model_cfg.n_positions
+        model_cfg = config_for_preset(HF_PRESETS[m.init_from], dtype=m.dtype, remat=m.remat)
+    assert cfg.data.max_length <= model_cfg.max_position_embeddings
     mesh = shd.make_mesh(cfg.mesh, jax.devices())
     shd.check_batch_fits(mesh, cfg.micro_batch_size())
     tx, schedule = make_optimizer(cfg.optim, 1000)
@@ -65,6 +72,15 @@ def test_shipped_config_validates_and_shards_on_8_devices(path):
     assert cfg.micro_batch_size() * positions * model_cfg.padded_vocab_size * 4 <= 2**30, cfg.train.loss_chunk
     # the resolved config round-trips through the YAML written into the run directory
     assert from_dict(read_yaml_text(cfg.to_yaml())) == cfg
+    if path.stem in PLANNED:  # the planner lists this config's layout among those that fit
+        n_devices, memory = PLANNED[path.stem]
+        devices = jax.devices()[:n_devices]
+        sizes = cfg.mesh.sizes(n_devices)
+        fits = mem.plan(model_cfg, devices, G, T, memory)
+        want = (*sizes, m.remat, cfg.micro_batch_size())
+        chunk = cfg.train.loss_chunk  # a chunk shorter than a fitting layout's holds fewer logits: fits too
+        assert any((lay.data, lay.fsdp, lay.tensor, lay.remat, lay.micro_batch) == want
+                   and (lay.loss_chunk == 0 or 0 < chunk <= lay.loss_chunk) for lay, _ in fits), want
 
 
 def read_yaml_text(text):

@@ -46,6 +46,7 @@ from sft_jax.config import Config, ConfigError
 from sft_jax.core import step as core_step
 from sft_jax.core.setup import (check_same_model, checkpoint_model_config, enable_compilation_cache,
                                 model_and_tokenizer, resume_source)
+from sft_jax.data import resolve_template
 from sft_jax.runtime.paths import download_outputs, is_remote, run_dirs, upload_outputs
 from sft_jax.core import metrics as core_metrics
 from sft_jax.core.metrics import MetricsLogger, mfu
@@ -89,13 +90,23 @@ def _run(config: Config, objective_cls: Callable, devices, batch_transform, memo
     shd.check_batch_fits(mesh, config.micro_batch_size())
     source = resume_source(config)
     model_cfg, tokenizer, hf_dir = model_and_tokenizer(config)
+    # data.template=auto made concrete (the tokenizer's own template or the built-in) for the data and the export
+    config = dataclasses.replace(config, data=resolve_template(config.data, tokenizer))
     if main and config.run.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"run.wandb_project={config.run.wandb_project!r} needs wandb: pip install 'sft_jax[wandb]'")
     if config.train.max_new_tokens >= model_cfg.max_position_embeddings:  # scratch: already refused by the config
         raise ConfigError(f"train.max_new_tokens={config.train.max_new_tokens} leaves no room for a prompt in "
                           f"the model's n_positions={model_cfg.max_position_embeddings}; it must be smaller")
+    kv_note = shd.check_heads_split(mesh, model_cfg)
+    window = getattr(model_cfg, "sliding_window", None)  # HF's name; full attention when absent
+    if window is not None and window < config.data.max_length:
+        raise ConfigError(f"the model's sliding_window={window} is shorter than data.max_length="
+                          f"{config.data.max_length}; only windows that cover the row are supported "
+                          f"(set data.max_length <= {window})")
     if source is not None:
         check_same_model(source, model_cfg)
+    if main and kv_note:
+        print(f"sft_jax: {kv_note}", file=sys.stderr, flush=True)
     objective = adapters.wrap(config, objective_cls(config, model_cfg, tokenizer, hf_dir))
     if source is not None:  # before the restore, whose shapes would not match another kind of run
         saved = checkpoint_model_config(source, "train_state")

@@ -95,6 +95,21 @@ def check_batch_fits(mesh: jax.sharding.Mesh, micro_batch_size: int) -> None:
                           f"use a multiple of {dp}")
 
 
+def check_heads_split(mesh: jax.sharding.Mesh, model_cfg) -> str | None:
+    """The ``tensor`` axis splits the query heads, so it must divide them (ConfigError otherwise).
+    Key/value heads it cannot divide (grouped-query attention with fewer KV heads than ``tensor``)
+    stay whole on it: returns the sentence the run logs once about that, else None."""
+    tensor = mesh.shape["tensor"]
+    heads, kv_heads = model_cfg.num_attention_heads, model_cfg.num_key_value_heads
+    if heads % tensor:
+        raise ConfigError(f"the model's {heads} attention heads do not split over mesh tensor={tensor}; "
+                          f"use a tensor size that divides {heads}")
+    if kv_heads % tensor:
+        return (f"{kv_heads} key/value heads do not split over mesh tensor={tensor}: they are replicated on "
+                f"the tensor axis (the {heads} query heads are split)")
+    return None
+
+
 def logical_shardings(mesh: jax.sharding.Mesh, boxed_abstract) -> object:
     """NamedShardings for a tree of flax-boxed (logically named) abstract arrays.
 

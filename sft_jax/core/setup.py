@@ -13,7 +13,7 @@ import jax
 
 from sft_jax.core import checkpoint as ckpt
 from sft_jax.config import Config, ConfigError
-from sft_jax.data import chat_template
+from sft_jax.data import chat_template, resolve_template
 from sft_jax.models.family import DEFAULT_MODEL_TYPE, ModelConfig, config_for_preset, family_of
 from sft_jax.runtime.paths import as_path, run_dirs
 
@@ -69,14 +69,14 @@ def model_and_tokenizer(config: Config):
         tokenizer = _demo_tokenizer() if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
         cfg = config_for_preset(m.preset, vocab_size=len(tokenizer), max_position_embeddings=m.n_positions,
                                 bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **compute)
-        tokenizer.chat_template = chat_template(config.data)
+        tokenizer.chat_template = chat_template(resolve_template(config.data, tokenizer))
         return cfg, tokenizer, None
     from sft_jax.models import hf_io
 
     directory = hf_io.resolve_dir(m.init_from)
     cfg = hf_io.read_config(directory, **compute)
     tokenizer = _load_tokenizer(m.tokenizer or str(directory))
-    tokenizer.chat_template = chat_template(config.data)
+    tokenizer.chat_template = chat_template(resolve_template(config.data, tokenizer))  # auto: its own, if any
     return cfg, tokenizer, directory
 
 

@@ -60,7 +60,9 @@ class DataConfig:
     # the file's names for our fields (COLUMN_FIELDS: columns, message keys role/content, role names user/assistant/
     # system_role), e.g. {instruction: question, output: answer}; per source in {"path":..., "columns":...}; None: ours
     columns: dict | None = None
-    template: str | None = None  # None -> built-in plain-text template; else a Jinja string or a .jinja path
+    # None -> built-in plain-text template; auto -> the tokenizer's own chat template if it has one (Qwen2.5's
+    # ChatML, Llama 3's headers), else the built-in; else a Jinja string or a .jinja path
+    template: str | None = None
     max_length: int = 512  # tokens per document and per packed row; must be <= model n_positions
     batching: str = "packing"  # packing | buckets
     max_segments_per_row: int = 0  # packing: documents per row at most; 0 = max_length // 16 (static M of cudnn_packed)

@@ -350,8 +350,21 @@ def messages_of(example, fmt: str = "auto") -> list[dict]:
 
 
 def chat_template(cfg: DataConfig) -> str:
-    """The Jinja chat template to store on the tokenizer for export: the user's, or the built-in one."""
-    return BUILTIN_TEMPLATE if cfg.template is None else read_template(cfg.template)
+    """The Jinja chat template to store on the tokenizer for export: the user's, or the built-in one
+    (``auto`` is resolved against the tokenizer first, by ``resolve_template``)."""
+    return BUILTIN_TEMPLATE if cfg.template in (None, AUTO_TEMPLATE) else read_template(cfg.template)
+
+
+AUTO_TEMPLATE = "auto"
+
+
+def resolve_template(cfg: DataConfig, tokenizer) -> DataConfig:
+    """``cfg`` with ``template: auto`` made concrete: the tokenizer's own chat template (its text)
+    when it has one, else None (the built-in), so the data, its cache key and the export agree."""
+    if cfg.template != AUTO_TEMPLATE:
+        return cfg
+    own = getattr(tokenizer, "chat_template", None)  # the built-in's text (set on a demo tokenizer) is None
+    return dataclasses.replace(cfg, template=own if isinstance(own, str) and own and own != BUILTIN_TEMPLATE else None)
 
 
 @dataclasses.dataclass(frozen=True)

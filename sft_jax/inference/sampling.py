@@ -10,6 +10,7 @@ Each decode step writes one token per row at cache slot T0 + i with position len
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,10 @@ def _next_token(logits: Array, rng: Array, temperature: Array, top_p: Array, *, 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k"))
 def _decode(params, tokens, lengths, rng, temperature, top_p, eos_id, *, cfg: ModelConfig,
-            max_new_tokens: int, greedy: bool, top_k: int) -> Array:
-    """tokens (B,T0) left-padded, lengths (B,) -> new tokens (B, max_new_tokens), eos after a row stops."""
+            max_new_tokens: int, greedy: bool, top_k: int, stop_ids=None) -> Array:
+    """tokens (B,T0) left-padded, lengths (B,) -> new tokens (B, max_new_tokens), eos after a row stops.
+    A row stops at ``eos_id`` or at any id of ``stop_ids`` (S,) (a model may end turns with
+    several ids, e.g. Llama 3's <|eot_id|> beside <|end_of_text|>); the slots after it hold eos."""
     family = family_of(cfg)
     model = family.module(cfg)
     B, T0 = tokens.shape
@@ -67,7 +70,10 @@ def _decode(params, tokens, lengths, rng, temperature, top_p, eos_id, *, cfg: Mo
         token = _next_token(s["logits"], step_rng, temperature, top_p, greedy=greedy, top_k=top_k)
         token = jnp.where(s["done"], eos_id, token)
         out = jax.lax.dynamic_update_slice_in_dim(s["out"], token[:, None], s["i"], axis=1)
-        done = s["done"] | (token == eos_id)
+        stops = token == eos_id
+        if stop_ids is not None:
+            stops = stops | jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        done = s["done"] | stops
         positions = (lengths + s["i"])[:, None]
         logits, cache = model.apply(params, token[:, None], positions, jnp.ones((B, 1), jnp.int32), cache=s["cache"])
         return dict(cache=cache, logits=logits[:, 0], rng=rng, i=s["i"] + 1, done=done, out=out)
@@ -90,8 +96,10 @@ def cut_prompt(prompt: list[int], n_positions: int, max_new_tokens: int) -> list
 
 
 def generate(params, cfg: ModelConfig, prompt_token_lists, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int, seed: int = 0) -> list[list[int]]:
-    """New tokens for each prompt, up to and including the first ``eos_id`` (as HF returns them).
+             top_k: int = 0, top_p: float = 1.0, eos_id: int, stop_ids: Sequence[int] = (),
+             seed: int = 0) -> list[list[int]]:
+    """New tokens for each prompt, up to and including the first ``eos_id`` or id of ``stop_ids``
+    (as HF returns them when ``generation_config.eos_token_id`` lists several).
 
     ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature) restricted to
     the top-k (0 = all) and the top-p nucleus.
@@ -115,8 +123,11 @@ def generate(params, cfg: ModelConfig, prompt_token_lists, *, max_new_tokens: in
     lengths = np.array([len(p) for p in prompts], np.int32)
     out = _decode(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
                   jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(eos_id),
-                  cfg=cfg, max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=top_k)
+                  cfg=cfg, max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=top_k,
+                  stop_ids=jnp.asarray(sorted(set(stop_ids)), jnp.int32) if stop_ids else None)
+    stops = {eos_id, *stop_ids}
     results = []
     for row in np.asarray(out).tolist():
-        results.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        results.append(row if end is None else row[:end + 1])
     return results

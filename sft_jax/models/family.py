@@ -162,3 +162,10 @@ def config_from_dict(d: dict):
 def unwrap(params) -> dict:
     """The parameter tree itself, whether given as ``{"params": tree}`` or as the tree."""
     return params["params"] if "params" in params else params
+
+
+def stop_token_ids(cfg) -> tuple[int, ...]:
+    """Every id that ends a reply: the config's EOS and the further ones a checkpoint lists
+    (HF's ``eos_token_id`` may be a list, e.g. Llama 3's <|end_of_text|> and <|eot_id|>)."""
+    ids = (cfg.eos_token_id, *getattr(cfg, "extra_eos_token_ids", ()))
+    return tuple(dict.fromkeys(i for i in ids if i is not None))

@@ -45,7 +45,7 @@ from sft_jax.config import DEFAULT_REWARD_FN, ConfigError
 from sft_jax.data import encode_prompt
 from sft_jax.data.formats import decode
 from sft_jax.data.run import run_datasets
-from sft_jax.models.family import family_of
+from sft_jax.models.family import family_of, stop_token_ids
 from sft_jax.models.heads import reward_read_position
 from sft_jax.models.layers.common import scores_at
 from sft_jax.objectives import rl_losses as rl
@@ -384,10 +384,15 @@ class PPOObjective(sft.SFTObjective):
         return tokens, np.array([len(x) for x in ids], np.int32), ids
 
     # --- sampling and the batched passes, on the mesh ----------------------------------------------
+    def stops(self) -> tuple[int, ...]:
+        """Ids that end a response: the tokenizer's EOS and every end-of-turn id the model lists."""
+        return tuple(dict.fromkeys((self.tokenizer.eos_token_id, *stop_token_ids(self.model_cfg))))
+
     def _sample_rows(self, actor, tokens, lengths, key, greedy: bool):
         out = _decode({"params": actor}, tokens, lengths, key, jnp.float32(1.0), jnp.float32(NO_NUCLEUS),
                       jnp.int32(self.tokenizer.eos_token_id), cfg=self.model_cfg,
-                      max_new_tokens=self.ppo.max_new_tokens, greedy=greedy, top_k=0)
+                      max_new_tokens=self.ppo.max_new_tokens, greedy=greedy, top_k=0,
+                      stop_ids=jnp.asarray(self.stops(), jnp.int32))
         return jax.lax.with_sharding_constraint(out, shd.BATCH_SPEC)
 
     def sample(self, loop, prompt_tokens, lengths, seed: int, greedy: bool = False) -> np.ndarray:
@@ -407,7 +412,7 @@ class PPOObjective(sft.SFTObjective):
         eos = self.tokenizer.eos_token_id
         R, P = prompt_tokens.shape
         N = responses.shape[1]
-        is_eos = responses == eos
+        is_eos = np.isin(responses, self.stops())  # the response ends at any end-of-turn id
         has_eos = is_eos.any(axis=1)
         n_resp = np.where(has_eos, is_eos.argmax(axis=1) + 1, N)  # tokens up to and including EOS
         tokens = np.concatenate([prompt_tokens, responses], axis=1)
@@ -458,14 +463,15 @@ class PPOObjective(sft.SFTObjective):
 
     def make_rollout(self, loop, examples, seed: int):
         t0 = time.perf_counter()
-        p, eos = self.ppo, self.tokenizer.eos_token_id
+        p = self.ppo
         prompt_tokens, lengths, prompt_ids = self.prompt_rows(examples, p.group_size)
         responses = self.sample(loop, prompt_tokens, lengths, seed)
         rows, has_eos, n_resp = self.sequences(prompt_tokens, lengths, responses)
         logp, ref_logp, values, entropy, model_scores = self.score(loop, rows, n_resp, has_eos)
         t_sample = time.perf_counter() - t0
 
-        texts = [decode(self.tokenizer, [t for t in resp[:n] if t != eos]) for resp, n in zip(responses, n_resp)]
+        texts = [decode(self.tokenizer, [t for t in resp[:n] if t not in self.stops()])
+                 for resp, n in zip(responses, n_resp)]
         prompts = [decode(self.tokenizer, x) for x in prompt_ids]
         repeated = [ex for ex in examples for _ in range(p.group_size)]
         raw = self.rewards(prompts, texts, repeated, model_scores)
@@ -549,8 +555,7 @@ class PPOObjective(sft.SFTObjective):
             rows, has_eos, n_resp = self.sequences(prompt_tokens, lengths, responses)
             logp, ref_logp, _, _, model_scores = self.score(loop, rows, n_resp, has_eos)
             results["eval_kl_per_response"] = float(np.sum((logp - ref_logp) * rows["mask"]) / len(examples))
-            eos = self.tokenizer.eos_token_id
-            texts = [decode(self.tokenizer, [t for t in r[:n] if t != eos]) for r, n in zip(responses, n_resp)]
+            texts = [decode(self.tokenizer, [t for t in r[:n] if t not in self.stops()]) for r, n in zip(responses, n_resp)]
             prompts = [decode(self.tokenizer, x) for x in prompt_ids]
             results["eval_sampled_reward"] = float(np.mean(self.rewards(prompts, texts, examples, model_scores)))
         return results

@@ -22,7 +22,7 @@ from sft_jax.data import BatchIterator, chat_template, encode_prompt, eval_batch
 from sft_jax.data.run import run_datasets
 from sft_jax.objectives.rewards import exact_match
 from sft_jax.data.formats import decode
-from sft_jax.models.family import ModelConfig, family_of
+from sft_jax.models.family import ModelConfig, family_of, stop_token_ids
 from sft_jax.objectives.base import Data, Loss, Objective
 
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
@@ -151,9 +151,10 @@ class SFTObjective(Objective, SFTLoss):
         for lo in range(0, len(prompts), GENERATE_BATCH):
             chunk = prompts[lo:lo + GENERATE_BATCH]
             padded = chunk + [chunk[-1]] * (GENERATE_BATCH - len(chunk)) if len(prompts) > GENERATE_BATCH else chunk
-            outs = generate(params, self.model_cfg, padded, max_new_tokens=max_new, eos_id=eos)
+            stops = stop_token_ids(self.model_cfg)  # a reply ends at any of the model's end-of-turn ids
+            outs = generate(params, self.model_cfg, padded, max_new_tokens=max_new, eos_id=eos, stop_ids=stops)
             for ids in outs[:len(chunk)]:
-                ids = ids[:-1] if ids and ids[-1] == eos else ids
+                ids = ids[:-1] if ids and ids[-1] in (eos, *stops) else ids
                 texts.append(decode(self.tokenizer, ids))
         return texts
 
