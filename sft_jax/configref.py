@@ -256,10 +256,10 @@ def main(argv=None) -> int:
         return 0
     try:
         print(text(args.section))
-    except KeyError:
-        from sft_jax.cli import user_error
-
-        return user_error(f"unknown config section {args.section!r}; sections: {', '.join(section_names())}")
+    except KeyError:  # the commands' user-error form (sft_jax.cli), without importing the commands
+        print(f"error: unknown config section {args.section!r}; sections: {', '.join(section_names())}",
+              file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -105,12 +105,11 @@ class _Stream:
 
 def _read(split: _Stream, cfg, demo_split: str, seed: int, encoder, *, held: _Stream | None = None, carve=0.0):
     """Stream every source of `split` through the encoder; examples held out by `carve` go to `held`."""
-    from sft_jax.demos.tasks import make_demo_examples
 
     for k, source in enumerate(split.sources):
         if source.name == "demo":
             n = cfg.demo_train_examples if demo_split == "train" else cfg.demo_eval_examples
-            parts, fmt = [Rows("demo", make_demo_examples(n, seed, demo_split))], "demo"
+            parts, fmt = [Rows("demo", _demo_examples(n, seed, demo_split))], "demo"
         else:
             parts, fmt = open_parts(locate(source.name), split.bad), None
         columns = source_columns(source, cfg)
@@ -435,3 +434,15 @@ def _weighted_indices(source_of, sources: list[SourceSpec], seed: int):
             rng = np.random.default_rng([seed, 17, k])
             out.append(np.sort(rng.choice(docs, size=n_extra, replace=False)))
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+DEMO_EXAMPLES = "sft_jax.demos.tasks:make_demo_examples"  # the "demo" source, named as ppo.reward_fn names a reward
+
+
+def _demo_examples(n: int, seed: int, split: str) -> list[dict]:
+    """The built-in demo tasks. Named, not imported, so the data path does not depend on the demos."""
+    import importlib
+
+    module, _, name = DEMO_EXAMPLES.partition(":")
+    return getattr(importlib.import_module(module), name)(n, seed, split)
+
