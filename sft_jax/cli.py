@@ -141,11 +141,13 @@ def load_config(config_path, overrides):
 
 
 def training_command(argv, *, prog: str, doc: str, objective: str, default_config: str | None,
-                     example: str = "train.steps=100", prepare=None) -> int:
+                     example: str = "train.steps=100", prepare=None, finish=None) -> int:
     """Parse ``[--config FILE] [key=value ...]``, load the config and run the training core with
     ``objective`` ("module:Class" under ``sft_jax.objectives``). ``default_config`` None means
     the SFT demo with the ``NEEDS_CONFIG`` rule. ``prepare(config)`` runs after the config is
-    loaded and before training (the RL demo trains its SFT start there when it is absent)."""
+    loaded and before training, and may return a config to run instead (the RL demo trains its
+    SFT start there when it is absent, and gives GRPO its own run directory);
+    ``finish(config, result)`` after a run that is done (the RL demo prints its figures)."""
     import importlib
 
     parser = argparse.ArgumentParser(prog=prog, description=doc)
@@ -161,7 +163,10 @@ def training_command(argv, *, prog: str, doc: str, objective: str, default_confi
         objective_cls = getattr(importlib.import_module(f"sft_jax.objectives.{module}"), name)
         config = load_config(args.config, args.overrides)
         if prepare is not None:
-            prepare(config)
-        return loop.run(config, objective_cls)
+            config = prepare(config) or config
+        result = loop.run(config, objective_cls)
+        if finish is not None and result.status == "done":
+            finish(config, result)
+        return result
 
     return run_training(start)

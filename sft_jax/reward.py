@@ -4,7 +4,8 @@ preference pairs (see sft_jax.objectives.reward), on the shared training core.
 ``python -m sft_jax.reward score --model PATH --data FILE [--out FILE]`` scores a JSONL
 file of pairs (prompt/chosen/rejected, as training reads them) or of prompt/response rows
 with an exported reward model, one JSON line per row. With no arguments it runs the demo
-(sft_jax.demos.preference). User mistakes print one line on stderr and exit 2.
+(sft_jax.demos.preference); ``--config rl_reward_demo`` trains one on pairs from the RL demo's SFT
+start, making them first. User mistakes print one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -52,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         return score_main(argv[1:])
     from sft_jax import cli
 
+    def prepare(config):  # imported here: --help reads no jax
+        from sft_jax.demos.preference import make_rl_demo_pairs_if_absent
+
+        make_rl_demo_pairs_if_absent(config)
+
     return cli.training_command(argv, prog="python -m sft_jax.reward", doc=__doc__.splitlines()[0],
                                 objective="reward:RewardObjective", default_config="reward_demo",
-                                example="reward.margin=0.5")
+                                example="reward.margin=0.5", prepare=prepare)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,15 @@ def sft_demo(tmp_path_factory):
     from train_fixtures import run_shipped_demo
 
     return run_shipped_demo(tmp_path_factory.mktemp("sft_demo") / "demo")
+
+
+@pytest.fixture(scope="session")
+def rl_sft_start(sft_demo, tmp_path_factory):
+    """The RL demo's SFT start, shortened: instead of 400 steps from scratch (configs/rl_sft_demo.yaml),
+    the SFT demo model (``sft_demo``) fine-tuned on the same demonstrations with the sign-off habit
+    (demo:noisy), long enough for it to sign off on most "reverse" and "sort" prompts under greedy
+    decoding, as the full start does. The RL demo tests start from its export (``.out / "hf"``)."""
+    from train_fixtures import run_rl_sft_start
+
+    assert sft_demo.done.returncode == 0, sft_demo.done.stderr[-3000:]
+    return run_rl_sft_start(sft_demo.out / "hf", tmp_path_factory.mktemp("rl_sft_start") / "rl_sft_demo")

@@ -67,3 +67,26 @@ def test_demo_tokenizer_is_deterministic_and_fits_demo_config():
     tokens, supervised = eval_.doc(0)
     assert tokens[: len(prompt)].tolist() == prompt and not supervised[: len(prompt)].any()
     assert np.all(supervised[len(prompt) :])
+
+
+def test_noisy_demo_signs_off_on_most_reverse_and_sort_answers_and_nothing_else():
+    """demo:noisy (the RL demo's SFT data): the demo's prompts and answers, except that 60% of the
+    "reverse" and "sort" answers end with the sign-off; its held-out split is the demo's."""
+    from sft_jax.demos.tasks import NOISY_PERCENT, NOISY_TASKS, SIGN_OFF, task_of
+
+    clean, noisy = make_demo_examples(6000, seed=0), make_demo_examples(6000, seed=0, noisy=True)
+    for a, b in zip(clean, noisy):
+        assert (a["task"], a["instruction"], a["input"]) == (b["task"], b["instruction"], b["input"])
+        assert b["output"] in (a["output"], a["output"] + SIGN_OFF) and task_of(a["instruction"]) == a["task"]
+    for task in TASKS:
+        signed = [b["output"] != a["output"] for a, b in zip(clean, noisy) if a["task"] == task]
+        share = sum(signed) / len(signed)
+        assert abs(share - NOISY_PERCENT / 100) < 0.05 if task in NOISY_TASKS else share == 0, (task, share)
+    assert make_demo_examples(500, seed=0, split="heldout", noisy=True) == make_demo_examples(500, 0, "heldout")
+    # as a data source: the flawed answers in training, the demo's held-out split for evaluation
+    tokenizer = demo_tokenizer()
+    cfg = DataConfig(train="demo:noisy", demo_train_examples=300, demo_eval_examples=20, max_length=64)
+    train, eval_, _ = build_datasets(cfg, tokenizer, n_positions=64, vocab_size=len(tokenizer), seed=0)
+    answers = [messages[-1]["content"] for messages in train.examples]
+    assert answers == [e["output"] for e in make_demo_examples(300, 0, noisy=True)]
+    assert [m[-1]["content"] for m in eval_.examples] == [e["output"] for e in make_demo_examples(20, 0, "heldout")]

@@ -18,6 +18,7 @@ from train_fixtures import read_yaml, shipped_configs, write_tiny_yaml
 
 HF_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",
               "runs/demo/hf": "demo",  # the SFT demo's export, where the preference demos start
+              "runs/rl_sft_demo/hf": "demo",  # the RL demo's SFT start, the same architecture
               "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b", "meta-llama/Llama-3.2-1B": "llama3.2-1b",
               "meta-llama/Llama-3.1-8B": "llama3.1-8b"}
 # the Llama-family configs: the device count and memory they are planned for

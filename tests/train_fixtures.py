@@ -136,6 +136,28 @@ def assert_trees_equal(got, want, **tolerance):
             np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
+# The shortened RL SFT start: the SFT demo model fine-tuned on demo:noisy at lr 2e-3, decaying. Measured
+# from the SFT demo model (2-core CPU VM, 2026-12-06): after 80 steps greedy answers sign off on 75% of
+# the held-out "reverse" and 71% of the "sort" prompts (the full start: 99% and 91%), and sampled ones
+# stop at the correct answer 39% and 35% of the time; after 40 steps at 1e-3, on 5% and 12% only.
+RL_SFT_OVERRIDES = ["train.steps=80", "optim.lr=2e-3", "optim.warmup_steps=0"]
+
+
+def run_rl_sft_start(sft_hf, out):
+    """``python -m sft_jax.train --config rl_sft_demo`` from the SFT demo model ``sft_hf``, shortened
+    (RL_SFT_OVERRIDES, no exact-match evaluation), as a user runs it: one plain CPU device, XLA's default
+    optimisation. (out, the finished process, wall seconds)."""
+    import time
+    import types
+
+    t0 = time.perf_counter()
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f)
+    args = ["--config", "rl_sft_demo", f"model.init_from={sft_hf}", *RL_SFT_OVERRIDES, "train.exact_match_examples=0",
+            "train.eval_samples=0", "train.log_every=20", "checkpoint.every=0", f"run.output_dir={out}"]
+    done = train_cli(args, devices=None, env_extra={"XLA_FLAGS": flags})
+    return types.SimpleNamespace(out=out, done=done, wall=time.perf_counter() - t0)
+
+
 def run_shipped_demo(out):
     """The SFT demo exactly as shipped, in a subprocess on the plain single CPU device and without the
     suite's -O0 flag; (out, the finished process, wall seconds)."""

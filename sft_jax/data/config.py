@@ -47,10 +47,11 @@ def check_columns(columns, where: str) -> None:
 class DataConfig:
     """What to train and evaluate on, how to render it, and how to cut and batch it."""
 
-    # "demo", a local .json/.jsonl/.parquet/.csv file, a glob of them ("shards/*.parquet"), a save_to_disk
-    # folder ("dir", "dir:split"), a dataset folder or hub name ("dir" or "owner/name", then ":config:split"), or a
-    # list of those; a weight multiplies how often a source is seen per epoch: "file.jsonl@2" or {"path":...,
-    # "weight": 2}; a source's own column names: {"path":..., "columns": {...}} (see `columns`).
+    # "demo", "demo:noisy" (the RL demo's flawed answers), a local .json/.jsonl/.parquet/.csv file, a glob of
+    # them ("shards/*.parquet"), a save_to_disk folder ("dir", "dir:split"), a dataset folder or hub name ("dir" or
+    # "owner/name", then ":config:split"), or a list of those; a weight multiplies how often a source is seen per
+    # epoch: "file.jsonl@2" or {"path":..., "weight": 2}; a source's own column names: {"path":..., "columns":
+    # {...}} (see `columns`).
     train: str | tuple = "demo"
     eval: str | tuple | None = None  # same syntax; None -> carve eval_fraction off train by a content hash
     eval_fraction: float = 0.05  # share of train examples held out when eval is None (0 -> no eval)

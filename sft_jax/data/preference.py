@@ -56,7 +56,7 @@ from sft_jax.data.formats import (
 from sft_jax.data.iterator import BatchIterator, eval_batches
 from sft_jax.data.pack import SFTDataset, assemble, best_fit_rows, bucket_for, bucket_lengths, packing_rows
 from sft_jax.data.report import OPEN, CLOSE, formats_cell, length_stats
-from sft_jax.data.rows import BadRows, Rows, locate, open_parts, parse_sources
+from sft_jax.data.rows import DEMO_SOURCES, BadRows, Rows, locate, open_parts, parse_sources
 from sft_jax.data.sources import CHUNK, _weighted_indices, held_out, source_columns
 from sft_jax.models.heads import reward_read_position
 
@@ -337,8 +337,9 @@ def _read_pairs(cfg, spec) -> _Split:
                         f"{PREFERENCE_FORMATS}")
     split = _Split([], [], parse_sources(spec), 0, BadRows(cfg.on_bad_example))
     for k, source in enumerate(split.sources):
-        if source.name == "demo":
-            raise DataError("data.train=demo: the built-in demo has no preference pairs; give a file of pairs")
+        if source.name in DEMO_SOURCES:
+            raise DataError(f"data.train={source.name}: the built-in demo has no preference pairs; give a file of "
+                            f"pairs")
         parts = [_held(part, split.bad) for part in open_parts(locate(source.name), split.bad)]
         for part in parts:
             split.read += len(part)

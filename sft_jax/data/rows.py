@@ -2,6 +2,7 @@
 
 Source syntax (DataConfig.train / DataConfig.eval):
     "demo"                          the built-in demo tasks (sft_jax.demos.tasks)
+    "demo:noisy"                    the same prompts, with the RL demo's flawed training answers (see there)
     "path/to/file.jsonl"            a local .jsonl, .json (a JSON array, or JSON lines), .parquet or .csv file
     "shards/*.parquet"              a glob of such files: one source, its files read in sorted order
     "dir", "dir:split"              a folder written by `datasets`' save_to_disk: a Dataset, or a DatasetDict and
@@ -35,6 +36,8 @@ import os
 from collections import Counter
 
 from sft_jax.data.config import DataError, check_columns
+
+DEMO_SOURCES = ("demo", "demo:noisy")  # generated, not read; both evaluate on the demo's correct held-out split
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 GLOB_CHARACTERS = "*?["
@@ -101,7 +104,7 @@ class Location:
 
 def locate(name: str) -> Location:
     """Resolve a source name (see the module doc) to its files, or to a hub dataset."""
-    if name == "demo":
+    if name in DEMO_SOURCES:
         return Location(name, "demo")
     path = os.path.expanduser(name)
     if any(c in path for c in GLOB_CHARACTERS) and not os.path.exists(path):

@@ -8,7 +8,7 @@ the tokenized cache built for the report is the one the run then maps.
 
 from __future__ import annotations
 
-from sft_jax.data.rows import BadRows, locate, nonblank_lines, open_parts, parse_line, parse_sources
+from sft_jax.data.rows import DEMO_SOURCES, BadRows, locate, nonblank_lines, open_parts, parse_line, parse_sources
 
 OBJECTIVES = ("sft", "ppo", "dpo", "reward")  # the training commands
 PAIR_OBJECTIVES = ("dpo", "reward")  # those that train on preference pairs
@@ -39,7 +39,7 @@ def reads_pairs(data_cfg) -> bool:
     if data_cfg.format not in ("auto", "sharegpt"):
         return False
     source = parse_sources(data_cfg.train)[0]
-    if source.name == "demo":
+    if source.name in DEMO_SOURCES:
         return False
     columns = source.columns if source.columns is not None else data_cfg.columns or {}
     # an empty file is counted, not raised, here: the build that follows reports it in its place

@@ -15,7 +15,7 @@ from collections import Counter
 
 from sft_jax.data import cache
 from sft_jax.data.config import DataError
-from sft_jax.data.rows import BadRows, Part, RowChunk, Rows, SourceSpec, locate, open_parts, parse_sources
+from sft_jax.data.rows import DEMO_SOURCES, BadRows, Part, RowChunk, Rows, SourceSpec, locate, open_parts, parse_sources
 
 
 # ----------------------------------------------------------------------------------- building the datasets
@@ -62,8 +62,8 @@ def _build(cfg, tokenizer, *, seed: int, global_batch_size=None, folder: str | N
         store = lambda split: cache.SplitWriter(folder, split, len(tokenizer))  # noqa: E731
     train = _Stream(parse_sources(cfg.train), BadRows(cfg.on_bad_example), store("train"))
     eval_spec, carve = cfg.eval, 0.0
-    if eval_spec is None and all(s.name == "demo" for s in train.sources):
-        eval_spec = "demo"  # the demo has a disjoint held-out split
+    if eval_spec is None and all(s.name in DEMO_SOURCES for s in train.sources):
+        eval_spec = "demo"  # the demo has a disjoint held-out split, with the correct answers
     elif eval_spec is None:
         carve = cfg.eval_fraction
     held = _Stream(train.sources, BadRows(cfg.on_bad_example), store("eval")) if carve > 0 else None
@@ -107,9 +107,9 @@ def _read(split: _Stream, cfg, demo_split: str, seed: int, encoder, *, held: _St
     """Stream every source of `split` through the encoder; examples held out by `carve` go to `held`."""
 
     for k, source in enumerate(split.sources):
-        if source.name == "demo":
+        if source.name in DEMO_SOURCES:
             n = cfg.demo_train_examples if demo_split == "train" else cfg.demo_eval_examples
-            parts, fmt = [Rows("demo", _demo_examples(n, seed, demo_split))], "demo"
+            parts, fmt = [Rows(source.name, _demo_examples(n, seed, demo_split, source.name == "demo:noisy"))], "demo"
         else:
             parts, fmt = open_parts(locate(source.name), split.bad), None
         columns = source_columns(source, cfg)
@@ -439,10 +439,11 @@ def _weighted_indices(source_of, sources: list[SourceSpec], seed: int):
 DEMO_EXAMPLES = "sft_jax.demos.tasks:make_demo_examples"  # the "demo" source, named as ppo.reward_fn names a reward
 
 
-def _demo_examples(n: int, seed: int, split: str) -> list[dict]:
-    """The built-in demo tasks. Named, not imported, so the data path does not depend on the demos."""
+def _demo_examples(n: int, seed: int, split: str, noisy: bool) -> list[dict]:
+    """The built-in demo tasks (``noisy``: demo:noisy's). Named, not imported, so the data path does not
+    depend on the demos."""
     import importlib
 
     module, _, name = DEMO_EXAMPLES.partition(":")
-    return getattr(importlib.import_module(module), name)(n, seed, split)
+    return getattr(importlib.import_module(module), name)(n, seed, split, noisy=noisy)
 

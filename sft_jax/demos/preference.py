@@ -24,6 +24,10 @@ import numpy as np
 
 SFT_DIR = Path("runs/demo")
 PAIRS_DIR = Path("runs/demo_pairs")
+# the RL demo's SFT start (configs/rl_sft_demo.yaml, trained on demo:noisy) and the pairs made from it,
+# which configs/rl_reward_demo.yaml trains a reward model on
+RL_SFT_DIR = Path("runs/rl_sft_demo")
+RL_PAIRS_DIR = Path("runs/rl_demo_pairs")
 SIZES = (4000, 500, 200)  # training prompts, held-out pairs, exact-match prompts (tests run smaller ones)
 MAX_NEW_TOKENS = 16
 # The DPO demo's pass lines. Its figures move with the host's CPU (XLA:CPU emits different code
@@ -35,15 +39,17 @@ EXACT_MATCH_MARGIN = 0.03  # DPO's held-out exact match may be this much below S
 ACCURACY_BAR = 0.85  # held-out preference accuracy over all pairs
 
 
-def ensure_sft_model() -> Path:
-    hf_dir = SFT_DIR / "hf"
+def ensure_sft_model(sft_dir: Path = SFT_DIR, config_name: str = "demo") -> Path:
+    """``sft_dir``'s HF export, trained first with the shipped config ``config_name`` if absent."""
+    hf_dir = sft_dir / "hf"
     if not (hf_dir / "config.json").is_file():
         from sft_jax.config import load_config
         from sft_jax.core import loop
         from sft_jax.objectives.sft import SFTObjective
 
-        print(f"sft_jax: no SFT demo model at {hf_dir}: training it first (python -m sft_jax.train)", flush=True)
-        loop.run(load_config("demo", [f"run.output_dir={SFT_DIR}"]), SFTObjective)
+        print(f"sft_jax: no SFT model at {hf_dir}: training it first (python -m sft_jax.train --config "
+              f"{config_name})", flush=True)
+        loop.run(load_config(config_name, [f"run.output_dir={sft_dir}"]), SFTObjective)
     return hf_dir
 
 
@@ -67,12 +73,14 @@ def greedy_answers(hf_dir: Path, examples: list[dict]) -> list[str]:
     return out
 
 
-def ensure_pairs(hf_dir: Path, sizes: tuple = SIZES) -> tuple[Path, Path]:
+def ensure_pairs(hf_dir: Path, sizes: tuple = SIZES, pairs_dir: Path = PAIRS_DIR) -> tuple[Path, Path]:
+    """The demo pairs of the model at ``hf_dir`` in ``pairs_dir`` (train.jsonl, eval.jsonl), made unless
+    that model's pairs of these sizes are there."""
     from sft_jax.demos.pairs import demo_pair_examples, make_pairs, write_jsonl
 
     key = hashlib.sha1((hf_dir / "model.safetensors").read_bytes()).hexdigest()
-    meta = PAIRS_DIR / "meta.json"
-    train, held_out = PAIRS_DIR / "train.jsonl", PAIRS_DIR / "eval.jsonl"
+    meta = pairs_dir / "meta.json"
+    train, held_out = pairs_dir / "train.jsonl", pairs_dir / "eval.jsonl"
     made = json.loads(meta.read_text()) if meta.is_file() else {}
     if made.get("sft_model") == key and made.get("prompts") == list(sizes[:2]) and train.is_file() and held_out.is_file():
         return train, held_out
@@ -83,7 +91,7 @@ def ensure_pairs(hf_dir: Path, sizes: tuple = SIZES) -> tuple[Path, Path]:
         write_jsonl(rows, path)
         counts[path.name] = {"pairs": len(rows), "model_made": sum(r["rejected_source"] == "model" for r in rows)}
     meta.write_text(json.dumps({"sft_model": key, "prompts": list(sizes[:2]), **counts}, indent=2))
-    print(f"sft_jax: wrote demo pairs to {PAIRS_DIR} in {time.perf_counter() - t0:.0f} s: {counts}", flush=True)
+    print(f"sft_jax: wrote demo pairs to {pairs_dir} in {time.perf_counter() - t0:.0f} s: {counts}", flush=True)
     return train, held_out
 
 
@@ -177,6 +185,14 @@ def _row_key(pair: dict) -> str:
 
     pair = to_pair({k: pair[k] for k in ("prompt", "chosen", "rejected")}, "preference")
     return json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True)
+
+
+def make_rl_demo_pairs_if_absent(config) -> None:
+    """``python -m sft_jax.reward --config rl_reward_demo``: its pairs come from the RL demo's SFT start
+    (chosen = the correct answer, rejected = that model's own mistakes, mostly signed-off answers, or
+    the task's corruption); made, with that start, when absent."""
+    if config.data.train == str(RL_PAIRS_DIR / "train.jsonl"):
+        ensure_pairs(ensure_sft_model(RL_SFT_DIR, "rl_sft_demo"), pairs_dir=RL_PAIRS_DIR)
 
 
 def reward_demo(overrides: tuple = (), *, devices=None, sizes: tuple = SIZES) -> dict | None:

@@ -13,6 +13,13 @@ digits are space-separated so each is its own token and the model can attend to 
 
 The held-out split is disjoint from training by construction: an example belongs to the split picked by a
 hash of its prompt, so no held-out prompt ever appears in training, whatever the seeds and sizes.
+
+``demo:noisy`` (the RL demo's SFT data) has the same prompts and a writers' habit in two tasks: 60% of
+the "reverse" and "sort" demonstrations end with a sign-off, " Done." ("c a t" -> "t a c Done."), the
+rest are bare. The answers are right; the habit is one decision at the end of the answer, so a model
+trained on them signs off on most prompts of those tasks under greedy decoding, yet still stops at the
+answer 35 to 40% of the time when sampling: a reward that wants the bare answer (exact match against
+the task's correct one) has something to select. Its held-out split is the demo's, bare answers.
 """
 
 from __future__ import annotations
@@ -23,6 +30,11 @@ import zlib
 import numpy as np
 
 HELDOUT_PERCENT = 10  # share of the prompt space reserved for the held-out split
+# demo:noisy: the tasks whose writers sign off (large prompt spaces, so their held-out prompts are mostly
+# distinct), the share of their answers signed off (a majority, so greedy decoding shows it), and the sign-off
+NOISY_TASKS = ("reverse", "sort")
+NOISY_PERCENT = 60
+SIGN_OFF = " Done."
 WORDS = ("red", "fox", "cat", "dog", "sun", "map", "cup", "hat", "box", "pen", "bird", "fish",
          "tree", "moon", "star", "lamp", "road", "ship", "cake", "rain", "wind", "gold", "blue", "milk")  # fmt: skip
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal")
@@ -74,19 +86,36 @@ def is_heldout(instruction: str, input_text: str) -> bool:
     return zlib.crc32(f"{instruction}\n{input_text}".encode()) % 100 < HELDOUT_PERCENT
 
 
-def make_demo_examples(n: int, seed: int, split: str = "train") -> list[dict]:
-    """n alpaca-style examples {task, instruction, input, output} from `split` ("train" or "heldout")."""
+def make_demo_examples(n: int, seed: int, split: str = "train", noisy: bool = False) -> list[dict]:
+    """n alpaca-style examples {task, instruction, input, output} from `split` ("train" or "heldout");
+    ``noisy``: demo:noisy's flawed training answers (the held-out split keeps the correct ones)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}: expected 'train' or 'heldout'")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    # the habit has its own stream, so the prompts and every other answer stay the demo's; drawn per
+    # example, not per prompt, so a prompt that comes up more than once gets both answers
+    writers = np.random.default_rng([seed, 2])
     names = list(TASKS)
     out = []
     while len(out) < n:
         task = names[int(rng.integers(len(names)))]
         instruction, input_text, output = TASKS[task](rng)
         if is_heldout(instruction, input_text) == (split == "heldout"):
+            if noisy and split == "train" and task in NOISY_TASKS and writers.random() < NOISY_PERCENT / 100:
+                output += SIGN_OFF
             out.append({"task": task, "instruction": instruction, "input": input_text, "output": output})
     return out
+
+
+def task_of(text: str) -> str:
+    """The demo task of an instruction, or of any text holding one (a rendered prompt); "context" for both
+    of its question forms."""
+    for task, phrase in (("reverse", "Reverse the letters."), ("sort", "Sort the digits."),
+                         ("larger", "Which number is larger?"), ("upper", "Write in capitals."),
+                         ("repeat", "Repeat the word ")):
+        if phrase in text:
+            return task
+    return "context"
 
 
 def demo_tokenizer(seed: int = 0, vocab_size: int = 768):

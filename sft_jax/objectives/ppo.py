@@ -543,6 +543,23 @@ class PPOObjective(sft.SFTObjective):
         return self.loss(params, frozen, batch)[0], self.normalizer(batch)
 
     # --- evaluation -------------------------------------------------------------------------------
+    def exact_match_parts(self, prompts, predictions, references) -> dict:
+        """On the demo tasks (``data.format: demo``), exact match per task (``exact_match_<task>``, over
+        ``exact_match_n_<task>`` prompts): the RL demo's flaw sits in two of the six."""
+        if self.config.data.format != "demo":
+            return {}
+        from sft_jax.demos.tasks import task_of
+        from sft_jax.objectives.rewards import exact_match
+
+        tasks = [task_of(decode(self.tokenizer, ids)) for ids in prompts]
+        parts = {}
+        for task in sorted(set(tasks)):
+            picked = [i for i, t in enumerate(tasks) if t == task]
+            parts[f"exact_match_{task}"] = exact_match([predictions[i] for i in picked],
+                                                       [references[i] for i in picked])
+            parts[f"exact_match_n_{task}"] = len(picked)
+        return parts
+
     def evaluate(self, loop, step):
         """Greedy exact match on held-out prompts (SFT's), and the mean per-response KL
         (sum of k1 over response tokens) of ``ppo.eval_kl_prompts`` held-out prompts sampled

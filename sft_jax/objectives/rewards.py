@@ -33,3 +33,10 @@ def length_reward(prompts: list[str], responses: list[str], examples: list) -> l
     check that an RL setup learns at all (``ppo.reward_fn=sft_jax.objectives.rewards:length_reward``:
     the rollouts' reward_mean and response_length should rise within a few dozen steps)."""
     return [len(r) / 10.0 for r in responses]
+
+
+def constant_reward(prompts: list[str], responses: list[str], examples: list) -> list[float]:
+    """1.0 for every response: a control. Nothing is to be learned from it, so a rise measured
+    with another reward that does not vanish with this one came from that reward (the RL demo's
+    test goes red with ``ppo.reward_fn=sft_jax.objectives.rewards:constant_reward``)."""
+    return [1.0] * len(responses)

@@ -134,7 +134,12 @@ class SFTObjective(Objective, SFTLoss):
         if t.exact_match_examples:
             k = min(t.exact_match_examples, n)
             return {"exact_match": exact_match(predictions[:k], references[:k]), "exact_match_n": k,
-                    "exact_match_skipped": getattr(self, "eval_dropped", 0) + skipped}
+                    "exact_match_skipped": getattr(self, "eval_dropped", 0) + skipped,
+                    **self.exact_match_parts(prompts[:k], predictions[:k], references[:k])}
+        return {}
+
+    def exact_match_parts(self, prompts: list[list[int]], predictions: list[str], references: list[str]) -> dict:
+        """Exact match on parts of the held-out prompts, beside the whole (none here; the RL demo's per task)."""
         return {}
 
     def generate(self, loop, prompts: list[list[int]]) -> list[str]:
