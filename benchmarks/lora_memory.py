@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.adapters import lora
-from sft_jax.adapters.objective import LoraObjective
-from sft_jax.analysis.memory import ACCOUNTING_ONLY
+from sft_jax.analysis.memory import ACCOUNTING_ONLY, abstract_base, lora_objective
 from sft_jax.config import OptimSection
 from sft_jax.core import mesh as shd
 from sft_jax.core import step as core
@@ -32,23 +31,14 @@ from sft_jax.models.family import config_for_preset, family_of
 from sft_jax.objectives import sft
 
 
-def _objective(cfg, spec):
-    inner = sft.SFTLoss(cfg)
-    inner.config = inner.tokenizer = inner.hf_dir = None
-    inner.model_cfg = cfg
-    return LoraObjective(inner, spec)
-
-
 def steps(cfg, spec, mesh):
     """(full step, its abstract state), (LoRA step, its abstract state, abstract frozen base)."""
     tx, schedule = make_optimizer(OptimSection(), 1000)
     full_abs, full_sh = sft.state_shardings(cfg, tx, mesh)
     full = core.make_train_step(sft.SFTLoss(cfg), tx, schedule, mesh=mesh, shardings=full_sh)
-    objective = _objective(cfg, spec)
+    objective = lora_objective(cfg, spec)
     lora_abs, lora_sh = core.state_shardings(objective.abstract_params(), tx, mesh)
-    base_sh = shd.logical_shardings(mesh, family_of(cfg).param_shapes(cfg))
-    base_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.dtype), sharding=sh),
-                            jax.eval_shape(lambda: family_of(cfg).init_params(cfg, jax.random.key(0))), base_sh)
+    base_abs, base_sh = abstract_base(cfg, mesh)
     lstep = core.make_train_step(objective, tx, schedule, mesh=mesh, shardings=lora_sh,
                                  frozen_shardings=(base_sh, None))
     return (full, full_abs), (lstep, lora_abs, (base_abs, None)), (tx, lora_sh, objective)

@@ -74,3 +74,49 @@ def test_llama_8b_plan_lists_layouts_whose_state_bytes_equal_xla(capsys):
     cfg = config_for_preset("llama3.1-8b", dtype="bfloat16")
     (_, state), *_ = mem.plan(cfg, jax.devices(), 8, 256, 80 * 10 ** 9)
     assert state["adam"] == 2 * state["params"]
+
+
+@pytest.mark.parametrize("preset,targets", [("tiny", "c_attn"), ("llama_tiny", "all-linear")])
+def test_lora_state_bytes_equal_xla_argument_bytes(preset, targets):
+    """LoRA r = 4, fsdp = 2 x tensor = 2, B = 4 in 2 micro-batches: the frozen base (bf16) +
+    adapters (float32) + Adam + scalars + batch equal XLA's argument bytes for the compiled LoRA
+    step; the base costs 2 bytes a parameter and nothing else, the adapters 4 + 8 (Adam)."""
+    from sft_jax.adapters import lora
+    from sft_jax.models.family import config_for_preset
+
+    cfg = config_for_preset(preset, dtype="bfloat16")
+    spec = lora.resolve(cfg, 4, 8.0, False, targets)
+    layout = mem.Layout(data=1, fsdp=2, tensor=2, remat="none", global_batch=4, micro_batch=2, seq=32)
+    mesh = mem.make_mesh(layout, jax.devices())
+    state = mem.state_bytes(cfg, mesh, spec)
+    predicted = mem.predict(cfg, layout, state)
+    assert predicted["arguments"] == mem.compiled_memory(cfg, layout, mesh, spec)["argument_size_in_bytes"]
+    assert state["frozen"] == mem.state_bytes(cfg, mesh)["params"] // 2  # the float32 masters' shards, in bf16
+    assert predicted["adam"] == 2 * predicted["params"] == predicted["grads"]
+    if preset == "tiny":
+        one = mem.state_bytes(cfg, mem.make_mesh(mem.Layout(1, 1, 1, "full", 4, 4, 32), jax.devices()), spec)
+        assert one["params"] == cfg.n_layer * 4 * (cfg.n_embd + 3 * cfg.n_embd) * 4  # A (r, D), B (3D, r)
+        assert one["merged"] == cfg.n_layer * cfg.n_embd * 3 * cfg.n_embd * 4  # float32 W + s Aᵀ Bᵀ
+        assert state["params"] < one["params"] and state["merged"] == one["merged"] // 4
+
+
+def test_plan_cli_lists_lora_layouts_beside_full_fine_tuning(capsys):
+    """``plan --lora-rank 8 --lora-targets all-linear``: a table for full fine-tuning, then one for
+    the adapters whose layouts hold the base in bf16 and far fewer trained bytes."""
+    assert plan.main(["--preset", "llama_tiny", "--devices", "2", "--memory", "1GB", "--seq", "32",
+                      "--global-batch", "2", "--verify", "0", "--show", "2", "--lora-rank", "8",
+                      "--lora-targets", "all-linear"]) == 0
+    out = capsys.readouterr().out
+    full, lora_part = out.split("## LoRA r = 8 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    assert "## full fine-tuning" in full and "layouts fit" in full and "layouts fit" in lora_part
+    row = next(line for line in lora_part.splitlines() if line.startswith("| 1 |")).split("|")
+    full_row = next(line for line in full.splitlines() if line.startswith("| 1 |")).split("|")
+    assert row[9].strip() != "-" and full_row[9].strip() == "-"  # the frozen base column
+    assert float(row[10]) < float(full_row[10]) / 4  # trained parameter bytes
+
+
+def test_plan_cli_unknown_lora_target_is_one_line(capsys):
+    assert plan.main(["--preset", "tiny", "--devices", "8", "--memory", "16GB", "--lora-rank", "4",
+                      "--lora-targets", "q_proj"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora-targets" in err[0] and "c_attn, c_fc, c_proj" in err[0], err

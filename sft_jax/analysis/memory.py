@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.adapters import lora
+from sft_jax.adapters.objective import LoraObjective
 from sft_jax.core import mesh as shd
+from sft_jax.core import step as core
 from sft_jax.objectives import sft
 from sft_jax.config import OptimSection
 from sft_jax.core.optimizer import make_optimizer
-from sft_jax.models.family import ModelConfig, config_for_preset
+from sft_jax.models.family import ModelConfig, config_for_preset, family_of
 
 GB, GIB = 1e9, 2 ** 30
 BATCH_ARRAYS = len(sft.BATCH_KEYS)  # tokens, targets, weights, positions, segment_ids: 4 bytes each
@@ -50,9 +55,32 @@ class Layout:
         return self.data * self.fsdp
 
 
-def abstract_state(model_cfg: ModelConfig, mesh):
+def abstract_state(model_cfg: ModelConfig, mesh, spec: lora.LoraSpec | None = None):
+    """(abstract train state with shardings, optimizer): of the whole model, or of the adapters
+    of ``spec`` (LoRA)."""
     tx, _ = make_optimizer(OptimSection(), total_steps=1000)
-    return sft.state_shardings(model_cfg, tx, mesh)[0], tx
+    if spec is None:
+        return sft.state_shardings(model_cfg, tx, mesh)[0], tx
+    return core.state_shardings(lora.abstract_adapters(model_cfg, spec), tx, mesh)[0], tx
+
+
+def abstract_base(model_cfg: ModelConfig, mesh):
+    """(abstract frozen base with shardings, its shardings): the model's parameters in the
+    compute dtype, sharded as in full fine-tuning, as LoRA holds them."""
+    boxed = family_of(model_cfg).param_shapes(model_cfg)
+    shardings = shd.logical_shardings(mesh, boxed)
+    dtype = jnp.dtype(model_cfg.dtype)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh), nn.unbox(boxed),
+                        shardings), shardings
+
+
+def lora_objective(model_cfg: ModelConfig, spec: lora.LoraSpec, loss_chunk: int = 0) -> LoraObjective:
+    """LoRA around the SFT loss with no run behind it: what the step traces, nothing that reads
+    a config, data or tokenizer."""
+    inner = sft.SFTLoss(model_cfg, loss_chunk)
+    inner.config = inner.tokenizer = inner.hf_dir = None
+    inner.model_cfg = model_cfg
+    return LoraObjective(inner, spec)
 
 
 def _device_bytes(leaf) -> int:
@@ -60,16 +88,26 @@ def _device_bytes(leaf) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
 
 
-def state_bytes(model_cfg: ModelConfig, mesh) -> dict:
-    """Bytes per device of the train state, counted from its abstract shards: parameters
-    (float32 masters), Adam m and v, and the scalars (optimizer counts, non-finite counters)."""
-    state, _ = abstract_state(model_cfg, mesh)
+def state_bytes(model_cfg: ModelConfig, mesh, spec: lora.LoraSpec | None = None) -> dict:
+    """Bytes per device of the train state, counted from its abstract shards: the trained
+    parameters (float32 masters of the model, or of the adapters under ``spec``), Adam m and v,
+    and the scalars (optimizer counts, non-finite counters). Under LoRA also the frozen base
+    (compute dtype) and ``merged``, the float32 targeted kernels the loss forms (W + s Aᵀ Bᵀ)."""
+    state, _ = abstract_state(model_cfg, mesh, spec)
     params = sum(_device_bytes(x) for x in jax.tree.leaves(state.params))
     opt = jax.tree.leaves(state.opt_state)
     adam = sum(_device_bytes(x) for x in opt if x.ndim > 0)
     scalars = sum(_device_bytes(x) for x in opt if x.ndim == 0)
     scalars += sum(_device_bytes(x) for x in (state.nonfinite_total, state.nonfinite_run, state.nonfinite_tripped))
-    return {"params": params, "adam": adam, "scalars": scalars}
+    frozen = merged = 0
+    if spec is not None:
+        base, _ = abstract_base(model_cfg, mesh)
+        frozen = sum(_device_bytes(x) for x in jax.tree.leaves(base))
+        inner = base["params"] if "params" in base else base
+        for t in spec.targets:
+            kernel = lora._get(inner, t.path)
+            merged += _device_bytes(kernel) // np.dtype(kernel.dtype).itemsize * 4
+    return {"params": params, "adam": adam, "scalars": scalars, "frozen": frozen, "merged": merged}
 
 
 def batch_bytes(layout: Layout) -> int:
@@ -106,8 +144,9 @@ def predict(model_cfg: ModelConfig, layout: Layout, state: dict) -> dict:
     out["activations"] = activation_bytes(cfg, layout)
     out["logits"] = logits_bytes(cfg, layout)
     out["batch"] = batch_bytes(layout)
-    out["arguments"] = state["params"] + state["adam"] + state["scalars"] + out["batch"]
-    out["temp"] = out["grads"] + out["activations"] + out["logits"]
+    frozen, merged = state.get("frozen", 0), state.get("merged", 0)
+    out["arguments"] = frozen + state["params"] + state["adam"] + state["scalars"] + out["batch"]
+    out["temp"] = out["grads"] + out["activations"] + out["logits"] + merged
     out["total"] = out["arguments"] + out["temp"]
     return out
 
@@ -116,14 +155,23 @@ def make_mesh(layout: Layout, devices):
     return shd.make_mesh((layout.data, layout.fsdp, layout.tensor), devices[:layout.data * layout.fsdp * layout.tensor])
 
 
-def compiled_memory(model_cfg: ModelConfig, layout: Layout, mesh) -> dict:
-    """XLA's memory accounting of the jitted train step, compiled on abstract shapes."""
+def compiled_memory(model_cfg: ModelConfig, layout: Layout, mesh, spec: lora.LoraSpec | None = None) -> dict:
+    """XLA's memory accounting of the jitted train step (of the adapters on a frozen base under
+    ``spec``), compiled on abstract shapes."""
     cfg = model_cfg.replace(remat=layout.remat)
-    state, tx = abstract_state(cfg, mesh)
+    state, tx = abstract_state(cfg, mesh, spec)
     _, schedule = make_optimizer(OptimSection(), total_steps=1000)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = sft.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings,
-                              n_micro=layout.global_batch // layout.micro_batch, loss_chunk=layout.loss_chunk)
+    n_micro = layout.global_batch // layout.micro_batch
+    if spec is None:
+        step = sft.make_train_step(cfg, tx, schedule, mesh=mesh, shardings=shardings, n_micro=n_micro,
+                                   loss_chunk=layout.loss_chunk)
+        frozen = None
+    else:
+        base, base_sh = abstract_base(cfg, mesh)
+        step = core.make_train_step(lora_objective(cfg, spec, layout.loss_chunk), tx, schedule, mesh=mesh,
+                                    shardings=shardings, n_micro=n_micro, frozen_shardings=(base_sh, None))
+        frozen = (base, None)
     batch_sh = shd.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((layout.global_batch, layout.seq),
                                      np.float32 if k == "weights" else np.int32, sharding=batch_sh)
@@ -131,7 +179,7 @@ def compiled_memory(model_cfg: ModelConfig, layout: Layout, mesh) -> dict:
     with shd.rules_context(mesh):
         # the core's step.jitted is a plain function around its jax.jit: jit it again to lower it
         jitted = step.jitted if hasattr(step.jitted, "lower") else jax.jit(step.jitted)
-        compiled = jitted.lower(state, batch).compile(compiler_options=ACCOUNTING_ONLY)
+        compiled = jitted.lower(state, batch, frozen).compile(compiler_options=ACCOUNTING_ONLY)
     m = compiled.memory_analysis()
     return {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                                            "alias_size_in_bytes", "generated_code_size_in_bytes")}
@@ -206,14 +254,16 @@ def cost(layout: Layout) -> float:
             * (1 + TENSOR_COST * np.log2(layout.tensor)) * (1 + (CHUNK_COST if layout.loss_chunk else 0.0)))
 
 
-def plan(model_cfg: ModelConfig, devices, global_batch: int, seq: int, memory_bytes: int) -> list[tuple[Layout, dict]]:
-    """Layouts whose predicted bytes per device fit ``HEADROOM x memory_bytes``, best first."""
+def plan(model_cfg: ModelConfig, devices, global_batch: int, seq: int, memory_bytes: int,
+         spec: lora.LoraSpec | None = None) -> list[tuple[Layout, dict]]:
+    """Layouts whose predicted bytes per device fit ``HEADROOM x memory_bytes``, best first;
+    for LoRA adapters on a frozen base under ``spec``."""
     states: dict = {}
     fits = []
     for layout in candidate_layouts(model_cfg, len(devices), global_batch, seq):
         key = (layout.data, layout.fsdp, layout.tensor)
         if key not in states:
-            states[key] = state_bytes(model_cfg, make_mesh(layout, devices))
+            states[key] = state_bytes(model_cfg, make_mesh(layout, devices), spec)
         p = predict(model_cfg, layout, states[key])
         if p["total"] <= HEADROOM * memory_bytes:
             fits.append((layout, p))
