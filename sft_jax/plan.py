@@ -26,7 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--verify", type=int, default=3, help="compile the top N layouts (default 3; 0 = none)")
     p.add_argument("--show", type=int, default=10, help="layouts listed (default 10)")
     p.add_argument("--lora-rank", type=int, default=0,
-                   help="also list LoRA layouts: adapters of rank R on a frozen base (default 0: full fine-tuning only)")
+                   help="also list LoRA layouts: adapters of rank R on a frozen base "
+                        "(default 0: full fine-tuning only)")
     p.add_argument("--lora-targets", default="",
                    help="modules the adapters target, comma-separated as PEFT names them, or all-linear "
                         "(default: the family's, as model.lora.targets)")
@@ -92,8 +93,8 @@ def print_layouts(fits, memory_bytes: int, show: int) -> None:
               "or shorten --seq")
         return
     print(f"{len(fits)} layouts fit (predicted <= {mem.HEADROOM:.0%} of memory), best first:\n")
-    print("| # | data | fsdp | tensor | remat | micro-batch | loss chunk | predicted GB/device | frozen base | params | "
-          "grads | Adam | activations | logits | relative time |")
+    print("| # | data | fsdp | tensor | remat | micro-batch | loss chunk | predicted GB/device | frozen base | "
+          "params | grads | Adam | activations | logits | relative time |")
     print("|---" * 15 + "|")
     for i, (lay, p) in enumerate(fits[:show], 1):
         frozen = f"{p['frozen'] / G:.2f}" if p.get("frozen") else "-"

@@ -242,6 +242,34 @@ def test_exported_adapter_loads_in_peft_and_merged_export_equals_merge_and_unloa
                                atol=1e-5, rtol=1e-5)
 
 
+def test_convert_merge_of_checkpoint_or_adapter_equals_merge_and_unload(lora_run, tmp_path, capsys):
+    """``convert merge`` from the run's checkpoint (base found by its recorded path and sha256)
+    and from the exported PEFT dir: both equal peft's ``merge_and_unload()``; a full-model
+    checkpoint or another base is one error line, nothing written."""
+    from sft_jax import convert
+    from transformers import AutoModelForCausalLM
+
+    root, base, _ = lora_run
+    tokens = TOKENS % 300
+    want = hf_fixtures.torch_logits(_peft_on(base, root / "straight" / "adapter").merge_and_unload(), tokens)
+    run = root / "straight"
+    for name, src in (("from_checkpoint", run / "checkpoints"), ("from_adapter", run / "adapter")):
+        assert convert.main(["merge", str(src), str(tmp_path / name)]) == 0
+        assert "verified in peft" in capsys.readouterr().out
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / name)).eval()
+        np.testing.assert_allclose(hf_fixtures.torch_logits(merged, tokens), want, atol=1e-5, rtol=1e-5, err_msg=name)
+    assert convert.main(["hf-to-orbax", str(base), str(tmp_path / "full")]) == 0
+    other = hf_fixtures.save_hf_model(hf_fixtures.make_hf_model(seed=5), tmp_path / "other")
+    for argv, needle in ((["merge", str(tmp_path / "full"), str(tmp_path / "bad")], "orbax-to-hf"),
+                         (["merge", str(run / "checkpoints"), str(tmp_path / "bad"), "--base", str(other)],
+                          str(other))):
+        capsys.readouterr()
+        assert convert.main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
 def _dir_bytes(path):
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

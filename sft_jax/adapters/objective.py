@@ -118,7 +118,8 @@ class LoraObjective(Objective):
         return self._identity
 
     def checkpoint_state(self) -> dict:
-        return {"lora_base": self.base_identity()}
+        """The base's identity, and the adapters' rank, alpha and targets (PEFT's names) for merging."""
+        return {"lora_base": self.base_identity(), "lora_adapter": lora.peft_config(self.model_cfg, self.spec, None)}
 
     def check_resume(self, source, train_state: dict) -> None:
         saved, mine = train_state.get("lora_base"), self.base_identity()
