@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -308,6 +309,27 @@ def test_sigkill_and_rerun_of_a_lora_run_ends_bit_equal(lora_run):
                        jax.device_get((want["params"], want["opt_state"])))
 
 
+def test_sigterm_and_rerun_of_a_lora_run_ends_bit_equal(lora_run):
+    """A preemption notice after step 1 (between periodic saves): the run saves that step and
+    exits 0, and the same command again ends with the uninterrupted run's adapters and Adam state."""
+    from sft_jax.core import checkpoint as ckpt
+    from train_fixtures import assert_trees_equal, losses, train_cli
+
+    root, _, config = lora_run
+    cfg = config("preempted")
+    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_FAULT": "step:1:sigterm"}, devices=None)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ckpt.latest_step(root / "preempted" / "checkpoints") == 1
+    second = train_cli(["--config", cfg], devices=None)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming from step 1" in second.stderr
+    want = ckpt.restore(root / "straight" / "checkpoints", step=RUN_STEPS, with_opt_state=True)
+    got = ckpt.restore(root / "preempted" / "checkpoints", step=RUN_STEPS, with_opt_state=True)
+    assert losses(root / "preempted")[RUN_STEPS] == losses(root / "straight")[RUN_STEPS]
+    assert_trees_equal(jax.device_get((got["params"], got["opt_state"])),
+                       jax.device_get((want["params"], want["opt_state"])))
+
+
 def test_resume_on_another_base_is_refused_naming_both(lora_run, tmp_path):
     from train_fixtures import train_cli
 
@@ -430,6 +452,44 @@ def test_generate_with_adapter_equals_the_merged_export(lora_run, tmp_path, caps
     assert generate.main(["--model", str(base), "--adapter", str(tmp_path / "llama"), *args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "does not fit this gpt2 model" in err[0], err
+
+
+def _peft_greedy(model, tokenizer, ids, new_tokens) -> str:
+    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=new_tokens, do_sample=False, pad_token_id=hf_fixtures.EOS_ID,
+                         eos_token_id=hf_fixtures.EOS_ID)
+    return tokenizer.decode([t for t in out[0, len(ids):].tolist() if t != hf_fixtures.EOS_ID],
+                            skip_special_tokens=True)
+
+
+def test_chat_and_generate_with_adapter_equal_peft_greedy(lora_run, tmp_path, monkeypatch, capsys):
+    """``chat`` and ``generate --model BASE --adapter DIR`` print peft's greedy continuation
+    (base + adapter in torch) of the same templated conversation and raw prompt."""
+    import io
+    import shutil
+    import sys
+
+    from sft_jax import chat, generate
+    from transformers import AutoTokenizer
+
+    root, base, _ = lora_run
+    adapter, new = root / "straight" / "adapter", 8
+    templated = Path(shutil.copytree(base, tmp_path / "base"))  # the base, with a chat template
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer.chat_template = hf_fixtures.CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(templated))
+    model = _peft_on(templated, adapter)
+    messages = [{"role": "user", "content": "Add 3 and 4."}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    want_chat = _peft_greedy(model, tokenizer, tokenizer.encode(text, add_special_tokens=False), new)
+    want_raw = _peft_greedy(model, tokenizer, tokenizer.encode("Add 3 and 4.", add_special_tokens=False), new)
+    assert want_chat and want_raw
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Add 3 and 4.\n"))
+    assert chat.main(["--model", str(templated), "--adapter", str(adapter), "--max-new-tokens", str(new)]) == 0
+    assert capsys.readouterr().out == want_chat.replace("\n", " ") + "\n"
+    assert generate.main(["--model", str(templated), "--adapter", str(adapter), "--prompt", "Add 3 and 4.",
+                          "--max-new-tokens", str(new), "--raw"]) == 0
+    assert capsys.readouterr().out == want_raw + "\n"
 
 
 def test_lora_on_reward_and_ppo_is_refused_until_heads_are_covered():
