@@ -129,7 +129,7 @@ def test_key_map_reads_transposed_and_vocab_padded_tensors_slice_by_slice(tmp_pa
     np.testing.assert_array_equal(tensors["model.layers.0.q.weight"], params["layers"]["q_kernel"][0].reshape(D, -1).T)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     source = hf_io._Checkpoint(tmp_path, keys.prefix)
-    for t in hf_io._layout(cfg, keys):
+    for t in hf_io.tensor_layout(cfg, keys):
         want = params[t.path[0]] if len(t.path) == 1 else params[t.path[0]][t.path[1]]
         shape = hf_io._global_shape(t, cfg)
         assert shape == want.shape

@@ -84,7 +84,7 @@ def candidate_targets(cfg) -> list[Target]:
     inner = boxed["params"] if "params" in boxed else boxed
     rows = {k: p for k, p, _, _ in keys.layer_layout}
     out = []
-    for t in hf_io._layout(cfg, keys):
+    for t in hf_io.tensor_layout(cfg, keys):
         if not t.stacked or len(t.hf_shape) != 2:
             continue
         hf_key = next(k for k, p in rows.items() if (keys.stack,) + tuple(p.split("/")) == t.path)

@@ -195,12 +195,12 @@ def verify_peft(adapter_dir: Path, base_dir, cfg, merged) -> str:
     from sft_jax.models import hf_io
 
     cfg32 = cfg.replace(dtype="float32", remat="none")
-    tokens = np.asarray(hf_io._verify_tokens(cfg32))
+    tokens = np.asarray(hf_io.verify_tokens(cfg32))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32),
                                       str(adapter_dir)).eval()
     with torch.no_grad():
         want = model(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
-    got = np.asarray(hf_io._logits(cfg32, jax.device_get(merged), tokens))[..., :cfg.vocab_size]
+    got = np.asarray(hf_io.logits_of(cfg32, jax.device_get(merged), tokens))[..., :cfg.vocab_size]
     diff = float(np.max(np.abs(got - want)))
     if not diff <= VERIFY_ATOL:
         raise RuntimeError(f"exported adapter {adapter_dir}: peft's logits differ from JAX's by {diff:.3g}")

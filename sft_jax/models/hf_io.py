@@ -72,7 +72,7 @@ def _dims(spec: str | tuple[int, ...], size: dict[str, int]) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tensor:
+class HFTensor:
     """One of our leaves and where its data sits in the HF checkpoint."""
 
     path: tuple[str, ...]  # under params['params']
@@ -102,21 +102,22 @@ class _Tensor:
         return groups
 
 
-def _layout(cfg: ModelConfig, keys: KeyMap) -> list[_Tensor]:
+def tensor_layout(cfg: ModelConfig, keys: KeyMap) -> list[HFTensor]:
+    """Every leaf of the family's parameter tree with the HF tensors it is read from."""
     size = keys.sizes(cfg)
     vocab_axes = dict(keys.vocab_axes)
     out = []
     for k, p, hs, s in keys.global_layout:
-        out.append(_Tensor(tuple(p.split("/")), (k,), _dims(hs, size), _dims(s, size), False,
+        out.append(HFTensor(tuple(p.split("/")), (k,), _dims(hs, size), _dims(s, size), False,
                            vocab_axes.get(p), p in keys.transposed))
     for k, p, hs, s in keys.layer_layout:
         hf_keys = tuple(keys.layer_key.format(i=i) + k for i in range(cfg.num_hidden_layers))
-        out.append(_Tensor((keys.stack,) + tuple(p.split("/")), hf_keys, _dims(hs, size), _dims(s, size), True,
+        out.append(HFTensor((keys.stack,) + tuple(p.split("/")), hf_keys, _dims(hs, size), _dims(s, size), True,
                            vocab_axes.get(p), p in keys.transposed))
     return out
 
 
-def _global_shape(t: _Tensor, cfg: ModelConfig) -> tuple[int, ...]:
+def _global_shape(t: HFTensor, cfg: ModelConfig) -> tuple[int, ...]:
     shape = t.shape
     if t.vocab_axis is not None:
         shape = shape[:t.vocab_axis] + (cfg.padded_vocab_size,) + shape[t.vocab_axis + 1:]
@@ -215,7 +216,7 @@ class _Checkpoint:
             for raw in raw_keys:
                 self.where[raw.removeprefix(prefix)] = (f, raw)
 
-    def check(self, layout: list[_Tensor], family: Family, keys: KeyMap, extra_keys=()) -> None:
+    def check(self, layout: list[HFTensor], family: Family, keys: KeyMap, extra_keys=()) -> None:
         """Every tensor present with its HF shape and nothing unknown (besides ``extra_keys``); else one clear error."""
         expected = {}
         for t in layout:
@@ -236,7 +237,7 @@ class _Checkpoint:
     def _files(self) -> str:
         return ", ".join(sorted({str(f.path) for f, _ in self.where.values()})) or "weights"
 
-    def read(self, t: _Tensor, index: tuple[slice, ...], global_shape: tuple[int, ...]) -> np.ndarray:
+    def read(self, t: HFTensor, index: tuple[slice, ...], global_shape: tuple[int, ...]) -> np.ndarray:
         """The block ``index`` of our (global) array for tensor ``t``."""
         index = tuple(slice(*s.indices(n)) for s, n in zip(index, global_shape))
         if t.stacked:
@@ -244,7 +245,7 @@ class _Checkpoint:
             return np.stack([self._read_one(t, t.hf_keys[i], index[1:]) for i in layers])
         return self._read_one(t, t.hf_keys[0], index)
 
-    def _read_one(self, t: _Tensor, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    def _read_one(self, t: HFTensor, key: str, index: tuple[slice, ...]) -> np.ndarray:
         a = t.vocab_axis
         if a is not None:  # entries past the real vocab are padding: zeros
             want, n = index[a], t.shape[a]
@@ -255,7 +256,7 @@ class _Checkpoint:
             return np.concatenate([block, np.zeros(pad_shape, np.float32)], axis=a)
         return self._read_block(t, key, index)
 
-    def _read_block(self, t: _Tensor, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    def _read_block(self, t: HFTensor, key: str, index: tuple[slice, ...]) -> np.ndarray:
         """Read a contiguous range on each HF axis where the split allows it (the inner axes of
         its group are whole), else the whole axis; reshape to our axes; slice what is left."""
         f, raw = self.where[key]
@@ -351,7 +352,7 @@ def load_hf(path_or_name, *, shardings=None, extra_keys=(), **compute_overrides)
     family = family_of(cfg)
     keys = family.key_map(cfg)
     source = _Checkpoint(directory, keys.prefix)
-    layout = _layout(cfg, keys)
+    layout = tensor_layout(cfg, keys)
     source.check(layout, family, keys, extra_keys)
     flat_shardings = None
     if shardings is not None:
@@ -396,7 +397,7 @@ def _state_dict(params, cfg: ModelConfig, keys: KeyMap, dtype: str) -> dict[str,
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
     inner = params["params"] if "params" in params else params
     out = {}
-    for t in _layout(cfg, keys):
+    for t in tensor_layout(cfg, keys):
         node = inner
         for p in t.path:
             node = node[p]
@@ -432,14 +433,16 @@ HF_ATOL = 1e-4  # transformers (torch float32) vs JAX float32 logits
 BF16_REL_TOL = 2.0 ** -4  # bf16-rounded vs float32 logits, relative to the largest |logit|
 
 
-def _verify_tokens(cfg: ModelConfig) -> np.ndarray:
+def verify_tokens(cfg: ModelConfig) -> np.ndarray:
+    """The fixed (B, T) prompts on which an export's logits are compared."""
     B, T = VERIFY_PROMPTS
     T = min(T, cfg.max_position_embeddings)
     return (np.arange(B * T).reshape(B, T) * 7919 + 13) % cfg.vocab_size
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits(cfg: ModelConfig, params, tokens):
+def logits_of(cfg: ModelConfig, params, tokens):
+    """The model's logits for whole (B, T) rows of ``tokens`` (one document each), jitted."""
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     return family_of(cfg).module(cfg).apply(params, tokens, positions, jnp.ones_like(tokens))
@@ -509,11 +512,11 @@ def _verify(host: dict, cfg32: ModelConfig, tmp: Path, dtype: str, tokenizer, re
     JAX's logits are computed with full float32 matmuls: on GPUs the default precision for
     float32 is TF32 (10-bit mantissa), which alone differs from PyTorch's CPU float32 by ~1e-3."""
     _, reloaded = load_hf(tmp, dtype="float32")
-    tokens = jnp.asarray(_verify_tokens(cfg32), jnp.int32)
+    tokens = jnp.asarray(verify_tokens(cfg32), jnp.int32)
     V = cfg32.vocab_size
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(_logits(cfg32, reloaded, tokens))[..., :V]
-        want = np.asarray(_logits(cfg32, jax.tree.map(jnp.asarray, host), tokens))[..., :V]
+        got = np.asarray(logits_of(cfg32, reloaded, tokens))[..., :V]
+        want = np.asarray(logits_of(cfg32, jax.tree.map(jnp.asarray, host), tokens))[..., :V]
     diff = float(np.max(np.abs(got - want)))
     report.max_abs_diff["jax_reload"] = diff
     if dtype == "float32":
