@@ -291,41 +291,26 @@ def test_checkpoint_holds_adapters_and_base_identity_only(lora_run):
     assert step_bytes < 3 * adapter_bytes + 200_000 < base_bytes, (step_bytes, adapter_bytes, base_bytes)
 
 
-def test_sigkill_and_rerun_of_a_lora_run_ends_bit_equal(lora_run):
+@pytest.mark.parametrize("name,fault,exit_code,saved", [("killed", f"step:{EVERY}:after_save", -9, EVERY),
+                                                        ("preempted", "step:1:sigterm", 0, 1)])
+def test_interrupted_lora_run_and_rerun_end_bit_equal(lora_run, name, fault, exit_code, saved):
+    """SIGKILL once step 2's checkpoint is committed, or a preemption notice (SIGTERM) after step
+    1, between periodic saves (the run saves that step and exits 0): the same command again ends
+    with the uninterrupted run's adapters, Adam state and loss."""
     from sft_jax.core import checkpoint as ckpt
     from train_fixtures import assert_trees_equal, losses, train_cli
 
     root, _, config = lora_run
-    cfg = config("killed")
-    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_FAULT": f"step:{EVERY}:after_save"}, devices=None)
-    assert first.returncode == -9, first.stdout + first.stderr
+    cfg = config(name)
+    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_FAULT": fault}, devices=None)
+    assert first.returncode == exit_code, first.stdout + first.stderr
+    assert ckpt.latest_step(root / name / "checkpoints") == saved
     second = train_cli(["--config", cfg], devices=None)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "resuming from step 2" in second.stderr
+    assert f"resuming from step {saved}" in second.stderr
     want = ckpt.restore(root / "straight" / "checkpoints", step=RUN_STEPS, with_opt_state=True)
-    got = ckpt.restore(root / "killed" / "checkpoints", step=RUN_STEPS, with_opt_state=True)
-    assert losses(root / "killed")[RUN_STEPS] == losses(root / "straight")[RUN_STEPS]
-    assert_trees_equal(jax.device_get((got["params"], got["opt_state"])),
-                       jax.device_get((want["params"], want["opt_state"])))
-
-
-def test_sigterm_and_rerun_of_a_lora_run_ends_bit_equal(lora_run):
-    """A preemption notice after step 1 (between periodic saves): the run saves that step and
-    exits 0, and the same command again ends with the uninterrupted run's adapters and Adam state."""
-    from sft_jax.core import checkpoint as ckpt
-    from train_fixtures import assert_trees_equal, losses, train_cli
-
-    root, _, config = lora_run
-    cfg = config("preempted")
-    first = train_cli(["--config", cfg], env_extra={"SFT_JAX_FAULT": "step:1:sigterm"}, devices=None)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert ckpt.latest_step(root / "preempted" / "checkpoints") == 1
-    second = train_cli(["--config", cfg], devices=None)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "resuming from step 1" in second.stderr
-    want = ckpt.restore(root / "straight" / "checkpoints", step=RUN_STEPS, with_opt_state=True)
-    got = ckpt.restore(root / "preempted" / "checkpoints", step=RUN_STEPS, with_opt_state=True)
-    assert losses(root / "preempted")[RUN_STEPS] == losses(root / "straight")[RUN_STEPS]
+    got = ckpt.restore(root / name / "checkpoints", step=RUN_STEPS, with_opt_state=True)
+    assert losses(root / name)[RUN_STEPS] == losses(root / "straight")[RUN_STEPS]
     assert_trees_equal(jax.device_get((got["params"], got["opt_state"])),
                        jax.device_get((want["params"], want["opt_state"])))
 
