@@ -54,6 +54,7 @@ def main(argv=None) -> int:
         if args.preset not in preset_names():
             raise ValueError(f"--preset {args.preset!r}: choose one of {preset_names()}")
         cfg = config_for_preset(args.preset, max_position_embeddings=max(1024, args.seq), dtype=args.dtype)
+        # alpha and rsLoRA scale the update, they change no byte: any value serves
         spec = lora.resolve(cfg, args.lora_rank, 2 * args.lora_rank, False, args.lora_targets) \
             if args.lora_rank else None
     except ValueError as e:  # AdapterError too: an unknown module, listed with the family's

@@ -33,11 +33,10 @@ def _from_checkpoint(src: str, base: str | None):
     if conf is None:
         raise lora.AdapterError(f"{src} does not record its adapters' rank, alpha and targets; merge the run's "
                                 f"exported adapter directory (OUTPUT_DIR/adapter) instead")
-    if base is None:
-        if identity["path"].startswith("scratch:"):
-            raise lora.AdapterError(f"{src} holds adapters on a base trained from scratch ({identity['path']}), "
-                                    f"which no directory holds; pass --base")
-        base = identity["path"]
+    if identity["path"].startswith("scratch:"):
+        raise lora.AdapterError(f"{src} holds adapters on a randomly initialised base ({identity['path']}, "
+                                f"{identity['sha256']}), which no model directory holds")
+    base = base or identity["path"]
     digest = base_fingerprint(hf.resolve_dir(base))
     if digest != identity["sha256"]:
         raise lora.AdapterError(f"{src} holds adapters for base {identity['path']} (sha256 {identity['sha256']}); "

@@ -105,7 +105,9 @@ def state_bytes(model_cfg: ModelConfig, mesh, spec: lora.LoraSpec | None = None)
         frozen = sum(_device_bytes(x) for x in jax.tree.leaves(base))
         inner = base["params"] if "params" in base else base
         for t in spec.targets:
-            kernel = lora._get(inner, t.path)
+            kernel = inner
+            for name in t.path:
+                kernel = kernel[name]
             merged += _device_bytes(kernel) // np.dtype(kernel.dtype).itemsize * 4
     return {"params": params, "adam": adam, "scalars": scalars, "frozen": frozen, "merged": merged}
 
