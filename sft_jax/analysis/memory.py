@@ -148,7 +148,9 @@ def predict(model_cfg: ModelConfig, layout: Layout, state: dict) -> dict:
     out["batch"] = batch_bytes(layout)
     frozen, merged = state.get("frozen", 0), state.get("merged", 0)
     out["arguments"] = frozen + state["params"] + state["adam"] + state["scalars"] + out["batch"]
-    out["temp"] = out["grads"] + out["activations"] + out["logits"] + merged
+    # LoRA: the merged float32 kernels W + s Aᵀ Bᵀ the loss forms, and their gradient (the
+    # backward pass reaches A and B through it)
+    out["temp"] = out["grads"] + out["activations"] + out["logits"] + 2 * merged
     out["total"] = out["arguments"] + out["temp"]
     return out
 
