@@ -77,13 +77,15 @@ def test_eot_closes_supervised_turns_and_one_bos(tokenizer):
     assert prompt == tokens[:docs.last_response_start[0]] and prompt.count(bos) == 1
 
 
-def test_template_without_any_closing_token_is_refused(tokenizer):
+def test_templates_without_a_closing_token_or_that_raise_are_refused(tokenizer):
     from sft_jax.data.config import DataError
     from sft_jax.data.formats import Renderer
 
     open_ended = LLAMA3.replace("'<|eot_id|>'", "'\\n'")
     with pytest.raises(DataError, match="lacks the eos token"):
         Renderer(tokenizer, open_ended).pieces(conversation())
+    with pytest.raises(DataError, match="fails: no system turn"):  # the template's own refusal, as a DataError
+        Renderer(tokenizer, "{{ raise_exception('no system turn') }}").pieces(conversation())
 
 
 def test_run_stops_at_the_turn_end_and_export_lists_it(tmp_path, tokenizer):

@@ -84,6 +84,8 @@ def _stop_at_turn_end(cfg: ModelConfig, tokenizer, config: Config) -> ModelConfi
     data_cfg = resolve_template(config.data, tokenizer)
     tokenizer.chat_template = chat_template(data_cfg)
     turn_end = turn_end_token_id(tokenizer, None if data_cfg.template is None else tokenizer.chat_template)
+    if turn_end == tokenizer.eos_token_id:  # every decoding path stops at the tokenizer's EOS already
+        return cfg
     try:
         return with_stop_token_ids(cfg, [turn_end])
     except ValueError as e:

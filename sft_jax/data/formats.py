@@ -412,9 +412,14 @@ class Renderer:
         return pieces
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        from jinja2 import TemplateError  # transformers renders templates with jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except TemplateError as e:
+            raise DataError(f"template: rendering {[m['role'] for m in messages]} fails: {e}") from e
 
     def _jinja_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
         pieces, done, full = [], "", ""  # done: rendered text already split into pieces
