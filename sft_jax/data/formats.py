@@ -439,7 +439,7 @@ class Renderer:
             closed = len(turn_end_split(turn, self.tokenizer)[0])
             pieces += [(prompt[len(done) :], False), (turn[:closed], True)]
             done = prompt + turn[:closed]
-        tail = full[len(done) :]  # after the last eos: part of the row, never a target
+        tail = full[len(done) :]  # after the last closing token: part of the row, never a target
         return pieces + [(tail, False)] if tail else pieces
 
 
