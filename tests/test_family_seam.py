@@ -152,6 +152,7 @@ def test_a_second_family_loads_and_exports_through_the_generic_hf_code(tmp_path,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sft_jax.models.llama import hf as llama_hf
+    from sft_jax.models.llama.model import LlamaConfig
     from train_fixtures import assert_trees_equal
 
     conf = AutoConfig.for_model(model_type=model_type, vocab_size=300, hidden_size=64, intermediate_size=128,
@@ -163,8 +164,8 @@ def test_a_second_family_loads_and_exports_through_the_generic_hf_code(tmp_path,
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
     cfg, params = hf_io.load_hf(tmp_path / "src")
     assert fam.family_of(cfg).name == "llama" and cfg.model_type == model_type
-    ref_cfg, reference = llama_hf.load_hf_dir(tmp_path / "src")
-    assert cfg == ref_cfg
+    assert cfg == LlamaConfig.from_hf_config(model.config)
+    reference = llama_hf.from_hf_state_dict(model.state_dict(), cfg)  # the in-memory mapping, from torch
     assert_trees_equal(params, reference)
     report = hf_io.export_hf(params, cfg, tmp_path / "out")
     assert report.max_abs_diff["jax_reload"] == 0.0 and report.max_abs_diff["transformers"] <= hf_io.HF_ATOL

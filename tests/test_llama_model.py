@@ -1,6 +1,6 @@
 """The Llama family (Llama, Qwen2, Mistral) against transformers' torch models on the same random
-weights: logits on long prompts, packed rows, KV-cache greedy decoding; the HF key map, the
-safetensors readers and the exporter; configs, presets and their parameter counts.
+weights: logits on long prompts, packed rows, KV-cache greedy decoding; the HF key map, and
+reading and exporting directories through sft_jax.models.hf_io; configs, presets and their parameter counts.
 
 Prompts are 320 tokens: rotation at position 0 is the identity, so short prompts hide rotary bugs.
 Weights are drawn wider than HF's init (and norms and biases randomised) so attention is far
@@ -20,7 +20,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import flax.linen as nn
+from safetensors import safe_open
 
+from sft_jax.models import hf_io
 from sft_jax.models.llama import hf as llama_hf
 from sft_jax.models.llama.model import (
     MODEL_TYPES,
@@ -217,7 +219,7 @@ def test_export_loads_as_the_right_class_with_equal_logits(name, tmp_path):
     from transformers import AutoModelForCausalLM
 
     _, cfg, params, logits = case(name)
-    out = llama_hf.export_hf(params, cfg, tmp_path / "export")
+    out = hf_io.export_hf(params, cfg, tmp_path / "export", verify=False).out_dir
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(model).__name__ == MODEL_TYPES[cfg.model_type]
     assert LlamaConfig.from_hf_config(model.config) == cfg
@@ -250,15 +252,15 @@ def test_sharded_and_bfloat16_dirs_load(tmp_path):
     model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
-    got_cfg, got = llama_hf.load_hf_dir(tmp_path / "sharded")
+    got_cfg, got = hf_io.load_hf(tmp_path / "sharded")
     assert got_cfg == cfg
     jax.tree.map(np.testing.assert_array_equal, got, params)
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     bf16.save_pretrained(str(tmp_path / "bf16"))
-    stored = llama_hf.load_safetensors_dir(tmp_path / "bf16")
-    assert {x.dtype for x in stored.values()} == {np.dtype(ml_dtypes.bfloat16)}
-    _, got = llama_hf.load_hf_dir(tmp_path / "bf16")
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="numpy") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype(ml_dtypes.bfloat16)}
+    _, got = hf_io.load_hf(tmp_path / "bf16")
     want = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), params)
     jax.tree.map(np.testing.assert_array_equal, got, want)
 

@@ -13,8 +13,8 @@ import jax
 
 from sft_jax.core import checkpoint as ckpt
 from sft_jax.config import Config, ConfigError
-from sft_jax.data import chat_template, resolve_template
-from sft_jax.models.family import DEFAULT_MODEL_TYPE, ModelConfig, config_for_preset, family_of
+from sft_jax.data import chat_template, resolve_template, turn_end_token_id
+from sft_jax.models.family import DEFAULT_MODEL_TYPE, ModelConfig, config_for_preset, family_of, with_stop_token_ids
 from sft_jax.runtime.paths import as_path, run_dirs
 
 
@@ -69,15 +69,27 @@ def model_and_tokenizer(config: Config):
         tokenizer = _demo_tokenizer() if m.tokenizer in (None, "demo") else _load_tokenizer(m.tokenizer)
         cfg = config_for_preset(m.preset, vocab_size=len(tokenizer), max_position_embeddings=m.n_positions,
                                 bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **compute)
-        tokenizer.chat_template = chat_template(resolve_template(config.data, tokenizer))
-        return cfg, tokenizer, None
+        return _stop_at_turn_end(cfg, tokenizer, config), tokenizer, None
     from sft_jax.models import hf_io
 
     directory = hf_io.resolve_dir(m.init_from)
     cfg = hf_io.read_config(directory, **compute)
     tokenizer = _load_tokenizer(m.tokenizer or str(directory))
-    tokenizer.chat_template = chat_template(resolve_template(config.data, tokenizer))  # auto: its own, if any
-    return cfg, tokenizer, directory
+    return _stop_at_turn_end(cfg, tokenizer, config), tokenizer, directory
+
+
+def _stop_at_turn_end(cfg: ModelConfig, tokenizer, config: Config) -> ModelConfig:
+    """Put the chat template the run trains with on the tokenizer (``auto``: the tokenizer's own, if
+    any), and make the token that closes its assistant turns one the model stops at."""
+    data_cfg = resolve_template(config.data, tokenizer)
+    tokenizer.chat_template = chat_template(data_cfg)
+    turn_end = turn_end_token_id(tokenizer, None if data_cfg.template is None else tokenizer.chat_template)
+    if turn_end == tokenizer.eos_token_id:  # every decoding path stops at the tokenizer's EOS already
+        return cfg
+    try:
+        return with_stop_token_ids(cfg, [turn_end])
+    except ValueError as e:
+        raise ConfigError(f"data.template closes assistant turns with token id {turn_end}: {e}") from e
 
 
 def _demo_tokenizer():

@@ -12,7 +12,8 @@ demo tasks are a source (``demo``) from sft_jax.demos.tasks.
 """
 
 from sft_jax.data.config import DataConfig, DataError
-from sft_jax.data.formats import BUILTIN_TEMPLATE, chat_template, decode, encode_prompt, messages_of, resolve_template
+from sft_jax.data.formats import (BUILTIN_TEMPLATE, chat_template, decode, encode_prompt, messages_of, resolve_template,
+                                 turn_end_token_id)
 from sft_jax.data.iterator import BatchIterator, eval_batches
 from sft_jax.data.pack import SFTDataset
 from sft_jax.data.report import DataReport, report_to_dict, report_to_markdown
@@ -28,6 +29,7 @@ __all__ = [
     "build_datasets",
     "chat_template",
     "resolve_template",
+    "turn_end_token_id",
     "decode",
     "encode_prompt",
     "eval_batches",

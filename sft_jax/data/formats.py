@@ -44,9 +44,16 @@ ends in ":\\n", a lone newline after a non-space, and the response starts with a
 so GPT-2's pre-tokenizer regex splits right there; (b) response -> next prompt: the eos special token sits
 between them, and special tokens split the text before pre-tokenization. A user Jinja template gets its
 pieces by rendering prefixes of the conversation (prompt k = render(messages[:k], add_generation_prompt),
-response k = render(messages[:k+1]) minus that prefix, up to and including its eos; template text after the
-eos opens the next prompt piece, so it is never a target), and `check_prompt_tokens` verifies the agreement
-on real examples because an arbitrary template can put a boundary inside a pre-token.
+response k = render(messages[:k+1]) minus that prefix, up to and including the token that closes it: the eos,
+or the special token that ends the turn when the template closes turns with another one, such as Llama 3's
+<|eot_id|> under a base tokenizer whose eos is <|end_of_text|>; template text after that token opens the next
+prompt piece, so it is never a target), and `check_prompt_tokens` verifies the agreement on real examples
+because an arbitrary template can put a boundary inside a pre-token. The closing token is a stop id of the
+model (`turn_end_token_id`), so generation, exact match and rollouts end where training taught the turn ends.
+
+No double BOS: every piece is tokenized with add_special_tokens=False, so a document is exactly the template's
+rendering, as `apply_chat_template(..., tokenize=True)` gives it. A template that renders `{{ bos_token }}`
+gets one BOS; the tokenizer's own add-BOS setting never adds a second.
 """
 
 from __future__ import annotations
@@ -405,9 +412,14 @@ class Renderer:
         return pieces
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        from jinja2 import TemplateError  # transformers renders templates with jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except TemplateError as e:
+            raise DataError(f"template: rendering {[m['role'] for m in messages]} fails: {e}") from e
 
     def _jinja_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
         pieces, done, full = [], "", ""  # done: rendered text already split into pieces
@@ -422,19 +434,41 @@ class Renderer:
                     "must render messages left to right so each generation prompt is a prefix of the next turn"
                 )
             turn = full[len(prompt) :]
-            closed = turn.rfind(self.tokenizer.eos_token)
-            if closed < 0:
-                raise DataError(
-                    f"template: an assistant turn renders as {turn!r}, which lacks the eos token "
-                    f"{self.tokenizer.eos_token!r}; the model must learn to stop, so end assistant turns with it"
-                )
-            # The response ends with its eos; template text after it (e.g. a newline) is not a target: it
-            # opens the next prompt piece. The eos special token splits BPE there, so the cut is token-safe.
-            closed += len(self.tokenizer.eos_token)
+            # The response ends with its closing token; template text after it (e.g. a newline) is not a
+            # target: it opens the next prompt piece. A special token splits BPE there, so the cut is token-safe.
+            closed = len(turn_end_split(turn, self.tokenizer)[0])
             pieces += [(prompt[len(done) :], False), (turn[:closed], True)]
             done = prompt + turn[:closed]
-        tail = full[len(done) :]  # after the last eos: part of the row, never a target
+        tail = full[len(done) :]  # after the last closing token: part of the row, never a target
         return pieces + [(tail, False)] if tail else pieces
+
+
+def end_of_turn_tokens(tokenizer) -> list[str]:
+    """Tokens that may close an assistant turn: the eos and the tokenizer's other special tokens
+    (Llama 3's ``<|eot_id|>`` closes a turn while its base tokenizer's eos is ``<|end_of_text|>``)."""
+    specials = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    return list(dict.fromkeys([tokenizer.eos_token, *specials, *tokenizer.all_special_tokens]))
+
+
+def turn_end_split(turn: str, tokenizer) -> tuple[str, str]:
+    """(the response up to and including the token that closes it, that token): the eos or the special
+    token that ends latest in the rendered assistant turn ``turn``. DataError when it has none."""
+    ends = [(turn.rfind(t) + len(t), t) for t in end_of_turn_tokens(tokenizer) if t and t in turn]
+    if not ends:
+        raise DataError(
+            f"template: an assistant turn renders as {turn!r}, which lacks the eos token {tokenizer.eos_token!r} "
+            "or another special token to close it; the model must learn to stop, so end assistant turns with one"
+        )
+    end, token = max(ends, key=lambda e: (e[0], e[1] == tokenizer.eos_token))
+    return turn[:end], token
+
+
+def turn_end_token_id(tokenizer, template: str | None) -> int:
+    """The id of the token that closes each assistant turn under ``template`` (None: the built-in,
+    which closes with the eos). Generation must stop at it, so the model config lists it."""
+    probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    response = [text for text, is_response in Renderer(tokenizer, template).pieces(probe) if is_response][-1]
+    return tokenizer.convert_tokens_to_ids(turn_end_split(response, tokenizer)[1])
 
 
 # ------------------------------------------------------------------------------------------- tokenization

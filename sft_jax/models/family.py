@@ -169,3 +169,16 @@ def stop_token_ids(cfg) -> tuple[int, ...]:
     (HF's ``eos_token_id`` may be a list, e.g. Llama 3's <|end_of_text|> and <|eot_id|>)."""
     ids = (cfg.eos_token_id, *getattr(cfg, "extra_eos_token_ids", ()))
     return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def with_stop_token_ids(cfg, ids):
+    """``cfg`` that also stops at ``ids`` (an HF ``generation_config.json``'s ``eos_token_id``, the
+    token a chat template closes turns with). A family whose config holds one EOS only (GPT-2)
+    takes ids equal to it and refuses others with a ValueError."""
+    extra = tuple(i for i in dict.fromkeys(int(i) for i in ids if i is not None) if i not in stop_token_ids(cfg))
+    if not extra:
+        return cfg
+    if not hasattr(cfg, "extra_eos_token_ids"):
+        raise ValueError(f"{cfg.model_type} models stop at one id, eos_token_id={cfg.eos_token_id}; "
+                         f"cannot also stop at {list(extra)}")
+    return cfg.replace(extra_eos_token_ids=(*cfg.extra_eos_token_ids, *extra))

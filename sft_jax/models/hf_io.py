@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from sft_jax.models.family import Family, ModelConfig, family_of, get_family
+from sft_jax.models.family import Family, ModelConfig, family_of, get_family, stop_token_ids, with_stop_token_ids
 
 
 class HFFormatError(ValueError):
@@ -323,10 +323,31 @@ def read_config(directory: Path, **compute_overrides) -> ModelConfig:
     except ValueError as e:
         raise HFFormatError(f"{config_file}: {e}") from e
     try:
-        return family.config_cls.from_hf_config(hf_config, **compute_overrides)
+        cfg = family.config_cls.from_hf_config(hf_config, **compute_overrides)
     except (ValueError, KeyError, TypeError) as e:
         raise HFFormatError(f"{config_file}: not a supported {hf_config['model_type']!r} config "
                             f"({type(e).__name__}: {e})") from e
+    generation_file = directory / "generation_config.json"
+    try:
+        return with_stop_token_ids(cfg, generation_eos_ids(directory))
+    except ValueError as e:
+        raise HFFormatError(f"{generation_file}: {e}") from e
+
+
+def generation_eos_ids(directory: Path) -> list[int]:
+    """The ids ``generation_config.json`` stops generation at (its ``eos_token_id``, an id or a
+    list); none when the dir has no such file. transformers' generate stops at these, so we do too."""
+    generation_file = directory / "generation_config.json"
+    if not generation_file.is_file():
+        return []
+    try:
+        eos = json.loads(generation_file.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise HFFormatError(f"{generation_file}: cannot read a generation config ({e})") from e
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
+        raise HFFormatError(f"{generation_file}: eos_token_id must be an id or a list of ids, got {eos!r}")
+    return [i for i in ids if i is not None]
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -489,7 +510,8 @@ def export_hf(params, cfg: ModelConfig, out_dir, *, tokenizer=None, chat_templat
         hf_config = cfg.to_hf_config()
         hf_config["torch_dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        stops = list(stop_token_ids(cfg))  # transformers' generate stops at any of them, as we do
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
                       "pad_token_id": cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:

@@ -1,7 +1,7 @@
 """The Llama architecture family: Llama 2/3, Qwen2/2.5 and Mistral (one model, three HF classes).
 
-``model`` holds the config, the Flax module and its loss head; ``hf`` the Hugging Face key map,
-safetensors readers and the exporter. ``FAMILY`` is what the rest of sft_jax sees
+``model`` holds the config, the Flax module and its loss head; ``hf`` the Hugging Face key map
+(``sft_jax.models.hf_io`` reads and writes the directories). ``FAMILY`` is what the rest of sft_jax sees
 (``sft_jax.models.family``).
 """
 

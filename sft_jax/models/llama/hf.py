@@ -1,5 +1,6 @@
-"""Hugging Face Llama / Qwen2 / Mistral <-> sft_jax parameters: the key map, safetensors readers
-and an exporter that ``transformers.AutoModelForCausalLM`` loads as the right class.
+"""Hugging Face Llama / Qwen2 / Mistral <-> sft_jax parameters: the key map that
+``sft_jax.models.hf_io`` reads and exports directories with (slice by slice, any family), and the
+same mapping for in-memory state dicts.
 
 The mapping lives in ``_layout`` below, beside the quirks it handles:
   * nn.Linear stores weights as (out, in); our kernels are (in, out) with the head axes split
@@ -13,9 +14,7 @@ The mapping lives in ``_layout`` below, beside the quirks it handles:
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import ml_dtypes
@@ -170,55 +169,3 @@ def from_hf_state_dict(tensors: Mapping[str, Any], cfg: LlamaConfig) -> dict:
                             for i in range(cfg.num_hidden_layers)])
         _set(params, ("layers",) + path, stacked)
     return {"params": params}
-
-
-# --- reading and writing directories -------------------------------------------------
-
-def load_safetensors_dir(path) -> dict[str, np.ndarray]:
-    """Every tensor of an HF model dir, as stored (bfloat16 as ml_dtypes.bfloat16): one
-    ``model.safetensors`` or the shards named by ``model.safetensors.index.json``."""
-    from safetensors import safe_open
-
-    directory = Path(path)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (directory / "model.safetensors").is_file():
-        weight_map, files = None, ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-    out = {}
-    for name in files:
-        with safe_open(str(directory / name), framework="numpy") as f:  # numpy reads BF16 as ml_dtypes
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    if weight_map is not None and set(weight_map) != set(out):
-        raise ValueError(f"{index}: the index lists [{_listed(sorted(set(weight_map) - set(out)))}] that no shard "
-                         f"holds, the shards hold [{_listed(sorted(set(out) - set(weight_map)))}] it does not list")
-    return out
-
-
-def load_hf_dir(path, **compute_overrides) -> tuple[LlamaConfig, dict]:
-    """(config, params) from an HF dir: config.json plus its safetensors."""
-    directory = Path(path)
-    cfg = LlamaConfig.from_hf_config(json.loads((directory / "config.json").read_text()), **compute_overrides)
-    return cfg, from_hf_state_dict(load_safetensors_dir(directory), cfg)
-
-
-def export_hf(params, cfg: LlamaConfig, out_dir, dtype: str = "float32") -> Path:
-    """Write config.json, generation_config.json and model.safetensors (float32 or bfloat16) to
-    ``out_dir``, loadable by ``AutoModelForCausalLM.from_pretrained`` as cfg.model_type's class."""
-    from safetensors.numpy import save_file  # takes ml_dtypes bfloat16 arrays as BF16
-
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"export dtype {dtype!r}: choose float32 or bfloat16")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(params, cfg, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_config = dict(cfg.to_hf_config(), torch_dtype=dtype)
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_config["eos_token_id"],
-                  "pad_token_id": cfg.pad_token_id}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return out
