@@ -16,7 +16,7 @@ from sft_jax.core.optimizer import make_optimizer
 from sft_jax.models.family import config_for_preset, family_of
 from sft_jax.models.hf_io import to_hf_state_dict
 from sft_jax.objectives import sft
-from train_fixtures import fixed_batches, tiny_config
+from train_fixtures import fixed_batches, tiny_config, torch_adamw_steps
 
 OPTIM = OptimSection(lr=1e-2, warmup_steps=2, final_lr_fraction=0.1, weight_decay=0.1, clip_norm=0.5,
                      b1=0.9, b2=0.95, eps=1e-8)
@@ -77,27 +77,10 @@ def test_five_steps_match_hf_torch_adamw(batches):
     named = dict(model.named_parameters())
     decay = [p for n, p in named.items() if n.endswith(DECAYED)]
     assert len(decay) == len(DECAYED) * cfg.num_hidden_layers
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
-                             {"params": [p for n, p in named.items() if not n.endswith(DECAYED)],
-                              "weight_decay": 0.0}],
-                            lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps)
-    lr_values = [float(schedule(s)) for s in range(STEPS)]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_values[s] / OPTIM.lr if s < STEPS else 0.0)
-    torch_losses, torch_logged = [], []
-    for b in batches:
-        logits = model(torch.from_numpy(b["tokens"]).long()).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                torch.from_numpy(b["targets"]).long().reshape(-1), reduction="none")
-        w = torch.from_numpy(b["weights"]).reshape(-1)
-        loss = (nll * w).sum() / w.sum()
-        opt.zero_grad()
-        loss.backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.clip_norm))
-        torch_logged.append({"grad_norm": norm, "clip_ratio": min(1.0, OPTIM.clip_norm / norm),
-                             "lr": opt.param_groups[0]["lr"]})
-        opt.step()
-        sched.step()
-        torch_losses.append(loss.item())
+    no_decay = [p for n, p in named.items() if not n.endswith(DECAYED)]
+    torch_losses, torch_logged = torch_adamw_steps(
+        model, [{"params": decay, "weight_decay": OPTIM.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        OPTIM, schedule, batches)
 
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     assert len(set(jax_losses)) == STEPS  # every step changed the model (lr of step 0 is 0 by the warmup)

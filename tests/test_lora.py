@@ -109,7 +109,7 @@ def test_five_lora_steps_match_torch_peft_adamw():
     from sft_jax.core import mesh as shd
     from sft_jax.models.gpt2 import GPT2Config
     from sft_jax.objectives import sft
-    from train_fixtures import fixed_batches
+    from train_fixtures import fixed_batches, torch_adamw_steps
 
     cfg = GPT2Config.preset("tiny", vocab_size=256, n_positions=32, bos_token_id=0, eos_token_id=0, dtype="float32")
     optim = OptimSection(lr=1e-2, warmup_steps=2, final_lr_fraction=0.1, weight_decay=0.1, clip_norm=0.5,
@@ -153,23 +153,8 @@ def test_five_lora_steps_match_torch_peft_adamw():
                 torch.from_numpy(value))
     trained = [p for p in model.parameters() if p.requires_grad]
     assert len(trained) == 2 * cfg.n_layer
-    opt = torch.optim.AdamW(trained, lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
-                            weight_decay=optim.weight_decay)
-    lr_values = [float(schedule(s)) for s in range(steps)]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_values[s] / optim.lr if s < steps else 0.0)
-    torch_losses = []
-    for b in batches:
-        logits = model(input_ids=torch.from_numpy(b["tokens"]).long()).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                torch.from_numpy(b["targets"]).long().reshape(-1), reduction="none")
-        w = torch.from_numpy(b["weights"]).reshape(-1)
-        loss = (nll * w).sum() / w.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, optim.clip_norm)
-        opt.step()
-        sched.step()
-        torch_losses.append(loss.item())
+    torch_losses, _ = torch_adamw_steps(model, [{"params": trained, "weight_decay": optim.weight_decay}], optim,
+                                        schedule, batches, clip_params=trained)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     assert jax_losses[-1] < jax_losses[0]
     got = lora.peft_state_dict(cfg, spec, state.params)

@@ -14,7 +14,7 @@ from sft_jax.config import OptimSection
 from sft_jax.models.hf_io import to_hf_state_dict
 from sft_jax.models.gpt2 import GPT2, GPT2Config, init_params, token_nll
 from sft_jax.core.optimizer import decay_mask, make_optimizer
-from train_fixtures import fixed_batches
+from train_fixtures import fixed_batches, torch_adamw_steps
 
 CFG = GPT2Config.preset("tiny", vocab_size=256, n_positions=32, bos_token_id=0, eos_token_id=0)  # no vocab padding
 OPTIM = OptimSection(lr=1e-2, warmup_steps=2, final_lr_fraction=0.1, weight_decay=0.1, clip_norm=0.5,
@@ -93,26 +93,9 @@ def test_five_steps_match_hf_torch_adamw():
     decay = [p for n, p in named.items() if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))]
     no_decay = [p for n, p in named.items() if not n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))]
     assert len(decay) == 4 * CFG.n_layer
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps)
-    lr_values = [float(schedule(s)) for s in range(STEPS)]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_values[s] / OPTIM.lr if s < STEPS else 0.0)
-    torch_losses, torch_logged = [], []
-    for b in batches:
-        logits = model(torch.from_numpy(b["tokens"]).long()).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                torch.from_numpy(b["targets"]).long().reshape(-1), reduction="none")
-        w = torch.from_numpy(b["weights"]).reshape(-1)
-        loss = (nll * w).sum() / w.sum()
-        opt.zero_grad()
-        loss.backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.clip_norm))  # before clipping
-        torch_logged.append({"grad_norm": norm, "clip_ratio": min(1.0, OPTIM.clip_norm / norm),
-                             "lr": opt.param_groups[0]["lr"]})
-        opt.step()
-        sched.step()
-        torch_losses.append(loss.item())
+    torch_losses, torch_logged = torch_adamw_steps(
+        model, [{"params": decay, "weight_decay": OPTIM.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        OPTIM, schedule, batches)
 
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)
     assert jax_losses[-1] < jax_losses[0]  # it trained (lr of step 0 is 0 by the warmup)

@@ -168,3 +168,32 @@ def run_shipped_demo(out):
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f)
     done = train_cli([f"run.output_dir={out}"], devices=None, timeout=1200, env_extra={"XLA_FLAGS": flags})
     return types.SimpleNamespace(out=out, done=done, wall=time.perf_counter() - t0)
+
+
+def torch_adamw_steps(model, groups, optim, schedule, batches, clip_params=None):
+    """The PyTorch side of the optimizer-step checks: ``torch.optim.AdamW`` over ``groups`` (torch
+    parameter groups, each with its own weight decay), ``LambdaLR`` following the JAX ``schedule``,
+    ``clip_grad_norm_`` over ``clip_params`` (default: every parameter of ``model``), on the
+    token-weighted NLL of each batch. Returns the losses and, per step, what the JAX step logs:
+    the grad norm before clipping, the kept fraction min(1, c / norm) and the lr applied."""
+    import torch
+
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps)
+    lr_values = [float(schedule(s)) for s in range(len(batches))]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_values[s] / optim.lr if s < len(batches) else 0.0)
+    clip_params = list(model.parameters()) if clip_params is None else clip_params
+    losses, logged = [], []
+    for b in batches:
+        logits = model(input_ids=torch.from_numpy(b["tokens"]).long()).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                torch.from_numpy(b["targets"]).long().reshape(-1), reduction="none")
+        w = torch.from_numpy(b["weights"]).reshape(-1)
+        loss = (nll * w).sum() / w.sum()
+        opt.zero_grad()
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(clip_params, optim.clip_norm))  # before clipping
+        logged.append({"grad_norm": norm, "clip_ratio": min(1.0, optim.clip_norm / norm), "lr": opt.param_groups[0]["lr"]})
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses, logged
