@@ -68,6 +68,10 @@ class ModelSection:
     adapter: Optional[str] = None  # a PEFT LoRA adapter directory to start from (sets model.lora from its config)
     lora: LoraSection = LoraSection()  # low-rank adaptation instead of full fine-tuning
 
+    def uses_lora(self) -> bool:
+        """Whether training goes through adapters on a frozen base (docs/lora.md)."""
+        return self.lora.rank > 0 or self.adapter is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
@@ -196,6 +200,9 @@ class PPOSection:
     # actor (the SFT model's trunk + a zero value head) | reward (ppo.reward_model's trunk and
     # head: it must have the actor's architecture) | scratch
     critic_init: str = "actor"
+    # under model.lora: adapters (the critic's own adapters and value head on the actor's frozen
+    # base) | full (a whole trainable critic trunk, as without LoRA). Without LoRA: always full
+    critic: str = "adapters"
     critic_lr: Optional[float] = None  # the critic's peak learning rate (same schedule); null: optim.lr
     eval_kl_prompts: int = 64  # held-out prompts sampled at temperature 1 for the KL metric
 
@@ -477,6 +484,11 @@ def _validate_ppo(cfg: Config) -> None:
         raise ConfigError(f"ppo.critic_init={p.critic_init!r}: choose actor, reward or scratch")
     if p.critic_init == "reward" and p.reward_model is None:
         raise ConfigError("ppo.critic_init=reward needs ppo.reward_model (the model the critic starts from)")
+    if p.critic not in ("adapters", "full"):
+        raise ConfigError(f"ppo.critic={p.critic!r}: choose adapters or full")
+    if cfg.model.uses_lora() and p.advantage == "gae" and p.critic == "adapters" and p.critic_init != "actor":
+        raise ConfigError(f"ppo.critic_init={p.critic_init} with ppo.critic=adapters: the critic's adapters sit on "
+                          f"the actor's frozen base; set ppo.critic=full to give the critic a trunk of its own")
     if p.critic_lr is not None and p.critic_lr < 0:
         raise ConfigError(f"ppo.critic_lr={p.critic_lr}: expected >= 0 (or null for optim.lr)")
 
