@@ -458,7 +458,8 @@ def _validate_lora(cfg: Config) -> None:
         raise ConfigError(f"model.lora.rank={lo.rank}: set a rank >= 1 to use the other model.lora fields")
     if lo.dropout != 0.0:
         raise ConfigError(f"model.lora.dropout={lo.dropout}: only 0 is supported (the adapters are merged into "
-                          f"the kernels in the forward pass)")
+                          f"the kernels in the forward pass, and dropout on the adapters' input cannot be merged; "
+                          f"docs/lora.md, Adapter dropout)")
     if lo.alpha <= 0:
         raise ConfigError(f"model.lora.alpha={lo.alpha}: expected > 0")
 

@@ -142,8 +142,9 @@ def test_ppo_with_adapter_critic_reference_is_the_base(base_dir, tmp_path):
 
     out = tmp_path / "ppo"
     cfg = tiny_config(out, f"model.init_from={base_dir}", "train.steps=2", "ppo.advantage=gae",
-                      "ppo.rollout_prompts=8", "ppo.group_size=1", "ppo.prompt_length=40", "ppo.max_new_tokens=6",
-                      "ppo.epochs=2", "train.global_batch_size=8", "ppo.reward_fn=test_ppo:length_reward",
+                      "ppo.rollout_prompts=4", "ppo.group_size=1", "ppo.prompt_length=40", "ppo.max_new_tokens=4",
+                      "ppo.epochs=2", "train.global_batch_size=4", "ppo.reward_fn=test_ppo:length_reward",
+                      "ppo.critic_lr=3e-3",
                       "ppo.eval_kl_prompts=0", "optim.warmup_steps=0", "checkpoint.every=2", "model.dtype=float32",
                       "model.lora.rank=4", "optim.lr=1e-2", "mesh.shape=[1,1,1]")
     result = run(cfg, capturing(PPOObjective, seen), devices=jax.devices()[:1], batch_transform=keep)
@@ -178,9 +179,9 @@ def test_grpo_with_adapters_through_the_cli_runs_and_exports(base_dir, tmp_path)
 
     out = tmp_path / "grpo"
     yaml_path = write_tiny_yaml(tmp_path / "grpo.yaml", out, f"model.init_from={base_dir}", "train.steps=3",
-                                "ppo.advantage=grpo", "ppo.rollout_prompts=2", "ppo.group_size=4",
-                                "ppo.prompt_length=40", "ppo.max_new_tokens=6", "ppo.epochs=1",
-                                "train.global_batch_size=8", "ppo.reward_fn=test_ppo:length_reward",
+                                "ppo.advantage=grpo", "ppo.rollout_prompts=1", "ppo.group_size=4",
+                                "ppo.prompt_length=40", "ppo.max_new_tokens=4", "ppo.epochs=1",
+                                "train.global_batch_size=4", "ppo.reward_fn=test_ppo:length_reward",
                                 "ppo.eval_kl_prompts=0", "run.export=true", "model.dtype=float32",
                                 "model.lora.rank=4", "optim.lr=1e-2", "mesh.shape=[1,1,1]")
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # length_reward
@@ -198,7 +199,7 @@ def test_grpo_with_adapters_through_the_cli_runs_and_exports(base_dir, tmp_path)
     assert "\n" not in str(bad.value)
 
 
-def test_wrap_leaves_full_fine_tuning_alone_and_refuses_objectives_without_adapters():
+def test_wrap_leaves_full_fine_tuning_alone_and_refuses_what_adapters_cannot_do():
     from sft_jax.adapters.objective import wrap
     from sft_jax.config import ConfigError, load_config
     from sft_jax.objectives.base import Objective
@@ -206,3 +207,29 @@ def test_wrap_leaves_full_fine_tuning_alone_and_refuses_objectives_without_adapt
     with pytest.raises(ConfigError, match="cannot train through adapters"):
         wrap(load_config(None, ["model.lora.rank=4"]), Objective.__new__(Objective))
     assert wrap(load_config(None, []), "unchanged") == "unchanged"  # rank 0: full fine-tuning as before
+    with pytest.raises(ConfigError, match="cannot be merged") as dropout:
+        load_config(None, ["model.lora.rank=4", "model.lora.dropout=0.1"])
+    assert "\n" not in str(dropout.value)
+
+
+def test_llama_reward_adapter_keys_load_in_peft_with_jax_scores(tmp_path):
+    """The SEQ_CLS adapter layout on Llama (Linear projections, ``score`` head): random adapters
+    and head written by ``save_peft``, loaded by peft on LlamaForSequenceClassification, score
+    rows as the JAX merged model does (the export's own check, raising on a mismatch)."""
+    from sft_jax.adapters import lora
+    from sft_jax.adapters.objective import verify_peft_scores
+    from tests.test_lora import llama_base
+
+    llama_base().save_pretrained(tmp_path / "base")
+    cfg, params = hf_io.load_hf(tmp_path / "base", dtype="float32")
+    spec = lora.resolve(cfg, 4, 8.0, False, "q_proj,v_proj,down_proj")
+    adapters = lora.init_adapters(cfg, spec, jax.random.key(0))
+    adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapters)  # B != 0
+    head = {"score": {"kernel": 0.3 * jax.random.normal(jax.random.key(2), (cfg.hidden_size, 1))}}
+    lora.save_peft(tmp_path / "adapter", cfg, spec, adapters, base=str(tmp_path / "base"), task_type="SEQ_CLS",
+                   heads={"score.weight": np.asarray(head["score"]["kernel"]).T})
+    merged = {"params": lora.merge(params, adapters, spec)["params"], "head": head}
+    assert "verified in peft" in verify_peft_scores(tmp_path / "adapter", tmp_path / "base", cfg, merged)
+    wrong = {"params": merged["params"], "head": {"score": {"kernel": head["score"]["kernel"] * 1.01}}}
+    with pytest.raises(RuntimeError, match="scores differ"):
+        verify_peft_scores(tmp_path / "adapter", tmp_path / "base", cfg, wrong)

@@ -159,7 +159,8 @@ class LoraObjective(Objective):
         return (base, inner_params), (base_sh, inner_sh)
 
     def optimizer(self, tx):
-        return tx
+        """The inner objective's (PPO scales the critic's updates, adapters and head alike)."""
+        return self.inner.optimizer(tx) if self.whole else tx
 
     # --- checkpoints: adapters only, plus which base they belong to ----------------------------
     def base_identity(self) -> dict:
