@@ -50,7 +50,7 @@ class LoraSection:
 
     rank: int = 0  # adapter rank r; 0 = off (full fine-tuning)
     alpha: float = 16.0  # scale numerator: updates are scaled by alpha / rank (alpha / sqrt(rank) with rslora)
-    dropout: float = 0.0  # dropout on the adapters' input; only 0 is supported (adapters are merged)
+    dropout: float = 0.0  # dropout on the adapters' input in training (PEFT's lora_dropout); 0 = merged adapters
     targets: str = ""  # comma-separated module names (c_attn; q_proj,v_proj) or all-linear; empty = the family's default
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
 
@@ -456,10 +456,8 @@ def _validate_lora(cfg: Config) -> None:
     lo = cfg.model.lora
     if lo.rank < 0 or (lo.rank == 0 and lo != LoraSection(rank=lo.rank)):
         raise ConfigError(f"model.lora.rank={lo.rank}: set a rank >= 1 to use the other model.lora fields")
-    if lo.dropout != 0.0:
-        raise ConfigError(f"model.lora.dropout={lo.dropout}: only 0 is supported (the adapters are merged into "
-                          f"the kernels in the forward pass, and dropout on the adapters' input cannot be merged; "
-                          f"docs/lora.md, Adapter dropout)")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout={lo.dropout}: expected 0 <= dropout < 1")
     if lo.alpha <= 0:
         raise ConfigError(f"model.lora.alpha={lo.alpha}: expected > 0")
 

@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -69,9 +70,10 @@ def trained_leaves(out, step):
 
 
 def test_reward_model_with_adapters_trains_head_and_exports_for_peft(base_dir, tmp_path, capsys):
-    """Three steps of reward training on adapters: only adapters and the float32 score head are
-    trained and checkpointed, the base is bit-equal after, and the exported SEQ_CLS adapter in
-    peft on AutoModelForSequenceClassification(base) scores rows as the JAX merged export does."""
+    """Three steps of reward training on adapters with adapter dropout: only adapters and the
+    float32 score head are trained and checkpointed, the base is bit-equal after, evaluation runs,
+    and the exported SEQ_CLS adapter in peft on AutoModelForSequenceClassification(base) scores
+    rows as the JAX merged export does (dropout is off at inference, in peft as here)."""
     from transformers import AutoModelForSequenceClassification
 
     from sft_jax.core.loop import run
@@ -86,6 +88,7 @@ def test_reward_model_with_adapters_trains_head_and_exports_for_peft(base_dir, t
     cfg = tiny_config(out, f"model.init_from={base_dir}", f"data.train={train_file}", f"data.eval={eval_file}",
                       "data.format=preference", "train.steps=3", "mesh.shape=[1,1,1]", "run.export=true",
                       "checkpoint.every=3", "model.dtype=float32", "model.lora.rank=4", "model.lora.alpha=8",
+                      "model.lora.dropout=0.1", "train.eval_every=3",
                       "optim.lr=3e-2", "optim.warmup_steps=0")
     seen: dict = {}
     result = run(cfg, capturing(RewardObjective, seen), devices=jax.devices()[:1])
@@ -102,7 +105,9 @@ def test_reward_model_with_adapters_trains_head_and_exports_for_peft(base_dir, t
 
     adapter = out / "adapter"
     conf = json.loads((adapter / "adapter_config.json").read_text())
-    assert (conf["task_type"], conf["modules_to_save"], conf["target_modules"]) == ("SEQ_CLS", ["score"], ["c_attn"])
+    assert (conf["task_type"], conf["modules_to_save"], conf["target_modules"], conf["lora_dropout"]) == (
+        "SEQ_CLS", ["score"], ["c_attn"], 0.1)
+    assert "eval_accuracy" in metrics(out, "eval")[-1]
     from safetensors.numpy import load_file
 
     saved = load_file(str(adapter / "adapter_model.safetensors"))
@@ -207,8 +212,8 @@ def test_wrap_leaves_full_fine_tuning_alone_and_refuses_what_adapters_cannot_do(
     with pytest.raises(ConfigError, match="cannot train through adapters"):
         wrap(load_config(None, ["model.lora.rank=4"]), Objective.__new__(Objective))
     assert wrap(load_config(None, []), "unchanged") == "unchanged"  # rank 0: full fine-tuning as before
-    with pytest.raises(ConfigError, match="cannot be merged") as dropout:
-        load_config(None, ["model.lora.rank=4", "model.lora.dropout=0.1"])
+    with pytest.raises(ConfigError, match="0 <= dropout < 1") as dropout:
+        load_config(None, ["model.lora.rank=4", "model.lora.dropout=1.0"])
     assert "\n" not in str(dropout.value)
 
 
@@ -217,7 +222,7 @@ def test_llama_reward_adapter_keys_load_in_peft_with_jax_scores(tmp_path):
     and head written by ``save_peft``, loaded by peft on LlamaForSequenceClassification, score
     rows as the JAX merged model does (the export's own check, raising on a mismatch)."""
     from sft_jax.adapters import lora
-    from sft_jax.adapters.objective import verify_peft_scores
+    from sft_jax.adapters.objective import verify_peft
     from tests.test_lora import llama_base
 
     llama_base().save_pretrained(tmp_path / "base")
@@ -229,7 +234,56 @@ def test_llama_reward_adapter_keys_load_in_peft_with_jax_scores(tmp_path):
     lora.save_peft(tmp_path / "adapter", cfg, spec, adapters, base=str(tmp_path / "base"), task_type="SEQ_CLS",
                    heads={"score.weight": np.asarray(head["score"]["kernel"]).T})
     merged = {"params": lora.merge(params, adapters, spec)["params"], "head": head}
-    assert "verified in peft" in verify_peft_scores(tmp_path / "adapter", tmp_path / "base", cfg, merged)
+    assert "verified in peft" in verify_peft(tmp_path / "adapter", tmp_path / "base", cfg, merged, "SEQ_CLS")
     wrong = {"params": merged["params"], "head": {"score": {"kernel": head["score"]["kernel"] * 1.01}}}
     with pytest.raises(RuntimeError, match="scores differ"):
-        verify_peft_scores(tmp_path / "adapter", tmp_path / "base", cfg, wrong)
+        verify_peft(tmp_path / "adapter", tmp_path / "base", cfg, wrong, "SEQ_CLS")
+
+
+# --- adapter dropout: unmerged adapters on dropped-out inputs in training only ------------------
+
+def _dropout_objective(tmp_path, family_preset, dropout):
+    from sft_jax.adapters import lora
+    from sft_jax.adapters.objective import LoraObjective
+    from sft_jax.core.setup import model_and_tokenizer
+    from sft_jax.objectives.sft import SFTObjective
+
+    cfg = tiny_config(tmp_path, f"model.preset={family_preset}", "model.dtype=float32", "model.lora.rank=4",
+                      f"model.lora.dropout={dropout}", "model.lora.targets=all-linear")
+    model_cfg, tokenizer, _ = model_and_tokenizer(cfg)
+    spec = lora.resolve(model_cfg, 4, 8.0, False, "all-linear")
+    objective = LoraObjective(SFTObjective(cfg, model_cfg, tokenizer), spec)
+    base = jax.jit(objective.inner.init_params)(jax.random.key(0))
+    adapters = objective.init_params(jax.random.key(1))
+    adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), adapters)  # B != 0
+    return objective, adapters, (base, None), model_cfg
+
+
+def test_adapter_dropout_is_peft_dropout_in_training_only(tmp_path):
+    """On Llama (all seven projections adapted; GPT-2's dropout trains in the reward test above):
+    unmerged adapters at keep probability 1 compute the merged model's loss (to float32
+    rounding; dropout 0 trains through the merged path itself); with dropout 0.3 the loss is a
+    function of the rows' seeds (the same seeds give the same loss, others another), its
+    gradient reaches every adapter, and evaluation is the merged model's, seeds or not."""
+    from sft_jax.adapters.objective import SEED
+    from train_fixtures import fixed_batches
+
+    objective, adapters, frozen, model_cfg = _dropout_objective(tmp_path, "llama_tiny", 0.3)
+    assert SEED in objective.batch_axes
+    batch = {k: jnp.asarray(v) for k, v in fixed_batches(1, rows=4, length=16, vocab=model_cfg.vocab_size)[0].items()}
+
+    @jax.jit  # one program for every figure
+    def figures(params, first):
+        seeded = {**batch, SEED: first + jnp.arange(4, dtype=jnp.uint32)}
+        merged = objective.inner.loss(objective.expand(params, frozen[0]), None, batch)[0]
+        unmerged = objective.inner.loss(objective.dropped_out(params, frozen[0], seeded[SEED], dropout=0.0), None,
+                                        batch)[0]
+        dropped, grads = jax.value_and_grad(lambda p: objective.loss(p, frozen, seeded)[0])(params)
+        smallest_grad = jnp.min(jnp.stack([jnp.abs(g).max() for g in jax.tree.leaves(grads)]))
+        return merged, unmerged, dropped, smallest_grad, objective.eval_sums(params, frozen, seeded)[0]
+
+    merged, unmerged, a, smallest_grad, evaluated = map(float, figures(adapters, jnp.uint32(0)))
+    again, other = float(figures(adapters, jnp.uint32(0))[2]), float(figures(adapters, jnp.uint32(100))[2])
+    np.testing.assert_allclose(unmerged, merged, rtol=1e-6)
+    assert a == again and a != other and abs(a - merged) > 1e-4 * abs(a)
+    assert smallest_grad > 0 and evaluated == merged

@@ -9,6 +9,8 @@ and never checkpoints it. The trained tree is the inner objective's with each of
 that trunk's adapters; heads (a reward model's score, a critic's value head) stay as they are.
 Every loss the inner objective computes sees the merged trees ``W + s * A^T B^T``; its
 evaluation, generation, rollouts and export see the merged model through a view of the loop.
+With ``model.lora.dropout`` the training loss runs the adapters unmerged instead, on dropped-out
+inputs (PEFT's ``lora_dropout``), through ``sft_jax.models.layers.common.project``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import numpy as np
 from sft_jax.adapters import lora
 from sft_jax.config import ConfigError
 from sft_jax.core import mesh as shd
+from sft_jax.models.layers.common import LORA_DROPOUT
 from sft_jax.objectives.base import Objective
 
 VERIFY_ATOL = 1e-4  # peft (torch float32) vs JAX float32 logits at export
+SEED = "lora_dropout_seed"  # per-row dropout seeds in a training batch under adapter dropout
 
 
 def enabled(config) -> bool:
@@ -63,6 +67,11 @@ class LoraObjective(Objective):
         self.whole = isinstance(inner, Objective)
         self.trunks = inner.lora_trunks() if self.whole else (("params",),)
         self._expand = jax.jit(self.expand)
+        # adapter dropout (PEFT's lora_dropout): the training loss runs the adapters unmerged on
+        # dropped-out inputs, one key per row from the step's row seeds (``rollout``)
+        self.dropout = inner.config.model.lora.dropout if inner.config is not None else 0.0
+        if self.dropout:
+            self.batch_axes = {**inner.batch_axes, SEED: ("batch",)}
         self._loaded_base = None  # the base as initial_params read it, for frozen_params on a fresh start
 
     # --- what the step traces -------------------------------------------------------------
@@ -81,8 +90,33 @@ class LoraObjective(Objective):
             return inner
         return base if inner is None else {**inner, "params": base["params"]}
 
+    def dropped_out(self, params, base, seeds, dropout=None):
+        """The inner objective's parameter tree for a training step with adapter dropout: each
+        trunk the base, its kernels unmerged, with the adapters' update and the rows' dropout
+        keys beside each targeted kernel (read by models.layers.common.project)."""
+        L = self.model_cfg.num_hidden_layers
+        root = jax.random.key(self.config.train.seed)
+        for n, path in enumerate(self.trunks):
+            trunk = base["params"]
+            for i, t in enumerate(self.spec.targets):
+                ab = _at(_at(params, path), t.path)
+                delta = jnp.einsum("lri,lor->lio", ab[lora.A_NAME], ab[lora.B_NAME]) * self.spec.scale
+                target_key = jax.random.fold_in(jax.random.fold_in(root, n), i)
+                keys = jax.vmap(lambda layer: jax.vmap(lambda seed: jax.random.key_data(
+                    jax.random.fold_in(jax.random.fold_in(target_key, layer), seed)))(seeds))(jnp.arange(L))
+                entry = {"delta": delta.reshape(_at(trunk, t.path).shape), "keys": keys,  # keys (L, rows, 2)
+                         "keep": jnp.full((L,), 1.0 - (self.dropout if dropout is None else dropout), jnp.float32)}
+                trunk = _with(trunk, t.path[:-1] + (t.path[-1] + LORA_DROPOUT,), entry)
+            params = _with(params, path, trunk)
+        return params
+
     def loss(self, params, frozen, batch):
-        return self.inner.loss(self.expand(params, frozen[0]), self.inner_frozen(frozen), batch)
+        if self.dropout:
+            seeds, batch = batch[SEED], {k: v for k, v in batch.items() if k != SEED}
+            tree = self.dropped_out(params, frozen[0], seeds)
+        else:
+            tree = self.expand(params, frozen[0])
+        return self.inner.loss(tree, self.inner_frozen(frozen), batch)
 
     def normalizer(self, batch):
         return self.inner.normalizer(batch)
@@ -90,7 +124,8 @@ class LoraObjective(Objective):
     def batch_metrics(self, batch):
         return self.inner.batch_metrics(batch)
 
-    def eval_sums(self, params, frozen, batch):
+    def eval_sums(self, params, frozen, batch):  # no dropout: the merged model
+        batch = {k: v for k, v in batch.items() if k != SEED}
         return self.inner.eval_sums(self.expand(params, frozen[0]), self.inner_frozen(frozen), batch)
 
     # --- parameters -----------------------------------------------------------------------
@@ -191,7 +226,12 @@ class LoraObjective(Objective):
         return self.inner.build_data()
 
     def rollout(self, loop, step, batch):
-        return self.inner.rollout(MergedView(loop, self), step, batch)
+        batch = self.inner.rollout(MergedView(loop, self), step, batch)
+        if not self.dropout:
+            return batch
+        rows = len(next(iter(batch.values())))  # this process's rows; their global index seeds them
+        first = step * rows * jax.process_count() + jax.process_index() * rows
+        return {**batch, SEED: ((first + np.arange(rows, dtype=np.uint64)) % 2**32).astype(np.uint32)}
 
     def on_save(self, loop, step):
         self.inner.on_save(MergedView(loop, self), step)
@@ -216,11 +256,9 @@ class LoraObjective(Objective):
             base = str(self.hf_dir) if self.hf_dir is not None else None
             merged = self.merged(loop)
             heads = {k: np.asarray(v) for k, v in self.inner.head_tensors(jax.device_get(trained)).items()}
-            lora.save_peft(adapter_dir, self.model_cfg, self.spec, trained, base=base, task_type=task, heads=heads)
-            if task == "SEQ_CLS":
-                checked = verify_peft_scores(adapter_dir, self.hf_dir, self.model_cfg, merged)
-            else:
-                checked = verify_peft(adapter_dir, self.hf_dir, self.model_cfg, merged)
+            lora.save_peft(adapter_dir, self.model_cfg, self.spec, trained, base=base, task_type=task, heads=heads,
+                           dropout=self.dropout)
+            checked = verify_peft(adapter_dir, self.hf_dir, self.model_cfg, merged, task)
             lines.append(f"PEFT adapter: {adapter_dir}" + (f" ({checked})" if checked else ""))
         if self.config.run.export_merged or task == "SEQ_CLS":
             lines += self.inner.export(MergedView(loop, self), out)
@@ -265,60 +303,49 @@ class MergedView:
     def host_params(self):
         return self._objective.merged(self._loop)
 
+    def held_out_sums(self, batches):
+        """The loop's, on batches shaped as the step's (with row seeds that evaluation ignores)."""
+        if not self._objective.dropout:
+            return self._loop.held_out_sums(batches)
+        seeded = ({**b, SEED: np.zeros(len(next(iter(b.values()))), np.uint32)} for b in batches)
+        return self._loop.held_out_sums(seeded)
 
-def verify_peft(adapter_dir: Path, base_dir, cfg, merged) -> str:
-    """peft's logits of base + adapter against the JAX merged model's; '' when torch or peft
-    is not importable or there is no base directory to load."""
+
+def verify_peft(adapter_dir: Path, base_dir, cfg, merged, task: str = "CAUSAL_LM") -> str:
+    """peft's outputs of base + adapter against the JAX merged model's: the causal LM's logits,
+    or (SEQ_CLS) the scores of ``AutoModelForSequenceClassification`` (base, one label, pad = EOS)
+    with the adapter's saved score head, on right-padded rows. '' when torch or peft is not
+    importable or there is no base directory to load."""
     try:
         import torch
+        import transformers
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
     except ImportError:
         return ""
     if base_dir is None:
         return ""
-    from sft_jax.models import hf_io
+    from sft_jax.models import hf_io, hf_reward
 
     cfg32 = cfg.replace(dtype="float32", remat="none")
-    merged = {"params": merged["params"]}
-    tokens = np.asarray(hf_io._verify_tokens(cfg32))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32),
-                                      str(adapter_dir)).eval()
-    with torch.no_grad():
-        want = model(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
-    got = np.asarray(hf_io._logits(cfg32, jax.device_get(merged), tokens))[..., :cfg.vocab_size]
-    diff = float(np.max(np.abs(got - want)))
-    if not diff <= VERIFY_ATOL:
-        raise RuntimeError(f"exported adapter {adapter_dir}: peft's logits differ from JAX's by {diff:.3g}")
-    return f"verified in peft: max |logit diff| {diff:.2g}"
-
-
-def verify_peft_scores(adapter_dir: Path, base_dir, cfg, merged) -> str:
-    """peft's scores of ``AutoModelForSequenceClassification`` (base, one label) + the adapter
-    and its saved score head against the JAX reward model's, on right-padded rows; '' when torch
-    or peft is not importable or there is no base directory to load."""
-    try:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification
-    except ImportError:
-        return ""
-    if base_dir is None:
-        return ""
-    from sft_jax.models import hf_reward
-
-    cfg32 = cfg.replace(dtype="float32", remat="none")
-    tokens, index = hf_reward.verify_rows(cfg32)
-    want = hf_reward.jax_scores({"params": merged["params"]}, merged["head"], cfg32, tokens, index)
-    base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=1,
-                                                              pad_token_id=cfg.eos_token_id, dtype=torch.float32)
+    trunk = jax.device_get({"params": merged["params"]})
+    if task == "SEQ_CLS":
+        what, tokens, index = "score", *hf_reward.verify_rows(cfg32)
+        want = hf_reward.jax_scores(trunk, merged["head"], cfg32, tokens, index)
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(base_dir), num_labels=1, pad_token_id=cfg.eos_token_id, dtype=torch.float32)
+        read = lambda out: out.logits[:, 0]  # noqa: E731  transformers reads the last token before the first pad
+    else:
+        what, tokens = "logit", np.asarray(hf_io._verify_tokens(cfg32))
+        want = np.asarray(hf_io._logits(cfg32, trunk, tokens))[..., :cfg.vocab_size]
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+        read = lambda out: out.logits  # noqa: E731
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    with torch.no_grad():  # pad = eos: transformers reads the last token before the first eos
-        got = model(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits[:, 0].float().numpy()
+    with torch.no_grad():
+        got = read(model(input_ids=torch.as_tensor(tokens, dtype=torch.long))).float().numpy()
     diff = float(np.max(np.abs(got - want)))
     if not diff <= VERIFY_ATOL:
-        raise RuntimeError(f"exported adapter {adapter_dir}: peft's scores differ from JAX's by {diff:.3g}")
-    return f"verified in peft: max |score diff| {diff:.2g}"
+        raise RuntimeError(f"exported adapter {adapter_dir}: peft's {what}s differ from JAX's by {diff:.3g}")
+    return f"verified in peft: max |{what} diff| {diff:.2g}"
 
 
 def base_fingerprint(base_dir) -> str:
