@@ -50,7 +50,7 @@ class LoraSection:
 
     rank: int = 0  # adapter rank r; 0 = off (full fine-tuning)
     alpha: float = 16.0  # scale numerator: updates are scaled by alpha / rank (alpha / sqrt(rank) with rslora)
-    dropout: float = 0.0  # dropout on the adapters' input; only 0 is supported (adapters are merged)
+    dropout: float = 0.0  # dropout on the adapters' input in training (PEFT's lora_dropout); 0 = merged adapters
     targets: str = ""  # comma-separated module names (c_attn; q_proj,v_proj) or all-linear; empty = the family's default
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
 
@@ -67,6 +67,10 @@ class ModelSection:
     scan_layers: bool = True  # scan the layer stack (one compiled block) instead of unrolling
     adapter: Optional[str] = None  # a PEFT LoRA adapter directory to start from (sets model.lora from its config)
     lora: LoraSection = LoraSection()  # low-rank adaptation instead of full fine-tuning
+
+    def uses_lora(self) -> bool:
+        """Whether training goes through adapters on a frozen base (docs/lora.md)."""
+        return self.lora.rank > 0 or self.adapter is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +200,9 @@ class PPOSection:
     # actor (the SFT model's trunk + a zero value head) | reward (ppo.reward_model's trunk and
     # head: it must have the actor's architecture) | scratch
     critic_init: str = "actor"
+    # under model.lora: adapters (the critic's own adapters and value head on the actor's frozen
+    # base) | full (a whole trainable critic trunk, as without LoRA). Without LoRA: always full
+    critic: str = "adapters"
     critic_lr: Optional[float] = None  # the critic's peak learning rate (same schedule); null: optim.lr
     eval_kl_prompts: int = 64  # held-out prompts sampled at temperature 1 for the KL metric
 
@@ -449,9 +456,8 @@ def _validate_lora(cfg: Config) -> None:
     lo = cfg.model.lora
     if lo.rank < 0 or (lo.rank == 0 and lo != LoraSection(rank=lo.rank)):
         raise ConfigError(f"model.lora.rank={lo.rank}: set a rank >= 1 to use the other model.lora fields")
-    if lo.dropout != 0.0:
-        raise ConfigError(f"model.lora.dropout={lo.dropout}: only 0 is supported (the adapters are merged into "
-                          f"the kernels in the forward pass)")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout={lo.dropout}: expected 0 <= dropout < 1")
     if lo.alpha <= 0:
         raise ConfigError(f"model.lora.alpha={lo.alpha}: expected > 0")
 
@@ -477,6 +483,11 @@ def _validate_ppo(cfg: Config) -> None:
         raise ConfigError(f"ppo.critic_init={p.critic_init!r}: choose actor, reward or scratch")
     if p.critic_init == "reward" and p.reward_model is None:
         raise ConfigError("ppo.critic_init=reward needs ppo.reward_model (the model the critic starts from)")
+    if p.critic not in ("adapters", "full"):
+        raise ConfigError(f"ppo.critic={p.critic!r}: choose adapters or full")
+    if cfg.model.uses_lora() and p.advantage == "gae" and p.critic == "adapters" and p.critic_init != "actor":
+        raise ConfigError(f"ppo.critic_init={p.critic_init} with ppo.critic=adapters: the critic's adapters sit on "
+                          f"the actor's frozen base; set ppo.critic=full to give the critic a trunk of its own")
     if p.critic_lr is not None and p.critic_lr < 0:
         raise ConfigError(f"ppo.critic_lr={p.critic_lr}: expected >= 0 (or null for optim.lr)")
 

@@ -470,20 +470,6 @@ def test_chat_and_generate_with_adapter_equal_peft_greedy(lora_run, tmp_path, mo
     assert capsys.readouterr().out == want_raw + "\n"
 
 
-def test_lora_on_reward_and_ppo_is_refused_until_heads_are_covered():
-    from sft_jax.adapters.objective import wrap
-    from sft_jax.config import ConfigError, load_config
-    from sft_jax.objectives.ppo import PPOObjective
-    from sft_jax.objectives.reward import RewardObjective
-
-    config = load_config(None, ["model.lora.rank=4"])
-    for cls in (RewardObjective, PPOObjective):
-        stub = cls.__new__(cls)
-        with pytest.raises(ConfigError, match="adapters do not cover"):
-            wrap(config, stub)
-    assert wrap(load_config(None, []), "unchanged") == "unchanged"  # rank 0: full fine-tuning as before
-
-
 def test_lora_checkpoint_resumed_as_full_fine_tuning_is_refused(lora_run):
     from train_fixtures import train_cli
 

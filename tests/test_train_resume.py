@@ -10,11 +10,10 @@ import functools
 import time
 
 import jax
-import numpy as np
 import pytest
 
 from sft_jax.core import checkpoint as ckpt
-from train_fixtures import assert_trees_equal, logged_steps, losses, metrics, train_cli, write_tiny_yaml
+from train_fixtures import assert_trees_equal, logged_steps, losses, train_cli, write_tiny_yaml
 
 STEPS = 8
 EVERY = 2

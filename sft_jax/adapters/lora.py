@@ -5,8 +5,9 @@ A (r, in), B (out, r) and s = alpha / r (alpha / sqrt(r) with rsLoRA), exactly P
 ``LoraLayer``. Families stay unaware: the adapters are applied by merging
 ``W + s * A^T B^T`` into a copy of the parameter tree inside the loss, which is exact, keeps
 every fused attention and remat path unchanged, and costs one (in, r) x (r, out) product per
-targeted kernel and step. Everything a target needs comes from the family's HF key map: a
-target is a per-layer weight whose HF tensor is 2-D (``attn.c_attn.weight``), named by its
+targeted kernel and step (with adapter dropout the training loss instead adds the update
+beside each kernel, see sft_jax.adapters.objective). Everything a target needs comes from the
+family's HF key map: a target is a per-layer weight whose HF tensor is 2-D (``attn.c_attn.weight``), named by its
 module (``c_attn``), as PEFT's ``target_modules`` names it; Linear weights are stored (out, in),
 GPT-2's Conv1D ones (in, out), and the key map says which.
 
@@ -240,12 +241,13 @@ def load_peft(path, cfg) -> tuple[LoraSpec, dict]:
     return spec, {"params": tree}
 
 
-def peft_config(cfg, spec: LoraSpec, base: str | None, dropout: float = 0.0) -> dict:
+def peft_config(cfg, spec: LoraSpec, base: str | None, dropout: float = 0.0, task_type: str = "CAUSAL_LM",
+                modules_to_save: list[str] | None = None) -> dict:
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
+        "peft_type": "LORA", "task_type": task_type, "r": spec.rank, "lora_alpha": spec.alpha,
         "lora_dropout": dropout, "target_modules": spec.modules, "use_rslora": spec.rslora,
         "fan_in_fan_out": any(t.conv1d for t in spec.targets), "bias": "none",
-        "base_model_name_or_path": base, "inference_mode": True, "modules_to_save": None,
+        "base_model_name_or_path": base, "inference_mode": True, "modules_to_save": modules_to_save,
     }
 
 
@@ -260,11 +262,20 @@ def peft_state_dict(cfg, spec: LoraSpec, adapters) -> dict[str, np.ndarray]:
     return out
 
 
-def save_peft(out_dir, cfg, spec: LoraSpec, adapters, *, base: str | None, dropout: float = 0.0) -> Path:
-    """``adapter_model.safetensors`` + ``adapter_config.json`` as PEFT's ``save_pretrained`` writes them."""
+def save_peft(out_dir, cfg, spec: LoraSpec, adapters, *, base: str | None, dropout: float = 0.0,
+              task_type: str = "CAUSAL_LM", heads: dict[str, np.ndarray] | None = None) -> Path:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` as PEFT's ``save_pretrained`` writes them.
+    ``heads``: whole HF tensors trained beside the adapters (``{"score.weight": (1, D)}``), saved
+    as PEFT saves ``modules_to_save``: under the module's own key, without the wrapper's
+    ``modules_to_save.<adapter>`` infix, and the module listed in the config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_io.write_safetensors(peft_state_dict(cfg, spec, adapters), out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(peft_config(cfg, spec, base, dropout), indent=2) + "\n")
+    tensors = peft_state_dict(cfg, spec, adapters)
+    heads = heads or {}
+    tensors.update({PEFT_PREFIX + k: np.ascontiguousarray(v, np.float32) for k, v in heads.items()})
+    modules = sorted({k.rsplit(".", 1)[0] for k in heads}) or None
+    hf_io.write_safetensors(tensors, out / WEIGHTS_FILE)
+    conf = peft_config(cfg, spec, base, dropout, task_type, modules)
+    (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2) + "\n")
     return out
 

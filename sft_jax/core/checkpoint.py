@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from sft_jax.models.family import ModelConfig, config_from_dict, config_to_dict

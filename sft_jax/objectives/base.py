@@ -52,12 +52,15 @@ class Loss:
 class Objective(Loss):
     """A way of training, built by the core once the model and tokenizer are known."""
 
-    # True when ``frozen_params`` is a copy of the starting model (DPO's reference): under LoRA
-    # adapters the frozen base stands in for it, so the weights are held once.
+    # True when ``frozen_params`` is the starting model (DPO's reference) or holds it under
+    # "params" beside ``frozen_besides_start`` (PPO's reference beside its reward model): under
+    # LoRA adapters the frozen base stands in for it, so the weights are held once.
     frozen_is_start = False
     # whether ``model.lora`` can train this objective's parameters as adapters on a frozen base
-    # (objectives with parameters besides the causal LM's, a score or value head, cannot yet)
     supports_lora = False
+    # what a LoRA run's adapter directory is to PEFT: CAUSAL_LM, or SEQ_CLS for a reward model
+    # (whose score head is saved beside the adapters as PEFT saves ``modules_to_save``)
+    lora_task = "CAUSAL_LM"
 
     def __init__(self, config, model_cfg, tokenizer, hf_dir=None):
         self.config, self.model_cfg, self.tokenizer, self.hf_dir = config, model_cfg, tokenizer, hf_dir
@@ -81,6 +84,22 @@ class Objective(Loss):
         model), or None. Called on a fresh start *and* on resume, so it must rebuild the
         same values both times (load them from their source, or derive them from the seed);
         they keep no optimizer state, are not checkpointed, and stay bit-equal."""
+        return None
+
+    def lora_trunks(self) -> tuple[tuple[str, ...], ...]:
+        """Where copies of the starting causal LM's "params" sit in the parameter tree. Under
+        LoRA each one is the frozen base plus adapters of its own (PPO's critic can be one);
+        every other parameter (a score or value head) trains whole, in float32."""
+        return (("params",),)
+
+    def head_tensors(self, params) -> dict:
+        """Under LoRA: the trained heads as HF tensors by their HF key (a reward model's
+        ``{"score.weight": (1, D)}``), saved in the PEFT adapter directory. Default: none."""
+        return {}
+
+    def frozen_besides_start(self, mesh):
+        """With ``frozen_is_start``: the frozen parameters other than the starting model, as
+        (params, shardings) of a dict merged beside its "params", or None."""
         return None
 
     def optimizer(self, tx):

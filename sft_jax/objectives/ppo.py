@@ -25,7 +25,9 @@ The rollout is then trained on for ``ppo.epochs`` passes of shuffled mini-batche
 are one tree, ``{"params": actor, "critic": {"trunk": a second model, "head": value head}}`` (PPO)
 or ``{"params": actor}`` (GRPO), so the core's checkpointing, resume and optimizer hold
 both; the loss is the actor's plus ``ppo.value_coef`` times the critic's, and the
-critic's updates are scaled to its own learning rate (``ppo.critic_lr``).
+critic's updates are scaled to its own learning rate (``ppo.critic_lr``). Under ``model.lora``
+the actor (and with ``ppo.critic=adapters`` the critic's trunk) are adapters on one frozen base,
+which is also the reference.
 """
 
 from __future__ import annotations
@@ -171,13 +173,17 @@ class RolloutIterator:
 
 class PPOObjective(sft.SFTObjective):
     """PPO (``ppo.advantage=gae``) or GRPO (``ppo.advantage=grpo``); SFT's held-out exact
-    match and export, on the actor."""
-    supports_lora = False  # the critic's value head is not an adapter
+    match and export, on the actor. Under LoRA the actor is adapters on the frozen base, the
+    reference is that base with the adapters off, and the critic (``ppo.critic``) either adapters
+    of its own plus the value head on the same base, or a whole trunk as without LoRA."""
+    supports_lora = True
+    frozen_is_start = True  # the reference is the starting actor (beside the reward model)
 
     def __init__(self, config, model_cfg, tokenizer, hf_dir=None):
         super().__init__(config, model_cfg, tokenizer, hf_dir)
         p = self.ppo = config.ppo
         self.with_critic = p.advantage == "gae"
+        self.critic_on_base = self.with_critic and config.model.uses_lora() and p.critic == "adapters"
         self.rows = p.rollout_prompts * p.group_size
         if self.rows % config.train.global_batch_size:  # checked here, not in config: SFT configs need not fit it
             raise ConfigError(f"ppo.rollout_prompts x ppo.group_size = {self.rows} rows per rollout is not a "
@@ -225,6 +231,9 @@ class PPOObjective(sft.SFTObjective):
             head = {"kernel": jnp.zeros((D,), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
         return {"params": actor, "critic": {"trunk": trunk, "head": head}}
 
+    def lora_trunks(self):
+        return (("params",), ("critic", "trunk")) if self.critic_on_base else (("params",),)
+
     def init_params(self, key):
         actor = sft.init_params(self.model_cfg, key)["params"]
         trunk = actor if self.ppo.critic_init == "actor" else sft.init_params(
@@ -253,6 +262,8 @@ class PPOObjective(sft.SFTObjective):
                                                    dtype=self.model_cfg.dtype)
             trunk = trunk["params"]
             head = {"kernel": reward_head["score"]["kernel"][:, 0], "bias": jnp.zeros((1,), jnp.float32)}
+        elif self.critic_on_base:
+            trunk = None  # the critic's adapters sit on the frozen base: no trunk of its own to load
         elif self.ppo.critic_init == "actor":
             trunk = load(shardings["critic"]["trunk"]) if self.hf_dir is not None else draw(
                 shardings["critic"]["trunk"], seed)
@@ -285,15 +296,22 @@ class PPOObjective(sft.SFTObjective):
         else:
             params = jax.jit(lambda k: {"params": sft.init_params(self.model_cfg, k)["params"]},
                              out_shardings=shardings)(jax.random.key(self.config.train.seed))
-        if self.reward_dir is None:
+        besides = self.frozen_besides_start(mesh)
+        if besides is None:
             return params, shardings
+        return {**params, **besides[0]}, {**shardings, **besides[1]}
+
+    def frozen_besides_start(self, mesh):
+        """The reward model (``ppo.reward_model``) on the mesh, or None."""
+        if self.reward_dir is None:
+            return None
         from sft_jax.models.hf_reward import load_reward_hf
 
         reward_sh = shd.logical_shardings(mesh, family_of(self.reward_cfg).param_shapes(self.reward_cfg))
         head_sh = {"score": {"kernel": shd.replicated(mesh)}}
         _, trunk, head = load_reward_hf(self.reward_dir, shardings=reward_sh, dtype=self.model_cfg.dtype)
-        frozen = {"params": params["params"], "reward": {"params": trunk["params"], "head": jax.device_put(head, head_sh)}}
-        return frozen, {"params": shardings["params"], "reward": {"params": reward_sh["params"], "head": head_sh}}
+        frozen = {"reward": {"params": trunk["params"], "head": jax.device_put(head, head_sh)}}
+        return frozen, {"reward": {"params": reward_sh["params"], "head": head_sh}}
 
     def decoding_params(self, loop):
         return {"params": loop.host_params()["params"]}

@@ -8,6 +8,8 @@ HF causal-LM directory such as an SFT run's ``hf/`` export, or a reward model's 
 whose head it then keeps); a fresh head is drawn from the seed. Metrics: loss, pairwise
 accuracy, mean margin, on train and held-out pairs. Export: a self-verifying directory of the
 family's ``*ForSequenceClassification`` class (GPT-2: ``GPT2ForSequenceClassification``) at ``OUTPUT_DIR/hf``.
+Under ``model.lora`` the trunk is adapters on a frozen base and the head trains whole; the
+adapter directory saves the head as PEFT's ``modules_to_save`` (sft_jax.adapters.objective).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sft_jax.data import chat_template
 from sft_jax.models.family import family_of
@@ -42,6 +45,8 @@ def is_reward_dir(directory) -> bool:
 
 class RewardObjective(PairData, Objective):
     metric_names = ("accuracy", "margin")
+    supports_lora = True  # adapters on the trunk; the score head trains whole
+    lora_task = "SEQ_CLS"
 
     def __init__(self, config, model_cfg, tokenizer, hf_dir=None):
         super().__init__(config, model_cfg, tokenizer, hf_dir)
@@ -85,6 +90,10 @@ class RewardObjective(PairData, Objective):
     def eval_sums(self, params, frozen, batch):
         total, metrics = self.pair_loss(params, batch)
         return total, *summed(metrics, self.metric_names).values(), metrics["pairs"]
+
+    def head_tensors(self, params) -> dict:
+        kernel = params["head"]["score"]["kernel"]  # (D, 1); HF's Linear stores (1, D)
+        return {family_of(self.model_cfg).score_key: np.asarray(kernel, np.float32).T}
 
     # --- evaluation and export ----------------------------------------------------------------
     def evaluate(self, loop, step: int) -> dict:

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from sft_jax.models.layers.attention import attention_mask, dot_product_attention
 from sft_jax.models.layers.common import (LayerNorm, check_compute_settings, chunked_nll, config_from_fields,
                                           constrain, embed_lookup, layer_stack, mask_padded_vocab, padded_vocab,
-                                          param)
+                                          param, project)
 from sft_jax.models.layers.kv_cache import advance, decode_inputs, empty_cache, write_layer
 
 Array = jax.Array
@@ -242,7 +242,7 @@ class Attention(nn.Module):
         w_out = param(self, "c_proj_kernel", nn.initializers.normal(std / math.sqrt(2 * cfg.n_layer)), (H, K, D), ("heads", "head_dim", "embed"))
         b_out = param(self, "c_proj_bias", nn.initializers.zeros, (D,), ("embed",))
 
-        qkv = jnp.einsum("BTD,DCHK->CBTHK", x, w_qkv.astype(dt)) + b_qkv.astype(dt)[:, None, None]
+        qkv = project(self, "c_attn_kernel", "BTD,DCHK->CBTHK", x, w_qkv, dt) + b_qkv.astype(dt)[:, None, None]
         q, k, v = (constrain(t, ("batch", "length", "heads", "head_dim")) for t in qkv)  # each (B,T,H,K)
         new_cache = None
         if kv_cache is not None:  # decoding: write this chunk into the cache, attend over all of it
@@ -251,7 +251,7 @@ class Attention(nn.Module):
         out = dot_product_attention(q, k, v, mask, cfg.attention, segment_ids,
                                     max_segments=cfg.max_segments_per_row)  # (B,T,H,K)
         out = checkpoint_name(out, "attention_out")
-        y = jnp.einsum("BTHK,HKD->BTD", out, w_out.astype(dt)) + b_out.astype(dt)
+        y = project(self, "c_proj_kernel", "BTHK,HKD->BTD", out, w_out, dt) + b_out.astype(dt)
         return y, new_cache
 
 
@@ -268,11 +268,11 @@ class MLP(nn.Module):
         b_fc = param(self, "c_fc_bias", nn.initializers.zeros, (F,), ("mlp",))
         w_proj = param(self, "c_proj_kernel", nn.initializers.normal(std / math.sqrt(2 * cfg.n_layer)), (F, D), ("mlp", "embed"))
         b_proj = param(self, "c_proj_bias", nn.initializers.zeros, (D,), ("embed",))
-        h = jnp.einsum("BTD,DF->BTF", x, w_fc.astype(dt)) + b_fc.astype(dt)
+        h = project(self, "c_fc_kernel", "BTD,DF->BTF", x, w_fc, dt) + b_fc.astype(dt)
         h = constrain(h, ("batch", "length", "mlp"))
         h = checkpoint_name(h, "mlp_hidden")
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's tanh GELU ("gelu_new")
-        return jnp.einsum("BTF,FD->BTD", h, w_proj.astype(dt)) + b_proj.astype(dt)
+        return project(self, "c_proj_kernel", "BTF,FD->BTD", h, w_proj, dt) + b_proj.astype(dt)
 
 
 class Block(nn.Module):

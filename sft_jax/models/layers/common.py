@@ -57,6 +57,28 @@ def param(module: nn.Module, name: str, init, shape, axes):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
+LORA_DROPOUT = "_lora_dropout"  # suffix of the entry beside a kernel that adapter dropout reads
+
+
+def project(module: nn.Module, name: str, spec: str, x: Array, kernel: Array, dt) -> Array:
+    """``einsum(spec, x, kernel)`` in ``dt``: the projection by the kernel called ``name``.
+
+    While LoRA adapters train with dropout (sft_jax.adapters), the parameters hold beside the
+    kernel an entry ``name + LORA_DROPOUT``: the adapters' update ``delta`` (the kernel's
+    shape), the keep probability and one dropout key per row. The projection then adds the
+    update applied to the dropped-out input, PEFT's ``x W + s drop(x) A^T B^T``; without the
+    entry (inference, export, merged adapters) it is the plain einsum."""
+    y = jnp.einsum(spec, x, kernel.astype(dt))
+    if not module.has_variable("params", name + LORA_DROPOUT):
+        return y
+    entry = module.get_variable("params", name + LORA_DROPOUT)
+    keep = entry["keep"]
+    keys = jax.random.wrap_key_data(entry["keys"])  # one per row of x
+    kept = jax.vmap(lambda key: jax.random.bernoulli(key, keep, x.shape[1:]))(keys)
+    dropped = jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+    return y + jnp.einsum(spec, dropped, entry["delta"].astype(dt))
+
+
 def constrain(x: Array, axes: tuple) -> Array:
     """Pin an activation's layout by logical names (no-op outside a mesh/rules context)."""
     return nn.with_logical_constraint(x, axes)

@@ -33,7 +33,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sft_jax.models.layers.attention import attention_mask, dot_product_attention
 from sft_jax.models.layers.common import (check_compute_settings, chunked_nll, config_from_fields, constrain,
-                                          embed_lookup, layer_stack, mask_padded_vocab, padded_vocab, param)
+                                          embed_lookup, layer_stack, mask_padded_vocab, padded_vocab, param,
+                                          project)
 from sft_jax.models.layers.kv_cache import advance, decode_inputs, empty_cache, write_layer
 
 Array = jax.Array
@@ -427,9 +428,9 @@ class Attention(nn.Module):
         w_v = param(self, "v_proj_kernel", init, (D, G, K), ("embed", "kv_heads", "head_dim"))
         w_o = param(self, "o_proj_kernel", init, (H, K, D), ("heads", "head_dim", "embed"))
 
-        q = jnp.einsum("BTD,DHK->BTHK", x, w_q.astype(dt))
-        k = jnp.einsum("BTD,DGK->BTGK", x, w_k.astype(dt))
-        v = jnp.einsum("BTD,DGK->BTGK", x, w_v.astype(dt))
+        q = project(self, "q_proj_kernel", "BTD,DHK->BTHK", x, w_q, dt)
+        k = project(self, "k_proj_kernel", "BTD,DGK->BTGK", x, w_k, dt)
+        v = project(self, "v_proj_kernel", "BTD,DGK->BTGK", x, w_v, dt)
         if cfg.attention_bias:
             zeros = nn.initializers.zeros
             q = q + param(self, "q_proj_bias", zeros, (H, K), ("heads", "head_dim")).astype(dt)
@@ -451,7 +452,7 @@ class Attention(nn.Module):
         out = dot_product_attention(q, k, v, mask, cfg.attention, segment_ids,
                                     max_segments=cfg.max_segments_per_row)  # (B,T,H,K)
         out = checkpoint_name(out, "attention_out")
-        y = jnp.einsum("BTHK,HKD->BTD", out, w_o.astype(dt))
+        y = project(self, "o_proj_kernel", "BTHK,HKD->BTD", out, w_o, dt)
         if cfg.attention_out_bias:
             y = y + param(self, "o_proj_bias", nn.initializers.zeros, (D,), ("embed",)).astype(dt)
         return y, new_cache
@@ -471,11 +472,11 @@ class MLP(nn.Module):
         w_gate = param(self, "gate_proj_kernel", init, (D, F), ("embed", "mlp"))
         w_up = param(self, "up_proj_kernel", init, (D, F), ("embed", "mlp"))
         w_down = param(self, "down_proj_kernel", init, (F, D), ("mlp", "embed"))
-        gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
+        gate = project(self, "gate_proj_kernel", "BTD,DF->BTF", x, w_gate, dt)
+        up = project(self, "up_proj_kernel", "BTD,DF->BTF", x, w_up, dt)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         h = checkpoint_name(h, "mlp_hidden")
-        return jnp.einsum("BTF,FD->BTD", h, w_down.astype(dt))
+        return project(self, "down_proj_kernel", "BTF,FD->BTD", h, w_down, dt)
 
 
 class DecoderLayer(nn.Module):
