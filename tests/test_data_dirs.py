@@ -195,6 +195,8 @@ def test_the_data_command_prints_the_report_a_demo_run_writes(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     tiny_hf_dir(tmp_path / "runs" / "demo" / "hf", demo_tokenizer(seed=0))
+    (tmp_path / "runs" / "rl_sft_demo").mkdir(parents=True)  # the RL demo's own SFT start (ppo_demo reads it)
+    (tmp_path / "runs" / "rl_sft_demo" / "hf").symlink_to(tmp_path / "runs" / "demo" / "hf")
     train, held_out = demo_pair_examples(40, 8)
     write_pairs(make_pairs(train), tmp_path / "runs" / "demo_pairs" / "train.jsonl")
     write_pairs(make_pairs(held_out), tmp_path / "runs" / "demo_pairs" / "eval.jsonl")
