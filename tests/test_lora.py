@@ -76,7 +76,7 @@ def test_peft_adapter_imports_with_peft_logits(tmp_path, family, targets, rslora
 
 # --- training: the core's step on adapters against torch + peft + AdamW --------------------
 
-def _lora_step(cfg, spec, optim, steps, mesh_shape, base, adapters0):
+def _lora_step(cfg, spec, optim, steps, mesh_shape, base, adapters0, n_micro=1):
     from sft_jax.adapters.objective import LoraObjective
     from sft_jax.core import mesh as shd
     from sft_jax.core import step as core
@@ -94,7 +94,7 @@ def _lora_step(cfg, spec, optim, steps, mesh_shape, base, adapters0):
     base_sh = shd.logical_shardings(mesh, family_of(cfg).param_shapes(cfg))
     frozen = (jax.device_put(base, base_sh), None)
     step = core.make_train_step(objective, tx, schedule, mesh=mesh, shardings=shardings, clip_norm=optim.clip_norm,
-                                frozen_shardings=(base_sh, None))
+                                frozen_shardings=(base_sh, None), n_micro=n_micro)
     state = core.init_state(None, tx, shardings, params=jax.tree.map(jnp.array, adapters0))
     return step, state, frozen, mesh, schedule
 
@@ -121,8 +121,9 @@ def test_five_lora_steps_match_torch_peft_adamw():
     base_copy = jax.tree.map(np.array, base)
     batches = fixed_batches(steps, rows=4, length=16, vocab=cfg.vocab_size, seed=1)
 
-    def run(mesh_shape):
-        step, state, frozen, mesh, schedule = _lora_step(cfg, spec, optim, steps, mesh_shape, base, adapters0)
+    def run(mesh_shape, n_micro=1, model_cfg=cfg):
+        step, state, frozen, mesh, schedule = _lora_step(model_cfg, spec, optim, steps, mesh_shape, base, adapters0,
+                                                         n_micro)
         losses = []
         for b in batches:
             state, m = step(state, shd.global_batch(b, mesh, 4), frozen)
@@ -167,6 +168,9 @@ def test_five_lora_steps_match_torch_peft_adamw():
 
     mesh_losses, _, _, _ = run((2, 2, 2))
     np.testing.assert_allclose(mesh_losses, jax_losses, rtol=1e-5)
+    # the core's step features under adapters: 2 accumulated micro-batches, full remat
+    micro_losses, _, _, _ = run((1, 1, 1), n_micro=2, model_cfg=cfg.replace(remat="full"))
+    np.testing.assert_allclose(micro_losses, jax_losses, rtol=1e-5)
 
 
 # --- a LoRA SFT run through the command line: export, checkpoints, resume, bad input --------
