@@ -276,7 +276,7 @@ def test_adapter_dropout_is_peft_dropout_in_training_only(tmp_path):
     def figures(params, first):
         seeded = {**batch, SEED: first + jnp.arange(4, dtype=jnp.uint32)}
         merged = objective.inner.loss(objective.expand(params, frozen[0]), None, batch)[0]
-        unmerged = objective.inner.loss(objective.dropped_out(params, frozen[0], seeded[SEED], dropout=0.0), None,
+        unmerged = objective.inner.loss(objective.unmerged(params, frozen[0], seeded[SEED], dropout=0.0), None,
                                         batch)[0]
         dropped, grads = jax.value_and_grad(lambda p: objective.loss(p, frozen, seeded)[0])(params)
         smallest_grad = jnp.min(jnp.stack([jnp.abs(g).max() for g in jax.tree.leaves(grads)]))

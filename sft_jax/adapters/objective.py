@@ -7,10 +7,10 @@ in the compute dtype, so the core keeps no float32 master copy, gradient or Adam
 and never checkpoints it. The trained tree is the inner objective's with each of its trunks
 (``Objective.lora_trunks``: the causal LM, and PPO's critic when it sits on the base) replaced by
 that trunk's adapters; heads (a reward model's score, a critic's value head) stay as they are.
-Every loss the inner objective computes sees the merged trees ``W + s * A^T B^T``; its
-evaluation, generation, rollouts and export see the merged model through a view of the loop.
-With ``model.lora.dropout`` the training loss runs the adapters unmerged instead, on dropped-out
-inputs (PEFT's ``lora_dropout``), through ``sft_jax.models.layers.common.project``.
+The training loss runs the adapters unmerged, ``x W + s drop(x) A^T B^T`` as PEFT computes it
+(``sft_jax.models.layers.common.project``; ``drop`` is PEFT's ``lora_dropout``, the identity at
+``model.lora.dropout=0``), so no (in, out) update or gradient is formed; evaluation, generation,
+rollouts and export see the merged trees ``W + s * A^T B^T`` through a view of the loop.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from sft_jax.adapters import lora
 from sft_jax.config import ConfigError
 from sft_jax.core import mesh as shd
-from sft_jax.models.layers.common import LORA_DROPOUT
+from sft_jax.models.layers.common import LORA
 from sft_jax.objectives.base import Objective
 
 VERIFY_ATOL = 1e-4  # peft (torch float32) vs JAX float32 logits at export
@@ -90,33 +90,34 @@ class LoraObjective(Objective):
             return inner
         return base if inner is None else {**inner, "params": base["params"]}
 
-    def dropped_out(self, params, base, seeds, dropout=None):
-        """The inner objective's parameter tree for a training step with adapter dropout: each
-        trunk the base, its kernels unmerged, with the adapters' update and the rows' dropout
-        keys beside each targeted kernel (read by models.layers.common.project)."""
+    def unmerged(self, params, base, seeds=None, dropout=None):
+        """The inner objective's parameter tree for a training step: each trunk the base, with
+        beside each targeted kernel its adapters, their scale and, under adapter dropout, the
+        rows' dropout keys (read by models.layers.common.project, which adds the low-rank term
+        as two thin matmuls, so no (in, out) update or gradient is formed)."""
         L = self.model_cfg.num_hidden_layers
-        root = jax.random.key(self.config.train.seed)
+        dropout = self.dropout if dropout is None else dropout
+        root = jax.random.key(self.config.train.seed if self.config is not None else 0)
         for n, path in enumerate(self.trunks):
             trunk = base["params"]
             for i, t in enumerate(self.spec.targets):
                 ab = _at(_at(params, path), t.path)
-                delta = jnp.einsum("lri,lor->lio", ab[lora.A_NAME], ab[lora.B_NAME]) * self.spec.scale
-                target_key = jax.random.fold_in(jax.random.fold_in(root, n), i)
-                keys = jax.vmap(lambda layer: jax.vmap(lambda seed: jax.random.key_data(
-                    jax.random.fold_in(jax.random.fold_in(target_key, layer), seed)))(seeds))(jnp.arange(L))
-                entry = {"delta": delta.reshape(_at(trunk, t.path).shape), "keys": keys,  # keys (L, rows, 2)
-                         "keep": jnp.full((L,), 1.0 - (self.dropout if dropout is None else dropout), jnp.float32)}
-                trunk = _with(trunk, t.path[:-1] + (t.path[-1] + LORA_DROPOUT,), entry)
+                entry = {"a": ab[lora.A_NAME], "b": ab[lora.B_NAME],  # (L, r, in), (L, out, r)
+                         "scale": jnp.full((L,), self.spec.scale, jnp.float32)}
+                if seeds is not None:
+                    target_key = jax.random.fold_in(jax.random.fold_in(root, n), i)
+                    entry["keys"] = jax.vmap(lambda layer: jax.vmap(lambda seed: jax.random.key_data(  # (L, rows, 2)
+                        jax.random.fold_in(jax.random.fold_in(target_key, layer), seed)))(seeds))(jnp.arange(L))
+                    entry["keep"] = jnp.full((L,), 1.0 - dropout, jnp.float32)
+                trunk = _with(trunk, t.path[:-1] + (t.path[-1] + LORA,), entry)
             params = _with(params, path, trunk)
         return params
 
     def loss(self, params, frozen, batch):
+        seeds = None
         if self.dropout:
             seeds, batch = batch[SEED], {k: v for k, v in batch.items() if k != SEED}
-            tree = self.dropped_out(params, frozen[0], seeds)
-        else:
-            tree = self.expand(params, frozen[0])
-        return self.inner.loss(tree, self.inner_frozen(frozen), batch)
+        return self.inner.loss(self.unmerged(params, frozen[0], seeds), self.inner_frozen(frozen), batch)
 
     def normalizer(self, batch):
         return self.inner.normalizer(batch)

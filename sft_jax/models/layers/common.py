@@ -57,26 +57,37 @@ def param(module: nn.Module, name: str, init, shape, axes):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
-LORA_DROPOUT = "_lora_dropout"  # suffix of the entry beside a kernel that adapter dropout reads
+LORA = "_lora"  # suffix of the entry beside a kernel that holds its LoRA adapters while they train
 
 
 def project(module: nn.Module, name: str, spec: str, x: Array, kernel: Array, dt) -> Array:
     """``einsum(spec, x, kernel)`` in ``dt``: the projection by the kernel called ``name``.
 
-    While LoRA adapters train with dropout (sft_jax.adapters), the parameters hold beside the
-    kernel an entry ``name + LORA_DROPOUT``: the adapters' update ``delta`` (the kernel's
-    shape), the keep probability and one dropout key per row. The projection then adds the
-    update applied to the dropped-out input, PEFT's ``x W + s drop(x) A^T B^T``; without the
-    entry (inference, export, merged adapters) it is the plain einsum."""
+    While LoRA adapters train (sft_jax.adapters), the parameters hold beside the kernel an entry
+    ``name + LORA``: the adapters A (r, in) and B (out, r) of this layer, their scale s, and under
+    adapter dropout the keep probability and one dropout key per row. The projection then adds
+    PEFT's low-rank term ``s drop(x) A^T B^T`` as two thin matmuls, so neither the (in, out)
+    update nor its gradient is ever formed. ``spec``'s kernel letters are its input letters
+    (those ``x`` shares) followed by its output letters, as the kernels are laid out. Without
+    the entry (inference, export, merged adapters) it is the plain einsum."""
     y = jnp.einsum(spec, x, kernel.astype(dt))
-    if not module.has_variable("params", name + LORA_DROPOUT):
+    if not module.has_variable("params", name + LORA):
         return y
-    entry = module.get_variable("params", name + LORA_DROPOUT)
-    keep = entry["keep"]
-    keys = jax.random.wrap_key_data(entry["keys"])  # one per row of x
-    kept = jax.vmap(lambda key: jax.random.bernoulli(key, keep, x.shape[1:]))(keys)
-    dropped = jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
-    return y + jnp.einsum(spec, dropped, entry["delta"].astype(dt))
+    entry = module.get_variable("params", name + LORA)
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    ins = "".join(c for c in rhs if c in lhs)
+    outs, rows = rhs[len(ins):], "".join(c for c in lhs if c not in rhs)
+    assert rhs == ins + outs, spec
+    a = entry["a"].reshape(-1, *kernel.shape[:len(ins)]).astype(dt)  # (r, in...)
+    b = entry["b"].reshape(*kernel.shape[len(ins):], -1).astype(dt)  # (out..., r)
+    if "keys" in entry:  # adapter dropout: PEFT's drop(x), in training only
+        keep = entry["keep"]
+        keys = jax.random.wrap_key_data(entry["keys"])  # one per row of x
+        kept = jax.vmap(lambda key: jax.random.bernoulli(key, keep, x.shape[1:]))(keys)
+        x = jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+    low = jnp.einsum(f"{lhs},z{ins}->{rows}z", x, a) * entry["scale"].astype(dt)
+    return y + jnp.einsum(f"{rows}z,{outs}z->{out}", low, b)
 
 
 def constrain(x: Array, axes: tuple) -> Array:
