@@ -114,7 +114,8 @@ def print_verified(cfg, fits, devices, spec) -> None:
         print(f"\nverify #{i} (compiled for the CPU backend, not the accelerator: temp sizes differ there):")
         print(f"  arguments: predicted {p['arguments']:,} B, XLA argument_size_in_bytes {xla['argument_size_in_bytes']:,} B"
               f" ({'equal' if p['arguments'] == xla['argument_size_in_bytes'] else 'differ'})")
-        print(f"  gradients + activations + logits{' + merged kernels and their gradients' if spec is not None else ''}: predicted {p['temp']:,} B, XLA temp_size_in_bytes "
+        extra = " + the adapters' low-rank activations" if spec is not None else ""
+        print(f"  gradients + activations + logits{extra}: predicted {p['temp']:,} B, XLA temp_size_in_bytes "
               f"{xla['temp_size_in_bytes']:,} B, ratio {p['temp'] / max(xla['temp_size_in_bytes'], 1):.2f}")
 
 

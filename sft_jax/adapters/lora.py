@@ -2,11 +2,10 @@
 
 A targeted projection ``y = x W`` (W as (in, out)) becomes ``y = x W + s * x A^T B^T`` with
 A (r, in), B (out, r) and s = alpha / r (alpha / sqrt(r) with rsLoRA), exactly PEFT's
-``LoraLayer``. Families stay unaware: the adapters are applied by merging
-``W + s * A^T B^T`` into a copy of the parameter tree inside the loss, which is exact, keeps
-every fused attention and remat path unchanged, and costs one (in, r) x (r, out) product per
-targeted kernel and step (with adapter dropout the training loss instead adds the update
-beside each kernel, see sft_jax.adapters.objective). Everything a target needs comes from the
+``LoraLayer``. In training the loss adds ``s * (x A^T) B^T`` beside each targeted kernel as
+two thin matmuls (sft_jax.models.layers.common.project, fed by sft_jax.adapters.objective), so
+no (in, out) update or gradient is formed; evaluation, generation and export merge
+``W + s * A^T B^T`` into a copy of the tree (``merge``), which every family runs unchanged. Everything a target needs comes from the
 family's HF key map: a target is a per-layer weight whose HF tensor is 2-D (``attn.c_attn.weight``), named by its
 module (``c_attn``), as PEFT's ``target_modules`` names it; Linear weights are stored (out, in),
 GPT-2's Conv1D ones (in, out), and the key map says which.

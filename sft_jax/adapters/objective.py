@@ -67,8 +67,8 @@ class LoraObjective(Objective):
         self.whole = isinstance(inner, Objective)
         self.trunks = inner.lora_trunks() if self.whole else (("params",),)
         self._expand = jax.jit(self.expand)
-        # adapter dropout (PEFT's lora_dropout): the training loss runs the adapters unmerged on
-        # dropped-out inputs, one key per row from the step's row seeds (``rollout``)
+        # adapter dropout (PEFT's lora_dropout) on the adapters' input in the training loss, one
+        # key per row from the step's row seeds (``rollout``)
         self.dropout = inner.config.model.lora.dropout if inner.config is not None else 0.0
         if self.dropout:
             self.batch_axes = {**inner.batch_axes, SEED: ("batch",)}

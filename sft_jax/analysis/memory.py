@@ -92,24 +92,20 @@ def state_bytes(model_cfg: ModelConfig, mesh, spec: lora.LoraSpec | None = None)
     """Bytes per device of the train state, counted from its abstract shards: the trained
     parameters (float32 masters of the model, or of the adapters under ``spec``), Adam m and v,
     and the scalars (optimizer counts, non-finite counters). Under LoRA also the frozen base
-    (compute dtype) and ``merged``, the float32 targeted kernels the loss forms (W + s Aᵀ Bᵀ)."""
+    (compute dtype) and ``lowrank``, the elements per token of the adapters' thin activations
+    (x Aᵀ, r per target and layer) that the backward pass keeps."""
     state, _ = abstract_state(model_cfg, mesh, spec)
     params = sum(_device_bytes(x) for x in jax.tree.leaves(state.params))
     opt = jax.tree.leaves(state.opt_state)
     adam = sum(_device_bytes(x) for x in opt if x.ndim > 0)
     scalars = sum(_device_bytes(x) for x in opt if x.ndim == 0)
     scalars += sum(_device_bytes(x) for x in (state.nonfinite_total, state.nonfinite_run, state.nonfinite_tripped))
-    frozen = merged = 0
+    frozen = lowrank = 0
     if spec is not None:
         base, _ = abstract_base(model_cfg, mesh)
         frozen = sum(_device_bytes(x) for x in jax.tree.leaves(base))
-        inner = base["params"] if "params" in base else base
-        for t in spec.targets:
-            kernel = inner
-            for name in t.path:
-                kernel = kernel[name]
-            merged += _device_bytes(kernel) // np.dtype(kernel.dtype).itemsize * 4
-    return {"params": params, "adam": adam, "scalars": scalars, "frozen": frozen, "merged": merged}
+        lowrank = model_cfg.num_hidden_layers * spec.rank * len(spec.targets)
+    return {"params": params, "adam": adam, "scalars": scalars, "frozen": frozen, "lowrank": lowrank}
 
 
 def batch_bytes(layout: Layout) -> int:
@@ -146,11 +142,13 @@ def predict(model_cfg: ModelConfig, layout: Layout, state: dict) -> dict:
     out["activations"] = activation_bytes(cfg, layout)
     out["logits"] = logits_bytes(cfg, layout)
     out["batch"] = batch_bytes(layout)
-    frozen, merged = state.get("frozen", 0), state.get("merged", 0)
+    frozen, lowrank = state.get("frozen", 0), state.get("lowrank", 0)
     out["arguments"] = frozen + state["params"] + state["adam"] + state["scalars"] + out["batch"]
-    # LoRA: the merged float32 kernels W + s Aᵀ Bᵀ the loss forms, and their gradient (the
-    # backward pass reaches A and B through it)
-    out["temp"] = out["grads"] + out["activations"] + out["logits"] + 2 * merged
+    # LoRA: the adapters' thin activations x Aᵀ, kept for the backward pass (no merged kernel
+    # or (in, out) gradient is formed: models.layers.common.project)
+    tokens = layout.micro_batch // layout.dp * layout.seq
+    out["temp"] = (out["grads"] + out["activations"] + out["logits"]
+                   + tokens * lowrank * np.dtype(cfg.dtype).itemsize)
     out["total"] = out["arguments"] + out["temp"]
     return out
 
