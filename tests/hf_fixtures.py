@@ -53,17 +53,25 @@ def save_hf_model(model, directory, **kwargs):
     return directory
 
 
-def train_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE (GPT-2 style) wrapped as a transformers fast tokenizer."""
+def byte_bpe(special_tokens, vocab_size: int = 300, texts=TEXTS):
+    """A byte-level BPE (GPT-2 style) ``tokenizers.Tokenizer`` trained here on ``texts``, with
+    ``special_tokens`` first in its vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(TEXTS, trainer)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def train_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE (GPT-2 style) wrapped as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = byte_bpe([EOS], vocab_size)
     assert tok.token_to_id(EOS) == EOS_ID
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from hf_fixtures import TEXTS
+from hf_fixtures import TEXTS, byte_bpe
 from train_fixtures import train_cli, write_tiny_yaml
 
 torch = pytest.importorskip("torch")
@@ -22,14 +22,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def chatml_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS + ["Add 3 and 4. The sum is 7. user assistant"], trainer)
+    tok = byte_bpe(SPECIALS, 320, TEXTS + ["Add 3 and 4. The sum is 7. user assistant"])
     out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                                pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     out.chat_template = CHATML

@@ -10,7 +10,7 @@ import json
 import jax
 import pytest
 
-from hf_fixtures import TEXTS
+from hf_fixtures import TEXTS, byte_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,14 +22,9 @@ LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS + ["Add 3 and 4. The sum is 7. user assistant"], trainer)
+    tok = byte_bpe(SPECIALS, 320, TEXTS + ["Add 3 and 4. The sum is 7. user assistant"])
     # add_bos: plain tokenization puts <|begin_of_text|> first, as Llama 3's tokenizer does
     tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
                                                        special_tokens=[("<|begin_of_text|>", 0)])
